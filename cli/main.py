@@ -1,0 +1,38 @@
+"""The one `sparc` command. Each subcommand lives in its own module under cli/ and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cli import errors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cli import demo, evaluate, snapshots
+
+    parser = argparse.ArgumentParser(
+        prog="sparc",
+        description="SPARC streaming retrieval: train, evaluate, replay and serve multi-interest codebooks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (demo, evaluate, snapshots):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except errors.UserError as exc:  # bad input from the user: one readable line, no traceback
+        print(f"sparc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sparc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

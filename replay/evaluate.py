@@ -1,0 +1,140 @@
+"""Leave-one-out evaluation of SPARC and the baselines, side by side, on one split with one metric code.
+
+`run_evaluation(dataset, models, ...)` returns the report that `sparc evaluate` writes as JSON:
+{"dataset": {...}, "protocol": "leave-one-out/full-ranking", "results": {MODEL: {...}}}
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from replay.datasets import LeaveOneOut, SequenceDataset, leave_one_out
+from replay.metrics import coverage_and_tail, evaluate_ranking, ranking_metrics
+from trainer.baselines import SASRec, ComiRecSA, Popularity
+from trainer.config import EncoderConfig, SparcConfig, TrainConfig
+from trainer.fit import fit
+from trainer.model import SparcModel
+from trainer.towers import pad_attributes
+
+MODELS = ("sparc", "sparc-hard", "sasrec", "comirec-sa", "popularity")
+COLD_MAX_LEN = 10  # users with 5-10 interactions form the cold slice
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    seed: int = 0
+    encoder: EncoderConfig = EncoderConfig()
+    train: TrainConfig = TrainConfig()
+    sparc: dict = field(default_factory=dict)  # SparcConfig overrides (e.g. {"codes": 256})
+    top_codes: int = 4  # codes drawn by soft search
+    global_mix_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)  # chosen on validation NDCG@10
+    valid_users: int = 8000  # users checked for early stopping (all users are reported at the end)
+    progress: bool = True
+
+
+def _metrics_block(score_fn, split: LeaveOneOut, max_len: int, train_counts: np.ndarray) -> dict:
+    test = evaluate_ranking(score_fn, split.test_inputs, split.test_targets, max_len)
+    valid = evaluate_ranking(score_fn, split.valid_inputs, split.valid_targets, max_len)
+    cold = split.test_lengths <= COLD_MAX_LEN
+    out = {
+        "test": ranking_metrics(test["raw"]),
+        "test_masked": ranking_metrics(test["masked"]),
+        "valid": ranking_metrics(valid["raw"]),
+        "cold_test": ranking_metrics(test["raw"][cold]),
+        "cold_users": int(cold.sum()),
+    }
+    out.update(coverage_and_tail(test["top"], train_counts, split.num_items))
+    return out
+
+
+def _valid_ndcg10(score_fn, split: LeaveOneOut, idx: np.ndarray, max_len: int) -> float:
+    ranks = evaluate_ranking(score_fn, [split.valid_inputs[i] for i in idx], split.valid_targets[idx], max_len)
+    return ranking_metrics(ranks["raw"], ks=(10,))["ndcg@10"]
+
+
+def run_evaluation(
+    ds: SequenceDataset,
+    models: Sequence[str],
+    settings: EvalSettings = EvalSettings(),
+    log: Callable[[str], None] = print,
+) -> dict:
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    split = leave_one_out(ds)
+    max_len = settings.encoder.max_len
+    train_counts = np.bincount(np.concatenate(split.train), minlength=ds.num_items + 1).astype(np.float64)
+    rng = np.random.default_rng(settings.seed)
+    n_valid = len(split.valid_targets)
+    valid_idx = np.sort(rng.choice(n_valid, size=min(settings.valid_users, n_valid), replace=False))
+    train_cfg = replace(settings.train, seed=settings.seed)
+    results: dict[str, dict] = {}
+
+    def run_torch(name: str, model: torch.nn.Module, score_fn) -> tuple[float, int, dict]:
+        torch.manual_seed(settings.seed)
+        res = fit(
+            model, split.train, max_len, train_cfg,
+            validate=lambda: _valid_ndcg10(score_fn, split, valid_idx, max_len),
+            desc=name, progress=settings.progress,
+        )
+        model.eval()
+        log(f"{name}: {res.epochs} epochs (best {res.best_epoch}, {res.stopped}), {res.seconds:.0f} s")
+        return res.seconds, res.epochs, {"best_epoch": res.best_epoch, "stopped": res.stopped}
+
+    if "popularity" in models:
+        start = time.perf_counter()
+        pop = Popularity(ds.num_items)
+        pop.fit(split.train)
+        results["popularity"] = _metrics_block(pop.score, split, max_len, train_counts)
+        results["popularity"].update(train_seconds=time.perf_counter() - start, epochs=0)
+
+    if "sasrec" in models:
+        torch.manual_seed(settings.seed)
+        m = SASRec(ds.num_items, settings.encoder)
+        secs, epochs, info = run_torch("sasrec", m, m.score)
+        results["sasrec"] = _metrics_block(m.score, split, max_len, train_counts)
+        results["sasrec"].update(train_seconds=secs, epochs=epochs, **info)
+
+    if "comirec-sa" in models:
+        torch.manual_seed(settings.seed)
+        m = ComiRecSA(ds.num_items, settings.encoder)
+        secs, epochs, info = run_torch("comirec-sa", m, m.score)
+        results["comirec-sa"] = _metrics_block(m.score, split, max_len, train_counts)
+        results["comirec-sa"].update(train_seconds=secs, epochs=epochs, **info)
+
+    if "sparc" in models or "sparc-hard" in models:
+        torch.manual_seed(settings.seed)
+        cfg = SparcConfig(
+            num_items=ds.num_items, num_attributes=ds.num_attributes, encoder=settings.encoder, **settings.sparc
+        )
+        attrs = pad_attributes(ds.item_attributes, ds.num_items) if ds.num_attributes else None
+        m = SparcModel(cfg, attrs)
+
+        def soft(mix: float):
+            return lambda i, l: m.score(i, l, search="soft", top_codes=settings.top_codes, global_mix=mix)
+
+        secs, epochs, info = run_torch("sparc", m, soft(settings.global_mix_grid[0]))
+        # serving calibration on validation: the weight of the single-vector component in the mixture
+        tried = {mix: _valid_ndcg10(soft(mix), split, valid_idx, max_len) for mix in settings.global_mix_grid}
+        mix = max(tried, key=tried.get)
+        log(f"sparc: global_mix chosen on validation {mix} ({', '.join(f'{k}: {v:.4f}' for k, v in tried.items())})")
+        shared = {"train_seconds": secs, "epochs": epochs, **info}
+        if "sparc" in models:
+            results["sparc"] = _metrics_block(soft(mix), split, max_len, train_counts)
+            results["sparc"].update(shared, global_mix=mix, top_codes=settings.top_codes)
+        if "sparc-hard" in models:
+            hard = lambda i, l: m.score(i, l, search="hard")  # noqa: E731
+            results["sparc-hard"] = _metrics_block(hard, split, max_len, train_counts)
+            results["sparc-hard"].update(shared, note="same trained model as sparc; argmax-code search")
+
+    return {
+        "dataset": ds.summary(),
+        "protocol": "leave-one-out/full-ranking",
+        "seed": settings.seed,
+        "results": {name: results[name] for name in models},
+    }

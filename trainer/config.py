@@ -1,0 +1,77 @@
+"""Typed configuration for the models and the training loop (plain dataclasses with defaults).
+
+Model hyperparameters travel inside snapshots as JSON (`asdict`), so every field is a JSON scalar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """A SASRec-style causal transformer over the behaviour sequence."""
+
+    dim: int = 64
+    max_len: int = 50
+    layers: int = 2
+    heads: int = 1
+    ffn_mult: int = 4
+    dropout: float = 0.5
+
+
+@dataclass(frozen=True)
+class SparcConfig:
+    """The SPARC model: item tower, RQ codebooks over z, sequence encoder, interest module, code-conditioned tower.
+
+    num_items / num_attributes are capacities at construction; the item table grows when new items arrive.
+    """
+
+    num_items: int
+    num_attributes: int = 0
+    encoder: EncoderConfig = EncoderConfig()
+    # RQ-VAE over item embeddings z
+    levels: int = 3
+    codes: int = 64
+    ema_decay: float = 0.95
+    commitment: float = 0.05  # weight of ||z - sg(quantised)||^2 (pulls items towards their codewords)
+    dead_code_threshold: float = 0.5  # EMA cluster size under which a codeword is revived
+    # interest module: "head" = a tower trained with CE on the target's level-1 code;
+    # "marginal" = p(c|u) = sum of the global softmax over the items whose level-1 code is c
+    interest: Literal["head", "marginal"] = "head"
+    interest_weight: float = 1.0
+    # code-conditioned user tower: u_c = h + W e_c (+ target attention over the sequence with e_c as query)
+    tower_attention: bool = True
+    global_weight: float = 1.0  # weight of the unconditioned (single-vector) CE term h . z
+    shuffle_bpr_weight: float = 0.0  # "shuffle BPR" of the paper (u from the true code must beat u from another)
+    use_attributes: bool = True
+    # main retrieval loss: exact softmax over the catalogue, or in-batch sampled softmax with logQ correction
+    retrieval_loss: Literal["full", "sampled"] = "full"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SparcConfig:
+        data = dict(data)
+        enc = EncoderConfig(**data.pop("encoder", {}))
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown SparcConfig keys: {sorted(unknown)}")
+        return cls(encoder=enc, **data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The offline/online training loop."""
+
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_epochs: int = 200
+    eval_every: int = 2  # epochs between validation checks
+    patience: int = 5  # validation checks without improvement before stopping
+    max_seconds: float = 900.0  # wall-clock budget for one model's training
+    seed: int = 0

@@ -1,0 +1,208 @@
+"""The SPARC model: item tower -> z, residual codebooks over z, a causal sequence encoder, a probabilistic interest
+module over level-1 codes, and a code-conditioned user tower (one user vector per interest).
+
+Scores are dot products u . z over the catalogue. No I/O here; `trainer.step` drives training, `trainer.search`
+serves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.batches import Batch
+from trainer.config import SparcConfig
+from trainer.losses import full_softmax_ce, sampled_softmax_ce
+from trainer.rq import ResidualQuantizer
+from trainer.towers import CausalEncoder, ItemTower
+
+
+@dataclass
+class Catalogue:
+    """The whole item space at one moment: z (N+1, D) with grad, codes (N+1, L), row 0 = padding."""
+
+    z: torch.Tensor
+    codes: torch.Tensor
+
+
+@dataclass
+class UserState:
+    """Encoded histories: H (B, T, D) states, lengths (B,), h (B, D) the last state."""
+
+    H: torch.Tensor
+    lengths: torch.Tensor
+    h: torch.Tensor
+
+
+class SparcModel(nn.Module):
+    def __init__(self, cfg: SparcConfig, attributes: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.encoder.dim
+        self.items = ItemTower(cfg.num_items, d, cfg.num_attributes if cfg.use_attributes else 0, attributes)
+        self.encoder = CausalEncoder(cfg.encoder)
+        self.rq = ResidualQuantizer(cfg.levels, cfg.codes, d, cfg.ema_decay, cfg.dead_code_threshold)
+        self.interest = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))  # q(h); logits = q . E1^T
+        self.code_proj = nn.Linear(d, d)  # W e_c
+        nn.init.zeros_(self.code_proj.weight)
+        nn.init.zeros_(self.code_proj.bias)
+        if cfg.tower_attention:
+            self.attn_q, self.attn_k, self.attn_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+            nn.init.zeros_(self.attn_v.weight)
+            nn.init.zeros_(self.attn_v.bias)
+
+    # ----------------------------------------------------------------- pieces
+    def catalogue(self) -> Catalogue:
+        z = self.items()  # (N+1, D)
+        codes, _ = self.rq.encode(z)
+        return Catalogue(z=z, codes=codes)
+
+    def encode(self, inputs: torch.Tensor, lengths: torch.Tensor, z: torch.Tensor | None = None) -> UserState:
+        """inputs (B, T) right-padded item ids -> UserState."""
+        x = z[inputs] if z is not None else self.items(inputs)  # (B, T, D)
+        H = self.encoder(x, lengths)
+        h = H[torch.arange(H.shape[0]), (lengths - 1).clamp(min=0)]
+        return UserState(H=H, lengths=lengths, h=h)
+
+    def interest_logits(self, h: torch.Tensor, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """h (..., D) -> logits over level-1 codes (..., C)."""
+        if self.cfg.interest == "head":
+            return self.interest(h) @ self.rq.levels[0].codebook.T
+        # "marginal": log sum_{i: c1(i)=c} softmax(h . z)_i  (padding has probability 0)
+        probs = torch.softmax(self._mask_padding(h @ z.T), dim=-1)  # (..., N+1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        summed = torch.zeros(flat.shape[0], self.cfg.codes).index_add_(1, codes[:, 0], flat)
+        return summed.clamp(min=1e-12).log().reshape(*probs.shape[:-1], self.cfg.codes)
+
+    def code_vectors(self, state: UserState, code_ids: torch.Tensor) -> torch.Tensor:
+        """One user vector per (user, level-1 code) for the LAST position.
+
+        code_ids (B, K) -> u (B, K, D) = h + W e_c [+ attention over H with e_c as the query].
+        """
+        e = self.rq.levels[0].codebook[code_ids]  # (B, K, D)
+        u = state.h[:, None, :] + self.code_proj(e)
+        if self.cfg.tower_attention:
+            t = state.H.shape[1]
+            pad = torch.arange(t)[None, :] >= state.lengths[:, None]  # (B, T) True at padding
+            scores = self.attn_q(e) @ self.attn_k(state.H).transpose(1, 2) / math.sqrt(e.shape[-1])  # (B, K, T)
+            scores = scores.masked_fill(pad[:, None, :], -math.inf)
+            u = u + torch.softmax(scores, dim=-1) @ self.attn_v(state.H)
+        return u
+
+    def _positional_code_vectors(self, H: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Training form: at every position t a query code e[:, t] attends over H[:, :t+1].
+
+        H (B, T, D), e (B, T, D) -> u (B, T, D).
+        """
+        u = H + self.code_proj(e)
+        if self.cfg.tower_attention:
+            a = F.scaled_dot_product_attention(
+                self.attn_q(e)[:, None], self.attn_k(H)[:, None], self.attn_v(H)[:, None], is_causal=True
+            )
+            u = u + a[:, 0]
+        return u
+
+    def _retrieval_loss(self, users: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """users (M, D), z (N+1, D) the catalogue, y (M,) targets in 1..N."""
+        if self.cfg.retrieval_loss == "full":
+            return full_softmax_ce(users, z[1:], y - 1)  # the padding row is never a candidate
+        counts = self.items.counts
+        log_q = torch.log((counts[y] + 1.0) / (counts.sum() + counts.shape[0]))
+        return sampled_softmax_ce(users, z[y], y, log_q)
+
+    @staticmethod
+    def _mask_padding(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., 0] = -math.inf
+        return logits
+
+    # ----------------------------------------------------------------- training
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """Loss of one batch (every position predicts its next item) and metrics for logging."""
+        cat = self.catalogue()
+        state = self.encode(batch.inputs, batch.lengths, cat.z)
+        valid = batch.targets > 0  # (B, T)
+        y = batch.targets[valid]  # (M,)
+        y_codes = cat.codes[batch.targets]  # (B, T, L)
+        target_code = y_codes[..., 0]  # (B, T): label of the interest module, recomputed every step
+        e = self.rq.levels[0].codebook[target_code]  # (B, T, D)
+        u = self._positional_code_vectors(state.H, e)[valid]  # (M, D)
+        h = state.H[valid]  # (M, D)
+
+        conditioned = self._retrieval_loss(u, cat.z, y)
+        total = conditioned
+        metrics = {"loss_conditioned": float(conditioned.detach())}
+        if self.cfg.global_weight > 0:
+            glob = self._retrieval_loss(h, cat.z, y)
+            total = total + self.cfg.global_weight * glob
+            metrics["loss_global"] = float(glob.detach())
+        if self.cfg.interest == "head" and self.cfg.interest_weight > 0:
+            logits = self.interest_logits(h, cat.z, cat.codes)
+            interest = F.cross_entropy(logits, target_code[valid])
+            total = total + self.cfg.interest_weight * interest
+            metrics["loss_interest"] = float(interest.detach())
+            metrics["interest_top1"] = float((logits.argmax(-1) == target_code[valid]).float().mean())
+        if self.cfg.shuffle_bpr_weight > 0:
+            perm = torch.randperm(y.shape[0])
+            e_shuffled = torch.zeros_like(e)
+            e_shuffled[valid] = e[valid][perm]
+            u_neg = self._positional_code_vectors(state.H, e_shuffled)[valid]
+            zy = cat.z[y]
+            differs = target_code[valid] != target_code[valid][perm]
+            bpr = -F.logsigmoid(((u - u_neg) * zy).sum(-1))[differs].mean() if differs.any() else u.sum() * 0
+            total = total + self.cfg.shuffle_bpr_weight * bpr
+            metrics["loss_shuffle_bpr"] = float(bpr.detach())
+        if self.cfg.commitment > 0:
+            _, quantised = self.rq.encode(cat.z[y])
+            commit = F.mse_loss(cat.z[y], quantised)
+            total = total + self.cfg.commitment * commit
+            metrics["loss_commit"] = float(commit.detach())
+        metrics["loss"] = float(total.detach())
+        return total, metrics
+
+    @torch.no_grad()
+    def update_codebooks_(self, batch: Batch, generator: torch.Generator | None = None) -> dict:
+        """EMA/revival update of the codebooks from the items consumed in this batch (no-op when frozen/eval)."""
+        y = batch.targets[batch.targets > 0]
+        self.items.counts.index_add_(0, y, torch.ones(y.shape[0]))
+        return self.rq.update_(self.items(y), generator)
+
+    # ----------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def score(
+        self,
+        inputs: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        search: str = "soft",
+        top_codes: int = 4,
+        temperature: float = 1.0,
+        global_mix: float = 0.0,
+    ) -> torch.Tensor:
+        """Full-catalogue scores (B, N+1) (higher is better; column 0 is padding and -inf).
+
+        soft: log of the mixture  global_mix * softmax(h.Z) + (1 - global_mix) * sum_k p_k softmax(u_k.Z)
+              over the `top_codes` most probable level-1 codes (p renormalised over them, at `temperature`).
+        hard: u_c.Z for the single most probable code c (SPARC-Hard).
+        """
+        cat = self.catalogue()
+        state = self.encode(inputs, lengths, cat.z)
+        logits_c = self.interest_logits(state.h, cat.z, cat.codes) / temperature  # (B, C)
+        if search == "hard":
+            u = self.code_vectors(state, logits_c.argmax(-1, keepdim=True))[:, 0]
+            return self._mask_padding(u @ cat.z.T)
+        if search != "soft":
+            raise ValueError(f"unknown search {search!r}; expected 'soft' or 'hard'")
+        top_logit, top = logits_c.topk(min(top_codes, self.cfg.codes), dim=-1)  # (B, K)
+        logp_k = torch.log_softmax(top_logit, dim=-1)
+        u = self.code_vectors(state, top)  # (B, K, D)
+        per_code = torch.log_softmax(self._mask_padding(u @ cat.z.T), dim=-1)  # (B, K, N+1)
+        mixture = torch.logsumexp(per_code + logp_k[..., None], dim=1)  # (B, N+1)
+        if global_mix > 0:
+            glob = torch.log_softmax(self._mask_padding(state.h @ cat.z.T), dim=-1)
+            mixture = torch.logaddexp(glob + math.log(global_mix), mixture + math.log1p(-global_mix))
+        return mixture

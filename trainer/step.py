@@ -1,0 +1,51 @@
+"""The training step every caller uses (offline fit, replay, the Kafka worker): `Trainer.step(batch) -> metrics`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.batches import Batch
+from trainer.config import TrainConfig
+
+
+class Trainer:
+    """Owns a model and its optimiser. Seeded: the same batches in the same order give the same weights (CPU)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        self.model, self.cfg = model, cfg
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps = 0
+
+    def step(self, batch: Batch) -> dict:
+        """One optimiser step on `batch`, then the codebooks' EMA update (when the model has codebooks)."""
+        self.model.train()
+        loss, metrics = self.model.loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {self.steps}: {metrics}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        update = getattr(self.model, "update_codebooks_", None)
+        if update is not None:
+            metrics.update(update(batch, self.generator))
+        self.steps += 1
+        metrics["step"] = self.steps
+        return metrics
+
+    def grow_items(self, num_items: int, item_attributes: dict[int, list[int]] | None = None) -> None:
+        """Grow the model's item table to `num_items` and carry the optimiser state of the grown parameter."""
+        tower = self.model.items
+        old = tower.id_embedding
+        if not tower.grow_(num_items, item_attributes):
+            return
+        new = tower.id_embedding
+        state = self.optimizer.state.pop(old, None)
+        for group in self.optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        if state:
+            for key in ("exp_avg", "exp_avg_sq"):
+                pad = torch.zeros(new.shape[0] - old.shape[0], *old.shape[1:])
+                state[key] = torch.cat([state[key], pad])
+            self.optimizer.state[new] = state
