@@ -16,7 +16,12 @@ lint:
 	@$(VENV)/bin/ruff check .
 
 # Unit tests, then the Kafka-marked tests against a broker this target starts (and always stops).
+# The broker is deploy/kafka/broker.sh's (Java + Maven; see deploy/kafka/README.md); its address is the last
+# line start prints. The target fails if the broker cannot start, and exits with pytest's status otherwise.
 test:
-	@set -e; venv="$(VENV)"; \
+	@set -euo pipefail; venv="$(VENV)"; \
 	$$venv/bin/ruff check .; \
-	$$venv/bin/python -m pytest -m "not kafka" $(PYTEST_ARGS)
+	$$venv/bin/python -m pytest -m "not kafka" $(PYTEST_ARGS); \
+	trap 'bash deploy/kafka/broker.sh stop' EXIT; \
+	bootstrap="$$(bash deploy/kafka/broker.sh start | tail -n 1)"; \
+	KAFKA_BOOTSTRAP_SERVERS="$$bootstrap" $$venv/bin/python -m pytest -m kafka $(PYTEST_ARGS)

@@ -9,14 +9,14 @@ from cli import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import demo, evaluate, snapshots
+    from cli import demo, evaluate, kafka, produce, snapshots, worker
 
     parser = argparse.ArgumentParser(
         prog="sparc",
         description="SPARC streaming retrieval: train, evaluate, replay and serve multi-interest codebooks.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (demo, evaluate, snapshots):
+    for module in (demo, evaluate, kafka, snapshots, worker, produce):
         module.register(sub)
     return parser
 

@@ -59,9 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     diff.add_argument("a", type=_version, help="the older version (number or 'latest')")
     diff.add_argument("b", type=_version, help="the newer version (number or 'latest')")
-    diff.add_argument(
-        "--limit", type=int, default=10, help="changed items to print in text mode (default 10)"
-    )
+    diff.add_argument("--limit", type=int, default=10, help="changed items to print in text mode (default 10)")
     diff.add_argument("--items", action="store_true", help="with --json: include every changed/added item")
     rollback = add(
         "rollback",
@@ -143,9 +141,7 @@ def _diff(args: argparse.Namespace) -> int:
     )
     rows = [
         [str(level + 1), f"{share:.2%}", f"{move:.6g}"]
-        for level, (share, move) in enumerate(
-            zip(d["level_changed_share"], d["codeword_movement"], strict=True)
-        )
+        for level, (share, move) in enumerate(zip(d["level_changed_share"], d["codeword_movement"], strict=True))
     ]
     print(_table(["LEVEL", "CHANGED", "CODEWORD MOVEMENT (mean L2)"], rows))
     shown = min(args.limit, int(remap.changed_items.numel()))
@@ -238,10 +234,7 @@ def _list_row(info: VersionInfo) -> list[str]:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
 
 

@@ -45,9 +45,7 @@ def shape_differences(
     return out
 
 
-def check_compatible(
-    snapshot: Snapshot, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
-) -> None:
+def check_compatible(snapshot: Snapshot, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Raise IncompatibleSnapshotError listing every difference between the snapshot and a model.
 
     config : the model's config dict; every top-level key must be equal (missing on one side = different)
@@ -59,8 +57,7 @@ def check_compatible(
     differences += shape_differences(snapshot.tensor_shapes(), shapes, optional=("codebooks", "item_codes"))
     if differences:
         raise IncompatibleSnapshotError(
-            f"snapshot {snapshot.model} v{snapshot.version} does not fit the model: "
-            + "; ".join(differences),
+            f"snapshot {snapshot.model} v{snapshot.version} does not fit the model: " + "; ".join(differences),
             differences,
         )
 

@@ -13,12 +13,24 @@ class InvalidSnapshotError(CodebookStoreError, ValueError):
 
 class CorruptSnapshotError(CodebookStoreError):
     """Stored or received bytes fail verification: a checksum or size mismatch, a missing blob,
-    or a manifest that is not valid JSON. The message names the model, version and blob."""
+    or a manifest that is not valid JSON. The message names the model, version and blob.
+
+    kind: "missing" (a blob the manifest lists is absent), "size", "checksum", "manifest" (unparsable,
+    self-checksum or fields), "content" (verified bytes that still do not make a valid snapshot),
+    "format" (an unknown format_version), or "latest" (an unreadable latest pointer).
+    """
 
     def __init__(
-        self, message: str, *, model: str | None = None, version: int | None = None, blob: str | None = None
+        self,
+        message: str,
+        *,
+        kind: str,
+        model: str | None = None,
+        version: int | None = None,
+        blob: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.kind = kind
         self.model = model
         self.version = version
         self.blob = blob

@@ -51,9 +51,7 @@ class FileStore(SnapshotStore):
         return sorted(
             d.name
             for d in self.root.iterdir()
-            if MODEL_NAME_RE.match(d.name)
-            and d.is_dir()
-            and (self._list_versions(d.name) or self._has_latest(d))
+            if MODEL_NAME_RE.match(d.name) and d.is_dir() and (self._list_versions(d.name) or self._has_latest(d))
         )
 
     def _list_versions(self, model: str) -> list[int]:
@@ -80,15 +78,14 @@ class FileStore(SnapshotStore):
         if not text.isdigit():
             raise CorruptSnapshotError(
                 f"{self.url}: {model}/{LATEST_NAME} holds {text[:40]!r}, not a version",
+                kind="latest",
                 model=model,
                 blob=LATEST_NAME,
             )
         return int(text)
 
     # --- writes ---
-    def _commit(
-        self, model: str, version: int, manifest: bytes, blobs: dict[str, bytes], *, move_latest: bool
-    ) -> None:
+    def _commit(self, model: str, version: int, manifest: bytes, blobs: dict[str, bytes], *, move_latest: bool) -> None:
         model_dir = self.root / model
         model_dir.mkdir(exist_ok=True)
         staging = model_dir / f".staging-{version}-{os.getpid()}-{secrets.token_hex(4)}"

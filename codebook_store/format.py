@@ -115,8 +115,7 @@ class Manifest:
             "config": self.config,
             "health": self.health,
             "tensors": {
-                name: {"blob": t.blob, "dtype": t.dtype, "shape": list(t.shape)}
-                for name, t in self.tensors.items()
+                name: {"blob": t.blob, "dtype": t.dtype, "shape": list(t.shape)} for name, t in self.tensors.items()
             },
             "blobs": {name: {"sha256": b.sha256, "size": b.size} for name, b in self.blobs.items()},
         }
@@ -187,19 +186,20 @@ def decode(
             health=parsed.health,
         )
     except CodebookStoreError as exc:  # checksums matched, content is still unusable: a bad writer
-        raise _corrupt(parsed.model, parsed.version, None, f"fails validation: {exc}") from exc
+        raise _corrupt("content", parsed.model, parsed.version, None, f"fails validation: {exc}") from exc
 
 
 def verify_blob(manifest: Manifest, blob_name: str, data: bytes | None) -> None:
     """Check one blob's presence, size and sha256 against the manifest; raises CorruptSnapshotError."""
     expected = manifest.blobs.get(blob_name)
     if expected is None:
-        raise _corrupt(manifest.model, manifest.version, blob_name, "is not listed in the manifest")
+        raise _corrupt("manifest", manifest.model, manifest.version, blob_name, "is not listed in the manifest")
     if data is None:
-        raise _corrupt(manifest.model, manifest.version, blob_name, "is missing")
+        raise _corrupt("missing", manifest.model, manifest.version, blob_name, "is missing")
     if len(data) != expected.size:
         how = "truncated" if len(data) < expected.size else "too long"
         raise _corrupt(
+            "size",
             manifest.model,
             manifest.version,
             blob_name,
@@ -208,6 +208,7 @@ def verify_blob(manifest: Manifest, blob_name: str, data: bytes | None) -> None:
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected.sha256:
         raise _corrupt(
+            "checksum",
             manifest.model,
             manifest.version,
             blob_name,
@@ -223,11 +224,12 @@ def load_blob(manifest: Manifest, blob_name: str, data: bytes | None) -> dict[st
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # any parser failure on verified bytes means a bad writer
         raise _corrupt(
-            manifest.model, manifest.version, blob_name, f"is not valid safetensors: {exc}"
+            "content", manifest.model, manifest.version, blob_name, f"is not valid safetensors: {exc}"
         ) from exc
     expected = {name: info for name, info in manifest.tensors.items() if info.blob == blob_name}
     if set(tensors) != set(expected):
         raise _corrupt(
+            "content",
             manifest.model,
             manifest.version,
             blob_name,
@@ -236,6 +238,7 @@ def load_blob(manifest: Manifest, blob_name: str, data: bytes | None) -> dict[st
     for name, t in tensors.items():
         if _dtype_name(t.dtype) != expected[name].dtype or tuple(t.shape) != expected[name].shape:
             raise _corrupt(
+                "content",
                 manifest.model,
                 manifest.version,
                 blob_name,
@@ -250,7 +253,7 @@ def parse_manifest(data: bytes, *, model: str | None = None, version: int | None
     unknown format_version); `model`/`version`, when given, must match what the manifest says."""
 
     def bad(reason: str) -> CorruptSnapshotError:
-        return _corrupt(model, version, MANIFEST_NAME, reason)
+        return _corrupt("manifest", model, version, MANIFEST_NAME, reason)
 
     try:
         body = json.loads(data.decode("utf-8"))
@@ -263,6 +266,7 @@ def parse_manifest(data: bytes, *, model: str | None = None, version: int | None
         raise UnsupportedFormatError(
             f"{_where(model, version)}: manifest format_version {fmt!r} is not supported "
             f"(this reader knows {FORMAT_VERSION})",
+            kind="format",
             model=model,
             version=version,
             blob=MANIFEST_NAME,
@@ -301,11 +305,7 @@ def _manifest_from_dict(body: dict[str, Any]) -> Manifest:
         if not BLOB_NAME_RE.match(name):
             raise ValueError(f"bad blob name {name!r}")
         sha, size = info["sha256"], info["size"]
-        if (
-            not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha))
-            or type(size) is not int
-            or size < 0
-        ):
+        if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)) or type(size) is not int or size < 0:
             raise ValueError(f"bad blob entry for {name!r}")
         blobs[name] = BlobInfo(sha, size)
     tensors: dict[str, TensorInfo] = {}
@@ -348,9 +348,7 @@ def _prepare(group: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
-    return json.dumps(
-        body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode()
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -361,8 +359,8 @@ def _where(model: str | None, version: int | None) -> str:
     return f"snapshot {model or '?'} v{'?' if version is None else version}"
 
 
-def _corrupt(model: str | None, version: int | None, blob: str | None, reason: str) -> CorruptSnapshotError:
+def _corrupt(kind: str, model: str | None, version: int | None, blob: str | None, reason: str) -> CorruptSnapshotError:
     subject = f"blob {blob!r}" if blob and blob != MANIFEST_NAME else (blob or "content")
     return CorruptSnapshotError(
-        f"{_where(model, version)}: {subject} {reason}", model=model, version=version, blob=blob
+        f"{_where(model, version)}: {subject} {reason}", kind=kind, model=model, version=version, blob=blob
     )

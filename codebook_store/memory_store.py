@@ -30,9 +30,7 @@ class MemoryStore(SnapshotStore):
     def _read_latest(self, model: str) -> int | None:
         return self._latest.get(model)
 
-    def _commit(
-        self, model: str, version: int, manifest: bytes, blobs: dict[str, bytes], *, move_latest: bool
-    ) -> None:
+    def _commit(self, model: str, version: int, manifest: bytes, blobs: dict[str, bytes], *, move_latest: bool) -> None:
         if (model, version) in self._manifests:
             raise VersionExistsError(f"{model} v{version} already exists; versions are never overwritten")
         self._blobs[(model, version)] = dict(blobs)

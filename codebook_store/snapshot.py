@@ -74,13 +74,9 @@ class Snapshot:
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
             raise InvalidSnapshotError(f"version must be an int >= 0, got {self.version!r}")
         if self.parent is not None and (
-            isinstance(self.parent, bool)
-            or not isinstance(self.parent, int)
-            or not 0 <= self.parent < self.version
+            isinstance(self.parent, bool) or not isinstance(self.parent, int) or not 0 <= self.parent < self.version
         ):
-            raise InvalidSnapshotError(
-                f"parent must be None or an int in [0, {self.version}), got {self.parent!r}"
-            )
+            raise InvalidSnapshotError(f"parent must be None or an int in [0, {self.version}), got {self.parent!r}")
         if not isinstance(self.created_at, int | float) or not math.isfinite(self.created_at):
             raise InvalidSnapshotError(f"created_at must be finite unix seconds, got {self.created_at!r}")
         object.__setattr__(self, "created_at", float(self.created_at))
@@ -133,20 +129,14 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a, b))
 
 
-def _check_tensors(
-    codebooks: torch.Tensor, item_codes: torch.Tensor, weights: dict[str, torch.Tensor]
-) -> None:
+def _check_tensors(codebooks: torch.Tensor, item_codes: torch.Tensor, weights: dict[str, torch.Tensor]) -> None:
     if not isinstance(codebooks, torch.Tensor) or codebooks.dtype != torch.float32 or codebooks.dim() != 3:
-        raise InvalidSnapshotError(
-            f"codebooks must be a float32 (L, C, D) tensor, got {_describe(codebooks)}"
-        )
+        raise InvalidSnapshotError(f"codebooks must be a float32 (L, C, D) tensor, got {_describe(codebooks)}")
     levels, size, _ = codebooks.shape
     if levels < 1 or size < 1:
         raise InvalidSnapshotError(f"codebooks need L >= 1 and C >= 1, got shape {tuple(codebooks.shape)}")
     if not isinstance(item_codes, torch.Tensor) or item_codes.dtype != torch.int64 or item_codes.dim() != 2:
-        raise InvalidSnapshotError(
-            f"item_codes must be an int64 (N+1, L) tensor, got {_describe(item_codes)}"
-        )
+        raise InvalidSnapshotError(f"item_codes must be an int64 (N+1, L) tensor, got {_describe(item_codes)}")
     if item_codes.shape[0] < 1 or item_codes.shape[1] != levels:
         raise InvalidSnapshotError(
             f"item_codes shape {tuple(item_codes.shape)} does not match (N+1, L={levels}) with N >= 0"

@@ -18,19 +18,22 @@ Rules:
 - Crash safety: a version becomes visible only once its blobs and manifest are completely written; latest is
   moved after that, atomically. So latest always names a complete snapshot, and readers in other processes
   see only complete versions. Every read verifies sizes and sha256 checksums before parsing anything.
+- Processes: one writer process per model (the trainer/worker). Readers elsewhere open the store with
+  `read_only=True` (for rocksdb://, see rocksdb_store.py: a fresh read-only view per read).
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from codebook_store.drift import CodeRemap, code_drift, code_remap
 from codebook_store.errors import (
+    CorruptSnapshotError,
     ReadOnlyStoreError,
     SnapshotNotFoundError,
     StoreUnavailableError,
@@ -47,6 +50,8 @@ from codebook_store.format import (
     verify_blob,
 )
 from codebook_store.snapshot import DEFAULT_MODEL, Snapshot, check_model_name
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,7 @@ class SnapshotStore(ABC):
         self.url = url
         self.read_only = read_only
         self._lock = threading.RLock()
+        self._read_attempts = 1  # see _read
 
     # --- writes ---
     def put(self, snapshot: Snapshot, *, move_latest: bool = True) -> bool:
@@ -151,8 +157,9 @@ class SnapshotStore(ABC):
     def set_latest(self, version: int, *, model: str = DEFAULT_MODEL) -> None:
         """Point latest at `version` (rollback or roll forward) after verifying every blob of it."""
         self._check_writable()
+        check_model_name(model)
         with self._lock, self._writer_lock(model):
-            self.get(version, model=model)  # complete and verified, or raises
+            self._get(model, version)  # complete and verified, or raises
             self._write_latest(model, version)
 
     def prune(self, *, keep_last: int, keep: Iterable[int] = (), model: str = DEFAULT_MODEL) -> list[int]:
@@ -161,6 +168,7 @@ class SnapshotStore(ABC):
         self._check_writable()
         if keep_last < 0:
             raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+        check_model_name(model)
         with self._lock, self._writer_lock(model):
             versions = self._list_versions(model)
             kept = set(keep) | set(versions[-keep_last:] if keep_last else [])
@@ -177,47 +185,38 @@ class SnapshotStore(ABC):
     def get(self, version: int, *, model: str = DEFAULT_MODEL) -> Snapshot:
         """The complete, verified snapshot `version` of `model`. Raises SnapshotNotFoundError or
         CorruptSnapshotError (naming the blob) when a checksum, size or the manifest fails."""
-        with self._lock:
-            self._refresh()
-            manifest, raw = self._read_manifest_checked(model, version)
-            blobs = {name: self._read_blob(model, version, name) for name in manifest.blobs}
-            return decode(raw, blobs, model=model, version=version)  # verifies before parsing
+        return self._read(lambda: self._get(model, version))
 
     def manifest(self, version: int, *, model: str = DEFAULT_MODEL) -> Manifest:
         """The parsed, self-verified manifest of `version` (blobs are not read)."""
-        with self._lock:
-            self._refresh()
-            return self._read_manifest_checked(model, version)[0]
+        return self._read(lambda: self._read_manifest_checked(model, version)[0])
 
     def latest_version(self, *, model: str = DEFAULT_MODEL) -> int | None:
         """The version latest points to, or None."""
-        with self._lock:
-            self._refresh()
-            return self._read_latest(check_model_name(model))
+        return self._read(lambda: self._read_latest(check_model_name(model)))
 
     def latest(self, *, model: str = DEFAULT_MODEL) -> Snapshot | None:
         """The verified snapshot latest points to, or None when the model has none yet. A corrupt latest
         raises CorruptSnapshotError (no silent fallback to an older version)."""
-        with self._lock:
-            version = self.latest_version(model=model)
-            return None if version is None else self.get(version, model=model)
+
+        def read() -> Snapshot | None:
+            version = self._read_latest(check_model_name(model))
+            return None if version is None else self._get(model, version)
+
+        return self._read(read)
 
     def versions(self, *, model: str = DEFAULT_MODEL) -> list[int]:
         """The complete versions of `model`, ascending."""
-        with self._lock:
-            self._refresh()
-            return self._list_versions(check_model_name(model))
+        return self._read(lambda: self._list_versions(check_model_name(model)))
 
     def models(self) -> list[str]:
         """Model names with at least one version or a latest pointer, sorted."""
-        with self._lock:
-            self._refresh()
-            return self._list_models()
+        return self._read(self._list_models)
 
     def list(self, *, model: str = DEFAULT_MODEL) -> list[VersionInfo]:
         """A summary of every complete version of `model`, ascending (manifests only; blobs not read)."""
-        with self._lock:
-            self._refresh()
+
+        def read() -> list[VersionInfo]:
             latest = self._read_latest(check_model_name(model))
             out = []
             for version in self._list_versions(model):
@@ -237,13 +236,14 @@ class SnapshotStore(ABC):
                 )
             return out
 
+        return self._read(read)
+
     def diff(self, a: int, b: int, *, model: str = DEFAULT_MODEL) -> SnapshotDiff:
         """The remap and drift from version `a` to version `b` (reads and verifies only the codebooks and
         item-code blobs of each)."""
-        with self._lock:
-            self._refresh()
-            old_codes, old_books = self._read_codes(model, a)
-            new_codes, new_books = self._read_codes(model, b)
+        (old_codes, old_books), (new_codes, new_books) = self._read(
+            lambda: (self._read_codes(model, a), self._read_codes(model, b))
+        )
         return SnapshotDiff(
             model=model,
             from_version=a,
@@ -254,15 +254,17 @@ class SnapshotStore(ABC):
 
     def read_raw(self, version: int, *, model: str = DEFAULT_MODEL) -> tuple[bytes, dict[str, bytes]]:
         """The verified bytes of `version`: (manifest, {blob name: bytes}), exactly as stored."""
-        with self._lock:
-            self._refresh()
+
+        def read() -> tuple[bytes, dict[str, bytes]]:
             manifest, raw = self._read_manifest_checked(model, version)
             blobs = {}
             for name in manifest.blobs:
                 data = self._read_blob(model, version, name)
                 verify_blob(manifest, name, data)
                 blobs[name] = data
-            return raw, blobs  # type: ignore[return-value]
+            return raw, blobs
+
+        return self._read(read)
 
     def put_raw(self, manifest: bytes, blobs: dict[str, bytes], *, move_latest: bool = True) -> bool:
         """Store already-encoded bytes (e.g. copied from another store) after verifying them fully;
@@ -287,9 +289,7 @@ class SnapshotStore(ABC):
         return f"{type(self).__name__}({self.url!r}{', read_only=True' if self.read_only else ''})"
 
     # --- helpers ---
-    def _put_bytes(
-        self, model: str, version: int, manifest: bytes, blobs: dict[str, bytes], move_latest: bool
-    ) -> bool:
+    def _put_bytes(self, model: str, version: int, manifest: bytes, blobs: dict[str, bytes], move_latest: bool) -> bool:
         with self._lock, self._writer_lock(model):
             if version in self._list_versions(model):
                 raise VersionExistsError(f"{model} v{version} already exists; versions are never overwritten")
@@ -297,6 +297,26 @@ class SnapshotStore(ABC):
             move = move_latest and (current is None or version > current)
             self._commit(model, version, manifest, blobs, move_latest=move)
             return move
+
+    def _read(self, operation: Callable[[], T]) -> T:
+        """Run a read operation on one consistent view of the store. Backends whose view can be torn by a
+        writer in another process (rocksdb read-only) retry it on a fresh view while something the view
+        itself names is missing; a persistent gap, or any checksum failure, is raised."""
+        with self._lock:
+            for attempt in range(1, self._read_attempts + 1):
+                self._refresh()
+                try:
+                    return operation()
+                except (SnapshotNotFoundError, CorruptSnapshotError) as exc:
+                    missing = isinstance(exc, SnapshotNotFoundError) or exc.kind == "missing"
+                    if not missing or attempt == self._read_attempts:
+                        raise
+            raise AssertionError("unreachable")
+
+    def _get(self, model: str, version: int) -> Snapshot:
+        manifest, raw = self._read_manifest_checked(model, version)
+        blobs = {name: self._read_blob(model, version, name) for name in manifest.blobs}
+        return decode(raw, blobs, model=model, version=version)  # verifies before parsing
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -349,9 +369,7 @@ class SnapshotStore(ABC):
         """The version latest points to, or None."""
 
     @abstractmethod
-    def _commit(
-        self, model: str, version: int, manifest: bytes, blobs: dict[str, bytes], *, move_latest: bool
-    ) -> None:
+    def _commit(self, model: str, version: int, manifest: bytes, blobs: dict[str, bytes], *, move_latest: bool) -> None:
         """Write blobs, then the manifest, then (if move_latest) latest, so that a crash at any point leaves
         the version either invisible or complete, and latest at a complete version. Raise
         VersionExistsError if the version appeared meanwhile."""
@@ -375,9 +393,7 @@ def open_store(url: str, *, read_only: bool = False) -> SnapshotStore:
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise StoreUnavailableError(
-            f"store URL {url!r} has no scheme; use rocksdb://PATH, file://DIR or memory://"
-        )
+        raise StoreUnavailableError(f"store URL {url!r} has no scheme; use rocksdb://PATH, file://DIR or memory://")
     if scheme == "memory":
         from codebook_store.memory_store import MemoryStore
 
@@ -392,6 +408,4 @@ def open_store(url: str, *, read_only: bool = False) -> SnapshotStore:
         from codebook_store.rocksdb_store import RocksDBStore
 
         return RocksDBStore(url, rest, read_only=read_only)
-    raise StoreUnavailableError(
-        f"unknown store scheme {scheme!r} in {url!r}; use rocksdb://, file:// or memory://"
-    )
+    raise StoreUnavailableError(f"unknown store scheme {scheme!r} in {url!r}; use rocksdb://, file:// or memory://")

@@ -83,11 +83,12 @@ def _read_int_rows(path: Path) -> list[tuple[int, list[int]]]:
             parts = line.split()
             if not parts:
                 continue
-            try:
-                values = [int(x) for x in parts]
-            except ValueError:
-                bad = next(x for x in parts if not x.lstrip("-").isdigit())
-                raise DataError(f"{path}:{lineno}: not an integer: {bad!r}") from None
+            values = []
+            for x in parts:
+                try:
+                    values.append(int(x))
+                except ValueError:
+                    raise DataError(f"{path}:{lineno}: not an integer: {x!r}") from None
             if len(values) < 2:
                 raise DataError(f"{path}:{lineno}: a user with no items")
             rows.append((lineno, values))

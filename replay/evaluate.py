@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,7 @@ import torch
 
 from replay.datasets import LeaveOneOut, SequenceDataset, leave_one_out
 from replay.metrics import coverage_and_tail, evaluate_ranking, ranking_metrics
-from trainer.baselines import SASRec, ComiRecSA, Popularity
+from trainer.baselines import ComiRecSA, Popularity, SASRec
 from trainer.config import EncoderConfig, SparcConfig, TrainConfig
 from trainer.fit import fit
 from trainer.model import SparcModel
@@ -66,6 +67,7 @@ def run_evaluation(
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    started = time.perf_counter()
     split = leave_one_out(ds)
     max_len = settings.encoder.max_len
     train_counts = np.bincount(np.concatenate(split.train), minlength=ds.num_items + 1).astype(np.float64)
@@ -136,5 +138,7 @@ def run_evaluation(
         "dataset": ds.summary(),
         "protocol": "leave-one-out/full-ranking",
         "seed": settings.seed,
+        "seconds": time.perf_counter() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "results": {name: results[name] for name in models},
     }

@@ -166,7 +166,10 @@ class SparcModel(nn.Module):
 
     @torch.no_grad()
     def update_codebooks_(self, batch: Batch, generator: torch.Generator | None = None) -> dict:
-        """EMA/revival update of the codebooks from the items consumed in this batch (no-op when frozen/eval)."""
+        """EMA/revival update of the codebooks from the items consumed in this batch, and the item counts behind
+        the logQ correction (both no-ops in eval mode; a frozen codebook still counts consumption)."""
+        if not self.training:
+            return {"revived": 0}
         y = batch.targets[batch.targets > 0]
         self.items.counts.index_add_(0, y, torch.ones(y.shape[0]))
         return self.rq.update_(self.items(y), generator)

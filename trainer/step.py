@@ -10,7 +10,11 @@ from trainer.config import TrainConfig
 
 
 class Trainer:
-    """Owns a model and its optimiser. Seeded: the same batches in the same order give the same weights (CPU)."""
+    """Owns a model and its optimiser.
+
+    Codebook updates draw from the trainer's own seeded generator; dropout draws from torch's global generator,
+    so callers seed that (`torch.manual_seed`) for reproducible runs, as `fit` does.
+    """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         self.model, self.cfg = model, cfg

@@ -6,6 +6,7 @@
 #                                the LAST line of stdout is the bootstrap address (127.0.0.1:39092)
 #   broker.sh status             exit 0 and print the address if it runs and answers, non-zero otherwise
 #   broker.sh stop [--keep-data] SIGTERM, SIGKILL after SPARC_KAFKA_STOP_TIMEOUT s; drops the data dir
+#   broker.sh address            print the bootstrap address start would announce (checks nothing)
 #
 # Environment (all optional):
 #   SPARC_CACHE                  cache root (default ~/.cache/sparc-stream); jars go to kafka-<pom sha>/libs
@@ -77,33 +78,41 @@ running_pid() {
   [ -f "$pid_file" ] || return 0
   pid="$(cat "$pid_file" 2>/dev/null || true)"
   [[ "$pid" =~ ^[0-9]+$ ]] || return 0
-  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null \
-      | grep -q "kafka.Kafka $state/server.properties"; then
+  kill -0 "$pid" 2>/dev/null || return 0
+  if [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == *"kafka.Kafka $state/server.properties"* ]]; then
     echo "$pid"
   fi
 }
 
+# JVM flags for the short-lived tools (probe, StorageTool): C1 only and a serial GC start faster.
+tool_opts=(-XX:TieredStopAtLevel=1 -XX:+UseSerialGC)
+
 # A client call that answers (describe cluster + list topics), made with Kafka's own Admin client.
 probe() {
-  java -Dlog4j2.level=OFF -cp "$libs/*" "$here/KafkaProbe.java" "$address" "${1:-5000}"
+  java "${tool_opts[@]}" -Dlog4j2.level=OFF -cp "$libs/*" "$here/KafkaProbe.java" "$address" "${1:-5000}"
 }
 
 port_in_use() {
   (exec 3<>"/dev/tcp/$host/$1") 2>/dev/null
 }
 
+# The last log lines, without the indented config dump Kafka logs at startup (it would fill the tail).
 show_logs() {
   local f
   for f in "$server_log" "$stdout_log"; do
     [ -s "$f" ] || continue
     say "last lines of $f:"
-    tail -n 25 "$f" >&2
+    grep -v $'^\t' "$f" | tail -n 25 >&2 || true
   done
 }
 
-# A 22-character base64url cluster id (16 random bytes), not starting with '-' (as Kafka's Uuid.randomUuid).
+# The cluster id of the data dir when it holds one (kept by stop --keep-data, or left by a crash: formatting
+# must then use the same id), else a new 22-character base64url id of 16 random bytes, not starting with '-'
+# (as Kafka's Uuid.randomUuid).
 cluster_id() {
   local id
+  id="$(sed -n 's/^cluster\.id=//p' "$data_dir/meta.properties" 2>/dev/null || true)"
+  [ -n "$id" ] && { echo "$id"; return; }
   while :; do
     id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
     [ "${id:0:1}" != "-" ] && { echo "$id"; return; }
@@ -185,6 +194,7 @@ wait_ready() {
 # ------------------------------------------------------------------------------------------- commands
 
 start() {
+  command -v java >/dev/null || die "java not found: the broker needs Java 17+ on PATH"
   fetch
   mkdir -p "$state"
   exec 9>"$state/broker.lock"
@@ -211,6 +221,7 @@ start() {
   done
 
   mkdir -p "$log_dir" "$data_dir"
+  local f
   for f in "$server_log" "$stdout_log"; do   # readiness is read from this run's log only
     if [ -f "$f" ]; then mv -f "$f" "$f.prev"; fi
   done
@@ -219,15 +230,20 @@ start() {
   local java_opts=(-Xms128m -Xmx512m -XX:+UseSerialGC -Djava.awt.headless=true
                    "-Dlog4j2.configurationFile=$state/log4j2.xml")
   say "formatting storage in $data_dir"
-  java "${java_opts[@]}" -cp "$libs/*" kafka.tools.StorageTool format \
-    -t "$(cluster_id)" -c "$state/server.properties" --ignore-formatted >&2
+  if ! java "${tool_opts[@]}" "${java_opts[@]}" -cp "$libs/*" kafka.tools.StorageTool format \
+      -t "$(cluster_id)" -c "$state/server.properties" --ignore-formatted >&2; then
+    show_logs
+    die "formatting the storage failed (StorageTool, see above); config in $state/server.properties"
+  fi
 
   say "starting the broker on $address (controller $host:$controller_port); logs in $log_dir"
   # setsid: its own session, so the caller's Ctrl-C or exit does not take it down. The inner shell writes
-  # its own pid, then execs java in place (so the pid is the JVM's).
+  # its own pid, then execs java in place (so the pid is the JVM's). 9>&-: the broker must not inherit the
+  # start/stop lock, or it would hold it for its whole life.
+  # shellcheck disable=SC2016  # $$ and "$@" are for the inner shell
   setsid nohup bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$pid_file" \
     java "${java_opts[@]}" -cp "$libs/*" kafka.Kafka "$state/server.properties" \
-    >"$stdout_log" 2>&1 </dev/null &
+    >"$stdout_log" 2>&1 </dev/null 9>&- &
   local launcher=$!
   local waited=0
   while [ ! -s "$pid_file" ] && [ "$waited" -lt 50 ]; do sleep 0.1; waited=$((waited + 1)); done
@@ -301,13 +317,14 @@ stop() {
 }
 
 usage() {
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in
   fetch) fetch ;;
   start) start ;;
   status) status ;;
+  address) echo "$address" ;;
   stop) shift; stop "$@" ;;
   -h | --help | help) usage ;;
   *) usage >&2; exit 2 ;;

@@ -1,0 +1,170 @@
+"""The worker's agents: thin adapters between topics and plain functions (no math here).
+
+ingest    feedback-events -> validate -> invalid: DLQ (original bytes, reason in headers)
+                                      -> valid: de-duplicate by event id, forward (event + history before it)
+                                         to the train topic, then update the user's history in the table
+train     train topic -> micro-batches (stream.take_events) -> OnlineLearner.learn in the learner thread
+catalog   item-events -> validate -> observe_items in the learner thread (new items grow the item table)
+publisher a timer and the train agent: every N steps or T seconds -> health gate -> store -> announce ->
+          rebuild the serving index -> swap it in
+
+The learner runs in ONE thread (training steps, item growth and snapshot capture are serialised there), so the
+event loop stays free for Kafka heartbeats and web requests. Forwarding before the table update makes a crash
+between the two re-deliver the event (trained twice) instead of dropping it (de-duplicated, never trained).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from streams.batching import split_examples
+from streams.history import apply_feedback
+from streams.index import build_index
+from streams.records import Invalid, Source, TrainExample, validate_feedback, validate_item
+
+if TYPE_CHECKING:
+    from streams.worker import StreamWorker
+
+log = logging.getLogger(__name__)
+
+
+def source_of(event: Any) -> Source:
+    """Where a Faust event was read."""
+    m = event.message
+    return Source(topic=m.topic, partition=m.partition, offset=m.offset)
+
+
+async def handle_feedback(w: StreamWorker, raw: bytes, key: bytes | None, source: Source) -> str:
+    """One feedback message. Returns what happened: "dlq", "duplicate" or "forwarded"."""
+    s = w.settings
+    result = validate_feedback(raw, max_bytes=s.max_event_bytes, max_item_id=s.max_item_id, now=w.clock())
+    if isinstance(result, Invalid):
+        await dead_letter(w, raw, key, result, source)
+        return "dlq"
+    applied = apply_feedback(
+        w.history.get(result.user_id), result.event_id, result.item_id, s.max_len, s.dedup_window
+    )
+    if applied is None:
+        w.metrics.duplicates.inc()
+        return "duplicate"
+    await w.outputs.train(TrainExample(event=result, history=applied.history, source=source))
+    w.history[result.user_id] = applied.state
+    w.metrics.event()
+    return "forwarded"
+
+
+async def handle_items(w: StreamWorker, messages: Sequence[tuple[bytes, bytes | None, Source]]) -> int:
+    """A batch of item-catalogue messages. Returns how many were applied."""
+    s = w.settings
+    valid = []
+    for raw, key, source in messages:
+        result = validate_item(raw, max_bytes=s.max_event_bytes, max_item_id=s.max_item_id, now=w.clock())
+        if isinstance(result, Invalid):
+            await dead_letter(w, raw, key, result, source)
+        else:
+            valid.append(result.model_dump())
+    if valid:
+        await w.in_learner(w.learner.observe_items, valid)
+        w.metrics.items.inc(len(valid))
+    return len(valid)
+
+
+async def handle_train_batch(w: StreamWorker, messages: Sequence[tuple[bytes, Source]]) -> dict | None:
+    """One micro-batch from the train topic: learn, then publish if a snapshot is due. Returns the metrics."""
+    examples, read_at = [], []
+    for raw, source in messages:
+        read_at.append(source)
+        try:
+            examples.append(TrainExample.model_validate_json(raw))
+        except ValidationError as exc:  # our own topic: a bug or a foreign writer, never a reason to stop
+            log.error("skipping a malformed train example at %s: %s", source, exc.errors(include_url=False)[0]["msg"])
+    if not examples:
+        return None
+    try:
+        metrics = await w.in_learner(w.learn, split_examples(examples, read_at))
+    except FloatingPointError as exc:
+        w.metrics.train_errors.inc()
+        log.error("skipped a micro-batch of %d examples: %s", len(examples), exc)
+        return None
+    w.metrics.trained(metrics)
+    if w.publish_due():
+        await publish(w, only_if_due=True)
+    return metrics
+
+
+async def dead_letter(
+    w: StreamWorker, raw: bytes, key: bytes | None, invalid: Invalid, source: Source
+) -> None:
+    w.metrics.dlq.labels(source.topic, invalid.reason).inc()
+    await w.outputs.dead_letter(raw, key, invalid, source)
+
+
+async def publish(w: StreamWorker, *, only_if_due: bool = False) -> None:
+    """Capture a snapshot between training steps, gate and store it; serve and announce it if it passed.
+    only_if_due: skip when another caller (the timer, the train agent) has just published."""
+    async with w.publish_lock:
+        if only_if_due and not w.publish_due():
+            return
+        state, health, watermark = await w.in_learner(w.capture)
+        now = w.clock()
+        w.mark_published(state.steps, now)
+        w.metrics.health(health)
+        try:
+            await _store_serve_announce(w, state, health, watermark, now)
+        except Exception:  # a store or index failure must not stop training; the next interval tries again
+            w.metrics.snapshots.labels("failed").inc()
+            log.exception("publishing the snapshot of step %d failed", state.steps)
+
+
+async def _store_serve_announce(w: StreamWorker, state, health: dict, watermark: dict, now: float) -> None:
+    result = await w.in_publisher(w.publisher.publish, state, health, watermark, now)
+    w.last_gate = result.reasons
+    if not result.accepted:
+        w.metrics.snapshots.labels("rejected").inc()
+        log.warning("snapshot v%d held back: %s", result.version, "; ".join(result.reasons))
+        return
+    index = await w.in_publisher(build_index, state, result.version, result.created_at, w.settings.top_codes)
+    w.index.swap(index)
+    w.metrics.served(index.version, index.created_at, index.num_items)
+    await w.outputs.announce(result.version, result.message)
+    w.metrics.snapshots.labels("published").inc()
+    log.info("snapshot v%d published (step %d, %d items)", result.version, state.steps, index.num_items)
+
+
+@dataclass(frozen=True)
+class Agents:
+    ingest: Any
+    train: Any
+    catalog: Any
+
+
+def register(w: StreamWorker) -> Agents:
+    app, s = w.app, w.settings
+
+    @app.agent(w.topics.feedback, name="ingest")
+    async def ingest(stream):
+        async for event in stream.events():
+            await handle_feedback(w, event.value, event.key, source_of(event))
+
+    @app.agent(w.topics.train, name="train", concurrency=1)
+    async def train(stream):
+        async for events in stream.take_events(s.batch_size, within=s.batch_seconds):
+            await handle_train_batch(w, [(e.value, source_of(e)) for e in events])
+
+    @app.agent(w.topics.items, name="catalog", concurrency=1)
+    async def catalog(stream):
+        async for events in stream.take_events(1024, within=s.batch_seconds):
+            await handle_items(w, [(e.value, e.key, source_of(e)) for e in events])
+
+    @app.timer(interval=min(1.0, s.snapshot_every_seconds), name="publisher")
+    async def publisher():
+        w.metrics.tick()
+        if w.publish_due():
+            await publish(w, only_if_due=True)
+
+    return Agents(ingest=ingest, train=train, catalog=catalog)

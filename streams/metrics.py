@@ -1,0 +1,90 @@
+"""The worker's Prometheus metrics, in a registry of its own (one per worker; tests build many)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class WorkerMetrics:
+    def __init__(self, levels: int, clock=time.time):
+        self.clock = clock
+        self.registry = r = CollectorRegistry()
+        self.events = Counter("sparc_events", "valid, de-duplicated feedback events", registry=r)
+        self.duplicates = Counter(
+            "sparc_duplicate_events", "feedback events dropped as duplicates", registry=r
+        )
+        self.dlq = Counter(
+            "sparc_dlq_messages", "messages sent to the dead-letter topic", ["topic", "reason"], registry=r
+        )
+        self.items = Counter("sparc_item_events", "valid item-catalogue events applied", registry=r)
+        self.steps = Counter("sparc_train_steps", "training steps", registry=r)
+        self.examples = Counter(
+            "sparc_train_examples", "training examples (events with a history)", registry=r
+        )
+        self.train_errors = Counter(
+            "sparc_train_errors", "micro-batches skipped (non-finite loss)", registry=r
+        )
+        self.snapshots = Counter("sparc_snapshots", "snapshots stored", ["outcome"], registry=r)
+        self.events_per_second = Gauge(
+            "sparc_events_per_second", "valid events per second (recent window)", registry=r
+        )
+        self.loss = Gauge("sparc_train_loss", "loss of the last training step", registry=r)
+        self.catalogue = Gauge("sparc_catalogue_items", "items in the model's item table", registry=r)
+        self.utilisation = Gauge(
+            "sparc_codebook_utilisation", "share of codewords in use", ["level"], registry=r
+        )
+        self.perplexity = Gauge(
+            "sparc_codebook_perplexity", "perplexity of code usage", ["level"], registry=r
+        )
+        self.collisions = Gauge("sparc_codebook_collision_rate", "items sharing their full code", registry=r)
+        self.version = Gauge(
+            "sparc_snapshot_version", "snapshot version the index serves (-1: none)", registry=r
+        )
+        self.age = Gauge("sparc_snapshot_age_seconds", "age of the served snapshot", registry=r)
+        self.index_size = Gauge("sparc_index_items", "items in the serving index", registry=r)
+        self.version.set(-1)
+        self._levels = levels
+        self._served_at: float | None = None
+        self._events_seen = 0
+        self._window = (clock(), 0)
+        self.age.set_function(lambda: 0.0 if self._served_at is None else self.clock() - self._served_at)
+
+    # --- updates
+    def event(self) -> None:
+        self.events.inc()
+        self._events_seen += 1
+
+    def tick(self) -> None:
+        """Refresh events/s over the time since the last tick."""
+        now = self.clock()
+        then, seen = self._window
+        if now > then:
+            self.events_per_second.set((self._events_seen - seen) / (now - then))
+            self._window = (now, self._events_seen)
+
+    def trained(self, metrics: dict) -> None:
+        if "loss" in metrics:
+            self.steps.inc()
+            self.loss.set(metrics["loss"])
+        self.examples.inc(metrics.get("examples", 0))
+
+    def health(self, health: dict) -> None:
+        self.catalogue.set(health.get("items", 0))
+        for level in range(1, self._levels + 1):
+            self.utilisation.labels(str(level)).set(health.get(f"level{level}_utilisation", 0.0))
+            self.perplexity.labels(str(level)).set(health.get(f"level{level}_perplexity", 0.0))
+        self.collisions.set(health.get("collision_rate", 0.0))
+
+    def served(self, version: int, created_at: float, items: int) -> None:
+        self.version.set(version)
+        self._served_at = created_at
+        self.index_size.set(items)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+__all__ = ["CONTENT_TYPE", "WorkerMetrics"]

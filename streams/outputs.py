@@ -1,0 +1,49 @@
+"""Where the agents' results go: the dead-letter topic, the train topic and codebook-updates.
+
+Agents talk to an `Outputs` object, not to topics, so unit tests (which run without a broker) can record what
+would have been sent; `KafkaOutputs` is the worker's.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from streams.records import Invalid, Source, TrainExample
+
+
+def dlq_headers(invalid: Invalid, source: Source) -> list[tuple[str, bytes]]:
+    """Headers of a dead letter: why it was rejected and where it was read."""
+    return [
+        ("reason", invalid.reason.encode()),
+        ("detail", invalid.detail.encode()),
+        ("source-topic", source.topic.encode()),
+        ("source-partition", str(source.partition).encode()),
+        ("source-offset", str(source.offset).encode()),
+    ]
+
+
+class Outputs(Protocol):
+    async def dead_letter(self, raw: bytes, key: bytes | None, invalid: Invalid, source: Source) -> None:
+        """Send the original bytes, unchanged, with the reason in headers."""
+
+    async def train(self, example: TrainExample) -> None:
+        """Forward a valid, de-duplicated event (with the history before it) to the trainer."""
+
+    async def announce(self, version: int, message: bytes) -> None:
+        """Publish a codebook-updates message for a snapshot that became latest."""
+
+
+class KafkaOutputs:
+    def __init__(self, dlq, train, updates):
+        self._dlq, self._train, self._updates = dlq, train, updates
+
+    async def dead_letter(self, raw: bytes, key: bytes | None, invalid: Invalid, source: Source) -> None:
+        await self._dlq.send(key=key, value=raw, headers=dlq_headers(invalid, source))
+
+    async def train(self, example: TrainExample) -> None:
+        await self._train.send(key=example.event.user_id.encode(), value=example.model_dump_json().encode())
+
+    async def announce(self, version: int, message: bytes) -> None:
+        await self._updates.send(
+            key=str(version).encode(), value=message, headers=[("schema", b"sparc.codebook-update/1")]
+        )

@@ -1,0 +1,384 @@
+"""trainer.losses, trainer.model, trainer.step and trainer.baselines on a tiny seeded model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.baselines import ComiRecSA, Popularity, SASRec
+from trainer.batches import Batch, make_batch
+from trainer.config import EncoderConfig, SparcConfig, TrainConfig
+from trainer.losses import full_softmax_ce, sampled_softmax_ce
+from trainer.model import SparcModel
+from trainer.step import Trainer
+from trainer.towers import ItemTower, pad_attributes
+
+N_ITEMS, N_ATTRS, CODES = 30, 6, 8
+ENC = EncoderConfig(dim=16, max_len=8, layers=1, heads=1, ffn_mult=2, dropout=0.1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sparc_config(**overrides) -> SparcConfig:
+    base = {"num_items": N_ITEMS, "num_attributes": N_ATTRS, "encoder": ENC, "levels": 2, "codes": CODES}
+    return SparcConfig(**{**base, **overrides})
+
+
+def attributes(num_items: int = N_ITEMS, seed: int = 0) -> dict[int, list[int]]:
+    rng = np.random.default_rng(seed)
+    return {i: sorted({int(a) for a in rng.integers(1, N_ATTRS + 1, size=2)})
+            for i in range(1, num_items + 1)}
+
+
+def make_model(seed: int = 0, **overrides) -> SparcModel:
+    torch.manual_seed(seed)
+    cfg = sparc_config(**overrides)
+    attrs = pad_attributes(attributes(), N_ITEMS) if cfg.num_attributes and cfg.use_attributes else None
+    return SparcModel(cfg, attrs)
+
+
+def batch(seed: int, users: int = 6, num_items: int = N_ITEMS) -> Batch:
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(1, num_items + 1, size=int(rng.integers(3, 10))) for _ in range(users)]
+    return make_batch(seqs, ENC.max_len)
+
+
+def warm(model: torch.nn.Module, steps: int = 4, lr: float = 1e-2) -> Trainer:
+    trainer = Trainer(model, TrainConfig(lr=lr, seed=0))
+    for s in range(steps):
+        trainer.step(batch(s))
+    model.eval()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def warm_model() -> SparcModel:
+    """A few training steps, then random code-dependent weights so that every code's user vector differs."""
+    model = make_model()
+    warm(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in (model.code_proj, model.attn_v, model.attn_q, model.interest[2]):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 2.0)
+    return model
+
+
+# ----------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("upstream", [1.0, 2.5, -0.7])
+def test_full_softmax_ce_equals_cross_entropy(upstream):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 6, 3, 1])
+    h_ref, z_ref = h.detach().clone().requires_grad_(True), z.detach().clone().requires_grad_(True)
+
+    loss = full_softmax_ce(h, z, y)
+    ref = F.cross_entropy(h_ref @ z_ref.T, y)
+    torch.testing.assert_close(loss, ref)
+    (loss * upstream).backward()
+    (ref * upstream).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad)
+    torch.testing.assert_close(z.grad, z_ref.grad)
+
+
+def test_full_softmax_ce_of_no_rows_is_zero():
+    h = torch.zeros(0, 4, requires_grad=True)
+    loss = full_softmax_ce(h, torch.randn(3, 4), torch.zeros(0, dtype=torch.long))
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+
+
+def test_sampled_softmax_ce_matches_hand_computation_with_duplicates_masked():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    z = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([5, 7, 5, 9])  # rows 0 and 2 share a positive: neither is the other's negative
+    log_q = torch.log(torch.tensor([0.2, 0.1, 0.2, 0.05], dtype=torch.float64))
+
+    def hand(h, z, y, log_q):
+        total = 0.0
+        for i in range(len(y)):
+            allowed = [j for j in range(len(y)) if j == i or y[j] != y[i]]
+            logit = {j: float(h[i] @ z[j]) - float(log_q[j]) for j in allowed}
+            total += -logit[i] + math.log(sum(math.exp(v) for v in logit.values()))
+        return total / len(y)
+
+    got = float(sampled_softmax_ce(h, z, y, log_q))
+    assert got == pytest.approx(hand(h, z, y, log_q), rel=1e-12)
+    # without the duplicate the loss is the plain in-batch softmax over all four rows
+    y_unique = torch.tensor([5, 7, 6, 9])
+    assert float(sampled_softmax_ce(h, z, y_unique, log_q)) == pytest.approx(hand(h, z, y_unique, log_q))
+    assert got != pytest.approx(float(sampled_softmax_ce(h, z, y_unique, log_q)))
+
+
+# ----------------------------------------------------------------- SPARC model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"retrieval_loss": "sampled"}, {"interest": "marginal"},
+                                       {"tower_attention": False, "shuffle_bpr_weight": 1.0}])
+def test_loss_is_finite_and_backward_reaches_parameters(overrides):
+    model = make_model(**overrides)
+    model.train()
+    model.rq.update_(model.items()[1:], torch.Generator().manual_seed(0))  # initialise the codebooks
+    loss, metrics = model.loss(batch(0))
+    assert torch.isfinite(loss)
+    assert metrics["loss"] == pytest.approx(float(loss.detach()))
+    loss.backward()
+    assert model.items.id_embedding.grad is not None
+    assert torch.isfinite(model.items.id_embedding.grad).all()
+    assert model.items.id_embedding.grad.abs().sum() > 0
+    if overrides.get("interest", "head") == "head":
+        assert "loss_interest" in metrics
+        assert model.interest[0].weight.grad.abs().sum() > 0
+
+
+def test_score_shape_and_padding_column(warm_model):
+    b = batch(10)
+    for search in ("soft", "hard"):
+        s = warm_model.score(b.inputs, b.lengths, search=search)
+        assert s.shape == (b.size, N_ITEMS + 1)
+        assert torch.isneginf(s[:, 0]).all()
+        assert torch.isfinite(s[:, 1:]).all()
+    with pytest.raises(ValueError, match="unknown search"):
+        warm_model.score(b.inputs, b.lengths, search="medium")
+
+
+def explicit_pieces(model: SparcModel, b: Batch):
+    cat = model.catalogue()
+    state = model.encode(b.inputs, b.lengths, cat.z)
+    logits = model.interest_logits(state.h, cat.z, cat.codes)  # (B, C)
+    return cat, state, logits
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_soft_score_is_the_explicit_mixture_over_all_codes(warm_model, temperature):
+    b = batch(11)
+    with torch.no_grad():
+        cat, state, logits = explicit_pieces(warm_model, b)
+        p = torch.softmax(logits / temperature, dim=-1)  # (B, C)
+        all_codes = torch.arange(CODES).expand(b.size, -1)
+        u = warm_model.code_vectors(state, all_codes)  # (B, C, D)
+        per_code = torch.softmax(u @ cat.z[1:].T, dim=-1)  # (B, C, N) over real items only
+        expected = (p[..., None] * per_code).sum(dim=1)  # (B, N)
+    assert (per_code.amax(dim=1) / per_code.amin(dim=1)).max() > 1.1, "codes must give different rankings"
+    assert p.max() < 0.99, "the interest distribution must not be one-hot"
+    got = warm_model.score(b.inputs, b.lengths, search="soft", top_codes=CODES, temperature=temperature,
+                           global_mix=0.0)
+    torch.testing.assert_close(got[:, 1:].exp(), expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got[:, 1:].exp().sum(dim=1), torch.ones(b.size))
+
+
+def test_soft_score_top_codes_renormalises_and_global_mix_mixes(warm_model):
+    b = batch(12)
+    k, mix = 3, 0.25
+    with torch.no_grad():
+        cat, state, logits = explicit_pieces(warm_model, b)
+        top_logit, top = logits.topk(k, dim=-1)
+        p = torch.softmax(top_logit, dim=-1)
+        u = warm_model.code_vectors(state, top)
+        per_code = torch.softmax(u @ cat.z[1:].T, dim=-1)
+        glob = torch.softmax(state.h @ cat.z[1:].T, dim=-1)
+        expected = mix * glob + (1 - mix) * (p[..., None] * per_code).sum(dim=1)
+    got = warm_model.score(b.inputs, b.lengths, top_codes=k, global_mix=mix)
+    torch.testing.assert_close(got[:, 1:].exp(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_hard_score_uses_the_argmax_code(warm_model):
+    b = batch(13)
+    with torch.no_grad():
+        cat, state, logits = explicit_pieces(warm_model, b)
+        best = logits.argmax(dim=-1)
+        u = warm_model.code_vectors(state, best[:, None])[:, 0]  # (B, D)
+        expected = u @ cat.z[1:].T
+    got = warm_model.score(b.inputs, b.lengths, search="hard")
+    torch.testing.assert_close(got[:, 1:], expected)
+
+
+def test_interest_label_is_recomputed_from_the_current_codebook(monkeypatch):
+    model = make_model()
+    warm(model, steps=2)
+    model.train()
+    b = batch(20)
+    labels: list[torch.Tensor] = []
+    real_ce = F.cross_entropy
+
+    def spy(logits, target, *args, **kwargs):
+        if logits.shape[-1] == CODES:
+            labels.append(target.clone())
+        return real_ce(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+
+    def expected_labels() -> torch.Tensor:
+        with torch.no_grad():
+            codes, _ = model.rq.encode(model.items())
+        return codes[b.targets[b.targets > 0], 0]
+
+    model.loss(b)
+    first = expected_labels()
+    assert torch.equal(labels[-1], first)
+    with torch.no_grad():  # move the codebook: every level-1 codeword shifts to the next slot
+        model.rq.levels[0].codebook.copy_(torch.roll(model.rq.levels[0].codebook, 1, dims=0))
+    model.loss(b)
+    second = expected_labels()
+    assert torch.equal(labels[-1], second)
+    assert torch.equal(second, (first + 1) % CODES)
+    assert not torch.equal(labels[-1], labels[0])
+
+
+def test_marginal_interest_is_the_sum_of_item_probabilities_per_code():
+    model = make_model(interest="marginal")
+    model.train()
+    model.rq.update_(model.items()[1:], torch.Generator().manual_seed(0))
+    model.eval()
+    b = batch(30)
+    with torch.no_grad():
+        cat, state, logits = explicit_pieces(model, b)
+        probs = logits.exp()
+        item_p = torch.softmax(state.h @ cat.z[1:].T, dim=-1)  # (B, N)
+        level1 = cat.codes[1:, 0]
+    assert len(torch.unique(level1)) > 1, "the check needs items spread over several codes"
+    torch.testing.assert_close(probs.sum(dim=-1), torch.ones(b.size), atol=1e-5, rtol=0)
+    for c in range(CODES):
+        expected = item_p[:, level1 == c].sum(dim=-1)
+        torch.testing.assert_close(probs[:, c], expected, atol=1e-6, rtol=1e-4)
+
+
+def test_trainer_step_is_deterministic():
+    def run() -> dict[str, torch.Tensor]:
+        model = make_model(seed=3)
+        trainer = Trainer(model, TrainConfig(lr=1e-2, seed=5))
+        for s in range(3):
+            metrics = trainer.step(batch(s))
+            assert metrics["step"] == s + 1
+        return model.state_dict()
+
+    a, b = run(), run()
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert bool(a["rq.levels.0.initialised"])
+
+
+def test_trainer_step_rejects_non_finite_loss():
+    model = make_model()
+    trainer = Trainer(model, TrainConfig())
+    with torch.no_grad():
+        model.items.id_embedding[1:] = math.nan
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        trainer.step(batch(0))
+
+
+def test_grow_items_new_items_come_from_attributes_and_training_continues():
+    model = make_model()
+    trainer = warm(model, steps=2)
+    old_id = model.items.id_embedding
+    old_avg = trainer.optimizer.state[old_id]["exp_avg"].clone()
+
+    trainer.grow_items(N_ITEMS + 5, {N_ITEMS + 1: [1, 2], N_ITEMS + 2: [3], N_ITEMS + 3: []})
+    tower = model.items
+    new_id = tower.id_embedding
+    assert tower.num_items == N_ITEMS + 5
+    assert new_id is not old_id
+    assert torch.equal(new_id[: N_ITEMS + 1], old_id.detach())
+    assert torch.equal(new_id[N_ITEMS + 1 :], torch.zeros(5, ENC.dim))
+    assert tower.counts.shape == (N_ITEMS + 6,)
+    assert tower.attributes.shape[0] == N_ITEMS + 6
+
+    with torch.no_grad():
+        z = tower()
+        attr_part = tower.attr_proj(tower.attr_embedding.weight[[1, 2]].mean(dim=0))
+    torch.testing.assert_close(z[N_ITEMS + 1], attr_part)  # ID row is zero: z is the attribute part only
+    torch.testing.assert_close(z[N_ITEMS + 3], tower.attr_proj.bias.detach())  # no attributes at all
+    assert not torch.allclose(z[N_ITEMS + 1], z[N_ITEMS + 3])
+    assert not torch.allclose(z[N_ITEMS + 1], z[N_ITEMS + 2])
+
+    # the optimiser follows the new parameter, keeps the old rows' moments and pads the new ones with zeros
+    assert any(p is new_id for group in trainer.optimizer.param_groups for p in group["params"])
+    assert old_id not in trainer.optimizer.state
+    state = trainer.optimizer.state[new_id]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key].shape == new_id.shape
+        assert torch.equal(state[key][N_ITEMS + 1 :], torch.zeros(5, ENC.dim))
+    assert torch.equal(state["exp_avg"][: N_ITEMS + 1], old_avg)
+
+    grown = make_batch([np.array([1, N_ITEMS + 1, 2, N_ITEMS + 4, N_ITEMS + 5])], ENC.max_len)
+    for _ in range(2):
+        metrics = trainer.step(grown)
+        assert math.isfinite(metrics["loss"])
+    assert tower.id_embedding is new_id
+    assert new_id[N_ITEMS + 4].abs().sum() > 0, "a new item's ID row learns once it has interactions"
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert trainer.optimizer.state[new_id][key].shape == new_id.shape
+    scores = model.score(grown.inputs, grown.lengths)
+    assert scores.shape == (1, N_ITEMS + 6)
+
+
+def test_grow_items_is_a_no_op_below_capacity():
+    model = make_model()
+    trainer = warm(model, steps=1)
+    before = model.items.id_embedding
+    trainer.grow_items(N_ITEMS - 3, {2: [4]})
+    assert model.items.id_embedding is before
+    assert model.items.attributes[2, 0] == 4
+
+
+def test_item_tower_without_attributes():
+    model = make_model(num_attributes=0)
+    assert not model.items.use_attributes
+    trainer = warm(model, steps=2)
+    trainer.grow_items(N_ITEMS + 2, {N_ITEMS + 1: [1, 2]})  # attributes are ignored without a table
+    z = model.items()
+    assert z.shape == (N_ITEMS + 3, ENC.dim)
+    assert torch.equal(z[N_ITEMS + 1], torch.zeros(ENC.dim))
+    metrics = trainer.step(make_batch([np.array([1, N_ITEMS + 1, N_ITEMS + 2])], ENC.max_len))
+    assert math.isfinite(metrics["loss"])
+
+    tower = ItemTower(4, 3)
+    assert tower(torch.tensor([[1, 2], [0, 4]])).shape == (2, 2, 3)
+    assert torch.equal(tower()[0], torch.zeros(3))
+
+
+# ----------------------------------------------------------------- baselines
+
+
+@pytest.mark.parametrize("make", [lambda: SASRec(N_ITEMS, ENC), lambda: ComiRecSA(N_ITEMS, ENC, interests=3)],
+                         ids=["sasrec", "comirec-sa"])
+def test_neural_baselines_train_and_score(make):
+    torch.manual_seed(0)
+    model = make()
+    loss, metrics = model.loss(batch(0))
+    assert torch.isfinite(loss) and metrics["loss"] == pytest.approx(float(loss.detach()))
+    trainer = Trainer(model, TrainConfig(lr=1e-2))
+    for s in range(2):
+        assert math.isfinite(trainer.step(batch(s))["loss"])
+    model.eval()
+    b = batch(5)
+    scores = model.score(b.inputs, b.lengths)
+    assert scores.shape == (b.size, N_ITEMS + 1)
+    assert torch.isneginf(scores[:, 0]).all()
+    assert torch.isfinite(scores[:, 1:]).all()
+
+
+def test_popularity_ranks_by_training_count():
+    pop = Popularity(6)
+    pop.fit([np.array([3, 1, 3]), np.array([5, 3, 5, 2])])  # counts: 3 -> 3, 5 -> 2, 1 -> 1, 2 -> 1
+    b = batch(0, users=2, num_items=6)
+    scores = pop.score(b.inputs, b.lengths)
+    assert scores.shape == (2, 7)
+    assert torch.isneginf(scores[:, 0]).all()
+    assert scores[0, 1:].tolist() == [1.0, 1.0, 3.0, 0.0, 2.0, 0.0]
+    assert torch.equal(scores[0], scores[1])
+    assert scores[0].argsort(descending=True, stable=True)[:2].tolist() == [3, 5]

@@ -1,0 +1,175 @@
+"""trainer/online.py: the online-learning step shared by the Kafka worker and replay (no broker needed)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from replay.synthetic import SyntheticConfig, generate
+from trainer.config import EncoderConfig, SparcConfig, TrainConfig
+from trainer.online import (
+    OnlineLearner,
+    advance_histories,
+    append_history,
+    batch_examples,
+    load_model,
+    next_item_batch,
+)
+
+
+def small_config(**over) -> SparcConfig:
+    base = dict(num_items=0, num_attributes=200, codes=8, encoder=EncoderConfig(dim=16, max_len=6, layers=1))
+    return SparcConfig(**{**base, **over})
+
+
+def ev(user, item, n=0) -> dict:
+    return {"event_id": f"e{n}", "user_id": user, "item_id": item, "timestamp": 1_700_000_000 + n}
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return generate(SyntheticConfig(n_users=60, n_events=1500, n_initial_items=120, n_new_items=20, seed=3))
+
+
+def split(stream):
+    items = [e for e in stream.iter_events() if "event_id" not in e]
+    feedback = [e for e in stream.iter_events() if "event_id" in e]
+    return items, feedback
+
+
+def drive(learner: OnlineLearner, item_events, feedback, batch_size=32) -> list[dict]:
+    """What replay does: items first, then micro-batches; histories kept in a dict by the caller."""
+    learner.observe_items(item_events)
+    histories: dict = {}
+    metrics = []
+    for start in range(0, len(feedback), batch_size):
+        batch = feedback[start : start + batch_size]
+        metrics.append(learner.learn(batch, histories))
+        advance_histories(histories, batch, learner.max_len)
+    return metrics
+
+
+def test_append_history_keeps_the_last_max_len():
+    assert append_history([1, 2, 3], 4, 3) == [2, 3, 4]
+    assert append_history([], 9, 3) == [9]
+
+
+def test_batch_examples_use_history_before_each_event_including_earlier_ones_in_the_batch():
+    histories = {"a": [1, 2], "b": []}
+    events = [ev("a", 3), ev("b", 7), ev("a", 4), ev("c", 5), ev("b", 8)]
+    frozen = copy.deepcopy(histories)
+    got = batch_examples(events, histories, max_len=3)
+    assert got == [([1, 2], 3), ([1, 2, 3], 4), ([7], 8)]  # b's and c's first events have no history
+    assert histories == frozen  # read, never written
+
+
+def test_next_item_batch_targets_only_the_last_position():
+    batch = next_item_batch([([1, 2, 3], 4), ([5], 6)], max_len=10)
+    assert batch.inputs.tolist() == [[1, 2, 3], [5, 0, 0]]
+    assert batch.lengths.tolist() == [3, 1]
+    assert batch.targets.tolist() == [[0, 0, 4], [6, 0, 0]]
+
+
+def test_advance_histories_matches_batch_examples():
+    events = [ev(u, i) for u, i in [("a", 1), ("a", 2), ("b", 3), ("a", 4)]]
+    histories: dict = {}
+    advance_histories(histories, events, max_len=2)
+    assert histories == {"a": [2, 4], "b": [3]}
+
+
+def test_observe_items_grows_the_table_and_sets_attributes():
+    learner = OnlineLearner(small_config(), TrainConfig(seed=0))
+    assert learner.observe_items([{"item_id": 3, "attributes": [5, 9]}, {"item_id": 1}]) == 3
+    assert learner.num_items == 3
+    assert learner.model.items.attributes[3].tolist() == [5, 9]
+    assert learner.observe_items([{"item_id": 2, "attributes": [4]}]) == 0  # attributes only
+    assert learner.model.items.attributes[2].tolist()[:1] == [4]
+
+
+def test_learn_grows_for_unknown_items_and_skips_first_events():
+    learner = OnlineLearner(small_config(), TrainConfig(seed=0))
+    m = learner.learn([ev("a", 5), ev("a", 9), ev("b", 2)], {})
+    assert learner.num_items == 9
+    assert (m["examples"], m["skipped"], m["step"]) == (1, 2, 1)
+    assert torch.isfinite(torch.tensor(m["loss"]))
+    # no example: no step
+    m = learner.learn([ev("z", 1)], {})
+    assert (m["examples"], m["step"]) == (0, 1) and "loss" not in m
+
+
+def test_learn_does_not_mutate_its_inputs(stream):
+    items, feedback = split(stream)
+    learner = OnlineLearner(small_config(), TrainConfig(seed=0))
+    learner.observe_items(items)
+    histories = {u: [1, 2, 3] for u in range(1, 61)}
+    batch = feedback[:64]
+    before = (copy.deepcopy(batch), copy.deepcopy(histories))
+    learner.learn(batch, histories)
+    assert (batch, histories) == before
+
+
+def test_same_seed_same_batches_same_weights_whatever_else_uses_the_rng(stream):
+    items, feedback = split(stream)
+    a = OnlineLearner(small_config(), TrainConfig(seed=7))
+    b = OnlineLearner(small_config(), TrainConfig(seed=7))
+    drive(a, items, feedback[:600])
+    torch.manual_seed(123)  # other code in the process draws from torch's global RNG ...
+    torch.rand(1000)
+    drive(b, items, feedback[:600])  # ... and b still follows a exactly
+    sa, sb = a.snapshot_state(), b.snapshot_state()
+    for key in sa.weights:
+        assert torch.equal(sa.weights[key], sb.weights[key]), key
+    assert torch.equal(sa.item_codes, sb.item_codes)
+    c = OnlineLearner(small_config(), TrainConfig(seed=8))
+    drive(c, items, feedback[:600])
+    assert not torch.equal(c.snapshot_state().codebooks, sa.codebooks)
+
+
+def test_health_and_snapshot_state_after_training(stream):
+    items, feedback = split(stream)
+    learner = OnlineLearner(small_config(), TrainConfig(seed=0))
+    metrics = drive(learner, items, feedback)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if "loss" in m)
+    health = learner.health()
+    assert health["finite"] and health["initialised"]
+    assert health["items"] == stream.num_items
+    assert health["level1_utilisation"] > 0.5  # 8 codes over 140 items after k-means + EMA
+    state = learner.snapshot_state()
+    n, cfg = stream.num_items, learner.model.cfg
+    assert state.codebooks.shape == (cfg.levels, cfg.codes, cfg.encoder.dim)
+    assert state.codebooks.dtype == torch.float32
+    assert state.item_codes.shape == (n + 1, cfg.levels) and state.item_codes.dtype == torch.int64
+    assert state.item_vectors.shape == (n + 1, cfg.encoder.dim)
+    assert state.config["num_items"] == n and state.steps == learner.steps
+    # a copy: training on does not change it
+    frozen = state.weights["items.id_embedding"].clone()
+    drive(learner, [], feedback[:64])
+    assert torch.equal(state.weights["items.id_embedding"], frozen)
+
+
+def test_load_model_serves_like_the_learner(stream):
+    items, feedback = split(stream)
+    learner = OnlineLearner(small_config(), TrainConfig(seed=0))
+    drive(learner, items, feedback[:800])
+    state = learner.snapshot_state()
+    served = load_model(state.config, state.weights)
+    learner.model.eval()
+    inputs, lengths = torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2])
+    assert torch.allclose(served.score(inputs, lengths), learner.model.score(inputs, lengths))
+    assert torch.equal(served.catalogue().codes, state.item_codes)
+
+
+def test_micro_batches_can_split_a_user_anywhere(stream):
+    """Batch boundaries change which step sees an event, never which history an event is trained with."""
+    _, feedback = split(stream)
+    events = feedback[:200]
+    whole = batch_examples(events, {}, max_len=6)
+    histories: dict = {}
+    pieces = []
+    for a, b in itertools.pairwise([0, 13, 50, 51, 200]):
+        pieces += batch_examples(events[a:b], histories, max_len=6)
+        advance_histories(histories, events[a:b], 6)
+    assert pieces == whole

@@ -1,0 +1,91 @@
+"""streams.publisher (gate, versions, codebook-updates message); streams.index (fast path vs brute force)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from codebook_store import open_store
+from replay.synthetic import SyntheticConfig, generate
+from streams.index import IndexHolder, build_index
+from streams.publisher import SCHEMA, Publisher, gate
+from trainer.config import EncoderConfig, SparcConfig, TrainConfig
+from trainer.online import OnlineLearner, advance_histories
+
+HEALTHY = {"finite": True, "initialised": True, "items": 10, "level1_utilisation": 0.5}
+
+
+@pytest.fixture(scope="module")
+def learner():
+    stream = generate(SyntheticConfig(n_users=30, n_events=600, n_initial_items=80, n_new_items=8, seed=5))
+    events = list(stream.iter_events())
+    cfg = SparcConfig(
+        num_items=0, num_attributes=100, codes=8, encoder=EncoderConfig(dim=16, max_len=5, layers=1)
+    )
+    learner = OnlineLearner(cfg, TrainConfig(seed=0))
+    learner.observe_items([e for e in events if "event_id" not in e])
+    feedback = [e for e in events if "event_id" in e]
+    histories: dict = {}
+    for start in range(0, len(feedback), 32):
+        learner.learn(feedback[start : start + 32], histories)
+        advance_histories(histories, feedback[start : start + 32], 5)
+    return learner
+
+
+def test_gate_names_every_problem():
+    assert gate(HEALTHY, 0.1) == []
+    reasons = gate({"finite": False, "initialised": False, "items": 0, "level1_utilisation": 0.0}, 0.1)
+    assert len(reasons) == 4
+    assert gate({**HEALTHY, "level1_utilisation": 0.05}, 0.1) == [
+        "level-1 utilisation 0.050 is below the floor 0.1"
+    ]
+
+
+def test_versions_lineage_gate_and_messages(tmp_path, learner):
+    url = f"file://{tmp_path}/store"
+    state, health = learner.snapshot_state(), learner.health()
+    assert gate(health, 0.1) == []
+
+    pub = Publisher(url, "sparc", 0.1)
+    first = pub.publish(state, health, {"fb:0": 10}, 1_700_000_000.0)
+    held = pub.publish(state, {**health, "finite": False}, {"fb:0": 20}, 1_700_000_001.0)
+    third = pub.publish(state, health, {"fb:0": 30}, 1_700_000_002.0)
+    pub.close()
+    assert (first.version, held.version, third.version) == (0, 1, 2)
+    assert first.accepted and not held.accepted and held.message is None and third.accepted
+    assert held.reasons == ["non-finite values in the codebooks or item vectors"]
+
+    m1, m3 = json.loads(first.message), json.loads(third.message)
+    assert (m1["schema"], m1["version"], m1["parent"], m1["store"]) == (SCHEMA, 0, None, url)
+    assert m1["remap"] is None  # nothing announced before
+    assert m3["parent"] == 1 and m3["remap"]["from_version"] == 0  # remap since the last ANNOUNCED version
+    assert m3["remap"]["changed_items"] == [] and m3["remap"]["added_items"] == []  # same state
+    assert m3["manifest"]["watermark"] == {"kafka": {"fb:0": 30}}
+    assert m3["manifest"]["health"]["drift"]["parent_version"] == 1
+
+    with open_store(url, read_only=True) as store:
+        assert store.versions() == [0, 1, 2] and store.latest_version() == 2
+        assert store.manifest(1).health["gate"]["passed"] is False
+        snap = store.get(2)
+        assert snap.item_codes.shape == (learner.num_items + 1, 3)
+        assert snap.config["num_items"] == learner.num_items
+
+    again = Publisher(url, "sparc", 0.1)  # a restarted worker never reuses a version
+    fourth = again.publish(state, health, {}, 1_700_000_003.0)
+    assert (fourth.version, json.loads(fourth.message)["parent"]) == (3, None)
+    assert again.latest()["version"] == 3
+    again.close()
+
+
+def test_faiss_index_serves_like_the_brute_force_reference(learner):
+    state = learner.snapshot_state()
+    fast = build_index(state, 7, 1.0, top_codes=4, kind="faiss")
+    exact = build_index(state, 7, 1.0, top_codes=4, kind="brute")
+    for history in ([1, 2, 3], [40, 41], [], [5, 10**6]):  # an unknown item id is ignored
+        a, b = fast.retrieve(history, 20), exact.retrieve(history, 20)
+        np.testing.assert_array_equal(a.items, b.items)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+    holder = IndexHolder()
+    assert holder.swap(fast) is None and holder.swap(exact) is fast and holder.current is exact

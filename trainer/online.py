@@ -1,0 +1,191 @@
+"""Online learning on a stream of feedback events: the ONE code path the Kafka worker and replay both drive.
+
+Pure PyTorch, no I/O. The caller owns the user histories (a dict in replay, a Faust table in the worker) and
+passes them in; the learner owns the model, its optimiser and its random state.
+
+    learner = OnlineLearner(SparcConfig(num_items=0, num_attributes=...), TrainConfig(seed=0))
+    learner.observe_items([{"item_id": 7, "attributes": [3, 12]}])       # new items -> grown item table
+    metrics = learner.learn(events, histories)                            # one Trainer.step
+    advance_histories(histories, events, learner.max_len)                 # the caller moves histories on
+
+Events are mappings with at least "user_id" and "item_id". `histories[user]` is the user's items (oldest
+first) as of the START of the batch; an event's training input is that history followed by the items of the
+same user's earlier events in the batch, and its target is the event's item (next-item prediction at the last
+position only: earlier positions were trained when their own events arrived). A user's first event has no
+history and gives no example. Same seed + same batches in the same order -> the same weights and snapshots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from trainer.batches import Batch, pad_histories
+from trainer.config import SparcConfig, TrainConfig
+from trainer.model import SparcModel
+from trainer.rq import code_health
+from trainer.step import Trainer
+
+
+def append_history(history: Sequence[int], item: int, max_len: int) -> list[int]:
+    """The history after `item`: the last `max_len` items, oldest first."""
+    return [*history, int(item)][-max_len:]
+
+
+def advance_histories(
+    histories: MutableMapping[Hashable, list[int]], events: Iterable[Mapping], max_len: int
+) -> None:
+    """Append each event's item to its user's history, in order (what the worker's ingest agent does)."""
+    for event in events:
+        user = event["user_id"]
+        histories[user] = append_history(histories.get(user, ()), event["item_id"], max_len)
+
+
+def batch_examples(
+    events: Sequence[Mapping], histories: Mapping[Hashable, Sequence[int]], max_len: int
+) -> list[tuple[list[int], int]]:
+    """(history before the event, target item) for every event that has a history, in event order.
+
+    `histories` is read, never written: in-batch predecessors are tracked locally.
+    """
+    running: dict[Hashable, list[int]] = {}
+    examples = []
+    for event in events:
+        user, item = event["user_id"], int(event["item_id"])
+        before = running.get(user)
+        if before is None:
+            before = list(histories.get(user, ()))[-max_len:]
+        if before:
+            examples.append((before, item))
+        running[user] = append_history(before, item, max_len)
+    return examples
+
+
+def next_item_batch(examples: Sequence[tuple[Sequence[int], int]], max_len: int) -> Batch:
+    """Examples -> a Batch whose only target per row is the example's item, at the row's last position."""
+    inputs, lengths = pad_histories([np.asarray(h, dtype=np.int64) for h, _ in examples], max_len)
+    targets = torch.zeros_like(inputs)
+    targets[torch.arange(len(examples)), lengths - 1] = torch.tensor(
+        [t for _, t in examples], dtype=torch.long
+    )
+    return Batch(inputs=inputs, targets=targets, lengths=lengths)
+
+
+@dataclass(frozen=True, eq=False)
+class LearnerState:
+    """What a snapshot needs, copied out of the live model (safe to use while the learner trains on).
+
+    config       : SparcConfig JSON with num_items = the current catalogue size (what the weights fit)
+    codebooks    : float32 (L, C, D)
+    item_codes   : int64 (N+1, L); row 0 is padding
+    item_vectors : float32 (N+1, D) the catalogue's z, what a retrieval index searches
+    weights      : the model's state_dict (serving weights), cloned
+    steps        : training steps taken so far
+    """
+
+    config: dict
+    codebooks: torch.Tensor
+    item_codes: torch.Tensor
+    item_vectors: torch.Tensor
+    weights: dict[str, torch.Tensor]
+    steps: int
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_codes.shape[0]) - 1
+
+
+class OnlineLearner:
+    """A SparcModel and its Trainer, fed one micro-batch of events at a time."""
+
+    def __init__(self, model_cfg: SparcConfig, train_cfg: TrainConfig):
+        self.train_cfg = train_cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(train_cfg.seed)
+            self.model = SparcModel(model_cfg)
+            self._rng_state = torch.get_rng_state()  # dropout etc. draw from this, not the process's RNG
+        self.trainer = Trainer(self.model, train_cfg)
+
+    @property
+    def max_len(self) -> int:
+        return self.model.cfg.encoder.max_len
+
+    @property
+    def num_items(self) -> int:
+        return self.model.items.num_items
+
+    @property
+    def steps(self) -> int:
+        return self.trainer.steps
+
+    def observe_items(self, item_events: Iterable[Mapping]) -> int:
+        """Grow the item table to the largest id seen and set the listed items' attributes.
+
+        Item events: {"item_id": int >= 1, "attributes": [int, ...] (optional)}. Returns the rows added.
+        """
+        attributes: dict[int, list[int]] = {}
+        largest = 0
+        for event in item_events:
+            item = int(event["item_id"])
+            largest = max(largest, item)
+            if event.get("attributes") is not None:
+                attributes[item] = [int(a) for a in event["attributes"]]
+        before = self.num_items
+        if largest or attributes:
+            self.trainer.grow_items(max(largest, before), attributes or None)
+        return self.num_items - before
+
+    def learn(self, events: Sequence[Mapping], histories: Mapping[Hashable, Sequence[int]]) -> dict:
+        """One training step on the events that have a history (see module doc). Returns the step's metrics
+        plus "examples" and "skipped" (events without history); no step is taken when there is no example."""
+        largest = max((int(e["item_id"]) for e in events), default=0)
+        if largest > self.num_items:  # feedback can outrun the item's catalogue event
+            self.trainer.grow_items(largest)
+        examples = batch_examples(events, histories, self.max_len)
+        out = {"examples": len(examples), "skipped": len(events) - len(examples)}
+        if not examples:
+            return {**out, "step": self.steps}
+        grow_to = max(max(h) for h, _ in examples)
+        if grow_to > self.num_items:  # histories given by the caller may name items we were never told of
+            self.trainer.grow_items(grow_to)
+        batch = next_item_batch(examples, self.max_len)
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng_state)
+            metrics = self.trainer.step(batch)
+            self._rng_state = torch.get_rng_state()
+        return {**metrics, **out}
+
+    @torch.no_grad()
+    def health(self) -> dict:
+        """trainer.rq.code_health over the catalogue's codes, plus "finite" (codebooks and item vectors),
+        "steps" and "initialised" (every level has had its k-means initialisation)."""
+        cat = self.model.catalogue()
+        out = code_health(cat.codes[1:], self.model.cfg.codes)
+        out["finite"] = bool(torch.isfinite(cat.z).all() and torch.isfinite(self.model.rq.codebooks).all())
+        out["initialised"] = all(bool(q.initialised) for q in self.model.rq.levels)
+        out["steps"] = self.steps
+        return out
+
+    @torch.no_grad()
+    def snapshot_state(self) -> LearnerState:
+        """Copies of everything a snapshot and a serving index need (see LearnerState)."""
+        cat = self.model.catalogue()
+        return LearnerState(
+            config=replace(self.model.cfg, num_items=self.num_items).to_json(),
+            codebooks=self.model.rq.codebooks.detach().clone().float(),
+            item_codes=cat.codes.detach().clone().long(),
+            item_vectors=cat.z.detach().clone().float(),
+            weights={k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            steps=self.steps,
+        )
+
+
+def load_model(config: Mapping, weights: Mapping[str, torch.Tensor]) -> SparcModel:
+    """A SparcModel in eval mode from a snapshot's config and weights (strict: every weight must fit)."""
+    cfg = SparcConfig.from_json(dict(config))
+    model = SparcModel(cfg, attributes=weights.get("items.attributes"))
+    model.load_state_dict(dict(weights), strict=True)
+    return model.eval()
