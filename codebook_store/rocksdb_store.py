@@ -1,16 +1,21 @@
 """`rocksdb://PATH`: snapshots in an embedded RocksDB (rocksdict), the default store of a worker.
 
 Keys (raw bytes mode: no pickle; values are the format's bytes):
-    m/<model>/<version:020d>                          manifest; its presence marks the version complete
-    b/<model>/<version:020d>/<blob>/<chunk:08d>       the blob's bytes, in chunks of CHUNK_BYTES
-    l/<model>                                         the version latest points to, as decimal text
+    m/<model>/<version:020d>                               manifest; its presence marks the version complete
+    w/<model>/<version:020d>                               the write id (16 hex digits) of that manifest's blobs
+    b/<model>/<version:020d>/<write id>/<blob>/<chunk:08d> the blob's bytes, in chunks of CHUNK_BYTES
+    l/<model>                                              the version latest points to, as decimal text
 
 Crash safety by key order: (1) the blobs are written into one SST file outside the database
 (rocksdict.SstFileWriter), fsync'ed and ingested with `ingest_external_file`, which adds the whole file
-atomically; (2) the manifest and, when it moves, latest are written in ONE synced WAL batch, which RocksDB
-applies atomically, also across a crash. A crash before (2) leaves orphan blob keys that no manifest names:
-invisible, and removed by `prune` (with any half-written SST file). A delete is one synced batch (manifest +
-blob range), then a compaction of the range to give the disk space back.
+atomically; (2) the manifest, its write id and, when it moves, latest are written in ONE synced WAL batch,
+which RocksDB applies atomically, also across a crash. A crash before (2) leaves orphan blob keys that no
+manifest names: invisible, and removed by `prune` (with any half-written SST file). A delete is one synced
+batch (manifest, write id, blob range), then a compaction of the range to give the disk space back.
+
+Why a write id: a writer killed after (1) leaves blobs for version v; the next writer may well use v again.
+Under fresh ids, a reader can never assemble the new manifest with the old attempt's blobs (which a torn
+read-only view, below, could otherwise show: same sizes, other bytes, a false checksum failure).
 
 Why ingestion: a 256 MB embedding table written through the memtable costs a batch copy, a memtable copy and
 a flush (1-3 s measured under load); an ingested SST is written once and linked in (~0.25 s). Chunking keeps
@@ -57,8 +62,13 @@ def _manifest_key(model: str, version: int) -> bytes:
     return f"m/{model}/{version:020d}".encode()
 
 
-def _blob_prefix(model: str, version: int) -> bytes:
-    return f"b/{model}/{version:020d}/".encode()
+def _write_id_key(model: str, version: int) -> bytes:
+    return f"w/{model}/{version:020d}".encode()
+
+
+def _blob_prefix(model: str, version: int, write_id: bytes = b"") -> bytes:
+    """All blob keys of a version, or (with write_id) of one write attempt of it."""
+    return f"b/{model}/{version:020d}/".encode() + (write_id + b"/" if write_id else b"")
 
 
 def _latest_key(model: str) -> bytes:
@@ -138,7 +148,10 @@ class RocksDBStore(SnapshotStore):
         return self._db.get(_manifest_key(model, version))
 
     def _read_blob(self, model: str, version: int, name: str) -> bytes | None:
-        chunks = self._scan(_blob_prefix(model, version) + name.encode() + b"/", values=True)
+        write_id = self._db.get(_write_id_key(model, version))
+        if write_id is None:
+            return None
+        chunks = self._scan(_blob_prefix(model, version, write_id) + name.encode() + b"/", values=True)
         return b"".join(value for _, value in chunks) if chunks else None
 
     def _read_latest(self, model: str) -> int | None:
@@ -158,21 +171,22 @@ class RocksDBStore(SnapshotStore):
     def _commit(self, model: str, version: int, manifest: bytes, blobs: dict[str, bytes], *, move_latest: bool) -> None:
         if self._db.get(_manifest_key(model, version)) is not None:
             raise VersionExistsError(f"{model} v{version} already exists in {self.url}")
-        self._ingest_blobs(model, version, blobs)  # durable and visible, but named by no manifest yet
+        write_id = secrets.token_hex(8).encode()
+        self._ingest_blobs(_blob_prefix(model, version, write_id), blobs)  # durable; named by no manifest yet
         batch = WriteBatch(raw_mode=True)
+        batch.put(_write_id_key(model, version), write_id)
         batch.put(_manifest_key(model, version), manifest)
         if move_latest:
             batch.put(_latest_key(model), str(version).encode())
         self._db.write(batch, self._sync)  # the version (and latest) appear at once
 
-    def _ingest_blobs(self, model: str, version: int, blobs: dict[str, bytes]) -> None:
+    def _ingest_blobs(self, prefix: bytes, blobs: dict[str, bytes]) -> None:
         staging = self.path / STAGING_DIR
         staging.mkdir(exist_ok=True)
-        sst = staging / f"{model}-{version}-{os.getpid()}-{secrets.token_hex(4)}.sst"
+        sst = staging / f"{os.getpid()}-{secrets.token_hex(8)}.sst"
         try:
             writer = SstFileWriter(_options(create=False))
             writer.open(str(sst))
-            prefix = _blob_prefix(model, version)
             for name in sorted(blobs):  # an SST file takes its keys in ascending order
                 data = blobs[name]
                 base = prefix + name.encode() + b"/"
@@ -196,15 +210,19 @@ class RocksDBStore(SnapshotStore):
     def _delete_version(self, model: str, version: int) -> None:
         batch = WriteBatch(raw_mode=True)
         batch.delete(_manifest_key(model, version))
+        batch.delete(_write_id_key(model, version))
         self._delete_blobs(batch, _blob_prefix(model, version))
 
     def _clean_debris(self, model: str) -> None:
         # Called under the store's lock in the only writing process: no commit is in flight, so blobs that no
-        # manifest names were left by a crash between the ingestion and the manifest batch.
+        # manifest names (no manifest, or another write id) were left by a crash before the manifest batch.
         prefix = f"b/{model}/".encode()
-        versions = {int(key[len(prefix) :].split(b"/")[0]) for key in self._scan(prefix)}
-        for version in sorted(versions - set(self._list_versions(model))):
-            self._delete_blobs(WriteBatch(raw_mode=True), _blob_prefix(model, version))
+        attempts = {tuple(key[len(prefix) :].split(b"/")[:2]) for key in self._scan(prefix)}
+        for version_text, write_id in sorted(attempts):
+            version = int(version_text)
+            current = self._db.get(_write_id_key(model, version))
+            if current != write_id or self._db.get(_manifest_key(model, version)) is None:
+                self._delete_blobs(WriteBatch(raw_mode=True), _blob_prefix(model, version, write_id))
         shutil.rmtree(self.path / STAGING_DIR, ignore_errors=True)  # half-written SST files
 
     def _delete_blobs(self, batch: WriteBatch, prefix: bytes) -> None:

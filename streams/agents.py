@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from streams.batching import split_examples
 from streams.history import apply_feedback
 from streams.index import build_index
-from streams.records import Invalid, Source, TrainExample, validate_feedback, validate_item
+from streams.records import Invalid, Source, TrainExample, read_train_example, validate_feedback, validate_item
 
 if TYPE_CHECKING:
     from streams.worker import StreamWorker
@@ -80,7 +80,7 @@ async def handle_train_batch(w: StreamWorker, messages: Sequence[tuple[bytes, So
     for raw, source in messages:
         read_at.append(source)
         try:
-            examples.append(TrainExample.model_validate_json(raw))
+            examples.append(read_train_example(raw, w.settings.max_item_id))
         except ValidationError as exc:  # our own topic: a bug or a foreign writer, never a reason to stop
             log.error("skipping a malformed train example at %s: %s", source, exc.errors(include_url=False)[0]["msg"])
     if not examples:

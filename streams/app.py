@@ -15,12 +15,14 @@ def create_app(settings: WorkerSettings, *, testing: bool = False) -> faust.App:
     topic_partitions is the partition count of the table changelogs; it equals the feedback topic's, since
     the history table is keyed like that topic (co-partitioned).
     """
+    datadir = settings.data_dir / settings.app_id  # table files are named by table, not by app
+    datadir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     return faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers],
         store="memory://" if testing else settings.table_store,
         topic_partitions=settings.partitions,
-        datadir=str(settings.data_dir / settings.app_id),  # table files are named by table, not by app
+        datadir=str(datadir),
         web_enabled=not testing,
         web_host=settings.web_host,
         web_port=settings.web_port,

@@ -221,3 +221,8 @@ def validate_item(
     """Parse one item-catalogue message (see validate_feedback)."""
     context = {"now": time.time() if now is None else now, "max_item_id": max_item_id}
     return _validate(ItemEvent, raw, max_bytes, context)
+
+
+def read_train_example(raw: bytes, max_item_id: int = DEFAULT_MAX_ITEM_ID) -> TrainExample:
+    """Parse a train-topic message, with the same item-id limit ingest applied; raises ValidationError."""
+    return TrainExample.model_validate_json(raw, context={"max_item_id": max_item_id})

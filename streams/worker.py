@@ -37,7 +37,6 @@ class StreamWorker:
         outputs: Outputs | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        torch.set_num_threads(settings.torch_threads)
         self.settings, self.clock = settings, clock
         self.app = create_app(settings, testing=testing)
         self.topics = declare_topics(self.app, settings)
@@ -70,7 +69,9 @@ class StreamWorker:
 
     def learn(self, inp: LearnerInput) -> dict:
         metrics = self.learner.learn(inp.events, inp.histories)
-        merge_watermarks(self.watermark, inp.watermark)
+        watermark = dict(self.watermark)
+        merge_watermarks(watermark, inp.watermark)
+        self.watermark = watermark  # swapped whole: readers on the event loop never see it half-updated
         return metrics
 
     def capture(self) -> tuple[LearnerState, dict, dict[str, int]]:
@@ -91,6 +92,7 @@ class StreamWorker:
     # --- lifecycle
     def run(self) -> int:
         """Run the Faust worker in this process until it is stopped; returns its exit status."""
+        torch.set_num_threads(self.settings.torch_threads)  # process-wide, so only here
         worker = faust.Worker(self.app, loglevel="INFO")
         try:
             worker.execute_from_commandline()

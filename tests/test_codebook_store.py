@@ -31,7 +31,7 @@ from codebook_store import (
 )
 from codebook_store.file_store import FileStore
 from codebook_store.memory_store import MemoryStore
-from codebook_store.rocksdb_store import RocksDBStore, _blob_prefix
+from codebook_store.rocksdb_store import RocksDBStore, _blob_prefix, _write_id_key
 
 BLOBS = ("codebooks.safetensors", "item_codes.safetensors", "weights.safetensors")
 
@@ -93,8 +93,9 @@ def set_blob(store: SnapshotStore, model: str, version: int, name: str, data: by
             path.unlink()
         else:
             path.write_bytes(data)
-    elif isinstance(store, RocksDBStore):  # chunked keys; one chunk reads back the same
-        prefix = _blob_prefix(model, version) + name.encode() + b"/"
+    elif isinstance(store, RocksDBStore):  # chunks under the version's write id; one chunk reads back the same
+        write_id = store._db.get(_write_id_key(model, version)) or b"0123456789abcdef"  # none: an orphan attempt
+        prefix = _blob_prefix(model, version, write_id) + name.encode() + b"/"
         store._db.delete_range(prefix, prefix[:-1] + b"0")
         if data is not None:
             store._db.put(prefix + b"00000000", data)
@@ -530,11 +531,13 @@ def test_rocksdb_store_ignores_and_prunes_orphan_blobs(tmp_path: Path) -> None:
         _, blobs = encode(make_snapshot(2))
         for name, data in blobs.items():  # a writer killed after ingesting blobs, before the manifest batch
             set_blob(store, "sparc", 2, name, data)
+        stale = _blob_prefix("sparc", 1, b"ffffffffffffffff") + b"weights.safetensors/00000000"
+        store._db.put(stale, b"an older, killed attempt at v1")
         (tmp_path / "db" / "sparc-staging").mkdir(exist_ok=True)
         (tmp_path / "db" / "sparc-staging" / "sparc-3-1-ab.sst").write_bytes(b"half an SST file")
         assert store.versions() == [1] and store.latest_version() == 1
         assert store.prune(keep_last=5) == []
-        assert store._scan(b"b/sparc/00000000000000000002/") == []
+        assert store._scan(b"b/sparc/00000000000000000002/") == [] and store._db.get(stale) is None
         assert not (tmp_path / "db" / "sparc-staging").exists()
         assert store.get(1).same_as(make_snapshot(1))
 

@@ -87,5 +87,9 @@ def test_faiss_index_serves_like_the_brute_force_reference(learner):
         a, b = fast.retrieve(history, 20), exact.retrieve(history, 20)
         np.testing.assert_array_equal(a.items, b.items)
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+    counts = state.weights["items.counts"]
+    cold = fast.retrieve([], 5)  # no history: the most popular items, no codes searched
+    assert cold.codes.size == 0 and cold.scores.tolist() == sorted(counts[1:].tolist(), reverse=True)[:5]
+    assert counts[cold.items].tolist() == cold.scores.tolist()
     holder = IndexHolder()
     assert holder.swap(fast) is None and holder.swap(exact) is fast and holder.current is exact

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
-from streams.records import Feedback, Invalid, TrainExample, validate_feedback, validate_item
+from streams.records import Feedback, Invalid, TrainExample, read_train_example, validate_feedback, validate_item
 
 NOW = 1_750_000_000.0
 GOOD = {"event_id": "e1", "user_id": 5, "item_id": 3, "timestamp": 1_700_000_000, "event_type": "view"}
@@ -75,3 +76,12 @@ def test_item_events():
 def test_train_example_round_trips_as_json():
     ex = TrainExample(event=check(raw()), history=[1, 2], source={"topic": "t", "partition": 1, "offset": 7})
     assert TrainExample.model_validate_json(ex.model_dump_json()) == ex
+
+
+
+def test_train_examples_are_read_back_with_the_workers_item_limit():
+    big = check(raw()).model_copy(update={"item_id": 3_000_000})
+    data = TrainExample(event=big, history=[1], source={"topic": "t", "partition": 0, "offset": 0}).model_dump_json()
+    assert read_train_example(data.encode(), max_item_id=5_000_000).event.item_id == 3_000_000
+    with pytest.raises(ValidationError):
+        read_train_example(data.encode())  # the default limit is 1_000_000

@@ -27,6 +27,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from cli.main import main as sparc
+from codebook_store import open_store
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(900)]
 
@@ -52,17 +53,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout_s: float, log: Path) -> Any:
-    """Call `probe` until it returns something truthy; else fail naming `what`, with the worker log."""
+def wait_for(what: str, probe: Callable[[], Any], timeout_s: float, worker: subprocess.Popen, log: Path) -> Any:
+    """Call `probe` until it returns something truthy; fail naming `what`, with the worker's log, when the time
+    is up or the worker has exited."""
     deadline = time.monotonic() + timeout_s
     last = None
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and worker.poll() is None:
         last = probe()
         if last:
             return last
         time.sleep(0.5)
+    why = f"the worker exited with {worker.returncode}" if worker.poll() is not None else f"{timeout_s}s passed"
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what} (last: {last!r}); worker log:\n{tail}")
+    pytest.fail(f"{why} while waiting for {what} (last: {last!r}); worker log:\n{tail}")
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:
@@ -125,7 +128,7 @@ def test_worker_end_to_end(kafka_bootstrap, tmp_path):
         worker = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     dlq = updates = None
     try:
-        wait_for("the worker's web server", lambda: get(port, "/health")[0] == 200, 180, log)
+        wait_for("the worker's web server", lambda: get(port, "/health")[0] == 200, 180, worker, log)
         dlq, updates = Reader(kafka_bootstrap, topics["DLQ"]), Reader(kafka_bootstrap, topics["UPDATES"])
 
         feedback, items = topics["FEEDBACK"], topics["ITEM"]
@@ -139,7 +142,7 @@ def test_worker_end_to_end(kafka_bootstrap, tmp_path):
         producer.close()
 
         # invalid events: in the DLQ, byte for byte, with their reasons
-        wait_for(f"{len(INVALID)} dead letters", lambda: len(dlq.poll()) >= len(INVALID), 120, log)
+        wait_for(f"{len(INVALID)} dead letters", lambda: len(dlq.poll()) >= len(INVALID), 120, worker, log)
         got = {r.value: dict(r.headers) for r in dlq.records}
         assert set(got) == set(INVALID)
         for raw, reason in INVALID.items():
@@ -147,7 +150,7 @@ def test_worker_end_to_end(kafka_bootstrap, tmp_path):
             assert got[raw]["source-topic"].decode() == topics["FEEDBACK"] and got[raw]["detail"]
 
         # snapshots: at least two announced, versions increasing, each remap relative to the one before
-        wait_for("two codebook-updates messages", lambda: len(updates.poll()) >= 2, 180, log)
+        wait_for("two codebook-updates messages", lambda: len(updates.poll()) >= 2, 180, worker, log)
         messages = [json.loads(r.value) for r in updates.records]
         versions = [m["version"] for m in messages]
         assert versions == sorted(set(versions))
@@ -157,10 +160,10 @@ def test_worker_end_to_end(kafka_bootstrap, tmp_path):
 
         # serving: /retrieve names the snapshot version that served it, one that was announced
         answered = lambda: (r := get_json(port, "/retrieve/17?k=10"))[0] == 200 and r  # noqa: E731
-        body = wait_for("a /retrieve answer", answered, 120, log)[1]
+        body = wait_for("a /retrieve answer", answered, 120, worker, log)[1]
         assert len(body["items"]) == 10 and body["history_length"] > 0
         wait_for(f"v{body['version']} on codebook-updates",
-                 lambda: body["version"] in {json.loads(r.value)["version"] for r in updates.poll()}, 60, log)
+                 lambda: body["version"] in {json.loads(r.value)["version"] for r in updates.poll()}, 60, worker, log)
         status, latest = get_json(port, "/snapshots/latest")
         assert status == 200 and latest["version"] >= body["version"] and latest["served"] >= body["version"]
         status, bad = get_json(port, "/retrieve/17?k=-3")
@@ -169,7 +172,7 @@ def test_worker_end_to_end(kafka_bootstrap, tmp_path):
         # re-delivery: the same events again are de-duplicated by event id
         assert sparc([*produce, "--limit", "200", "--no-items"]) == 0
         duplicates = lambda: metric(get(port, "/metrics")[1].decode(), "sparc_duplicate_events_total")  # noqa: E731
-        wait_for("200 duplicates counted", lambda: duplicates() >= 200, 120, log)
+        wait_for("200 duplicates counted", lambda: duplicates() >= 200, 120, worker, log)
         text = get(port, "/metrics")[1].decode()
         assert metric(text, "sparc_dlq_messages_total") == len(INVALID)
         assert metric(text, "sparc_events_total") == 3000
@@ -191,3 +194,5 @@ def test_worker_end_to_end(kafka_bootstrap, tmp_path):
             admin.delete_topics([t for t in admin.list_topics() if run in t], raise_errors=False)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
     assert code == 0, f"worker exit status {code}; log tail:\n{tail}"
+    with open_store(f"file://{tmp_path}/store", read_only=True) as store:  # what was announced is stored
+        assert set(versions) <= set(store.versions()) and store.latest_version() >= versions[-1]

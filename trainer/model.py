@@ -87,7 +87,7 @@ class SparcModel(nn.Module):
         u = state.h[:, None, :] + self.code_proj(e)
         if self.cfg.tower_attention:
             t = state.H.shape[1]
-            pad = torch.arange(t)[None, :] >= state.lengths[:, None]  # (B, T) True at padding
+            pad = torch.arange(t)[None, :] >= state.lengths[:, None].clamp(min=1)  # (B, T) True at padding
             scores = self.attn_q(e) @ self.attn_k(state.H).transpose(1, 2) / math.sqrt(e.shape[-1])  # (B, K, T)
             scores = scores.masked_fill(pad[:, None, :], -math.inf)
             u = u + torch.softmax(scores, dim=-1) @ self.attn_v(state.H)
