@@ -131,7 +131,7 @@ async def _store_serve_announce(w: StreamWorker, state, health: dict, watermark:
     index = await w.in_publisher(build_index, state, result.version, result.created_at, w.settings.top_codes)
     w.index.swap(index)
     w.metrics.served(index.version, index.created_at, index.num_items)
-    await w.outputs.announce(result.version, result.message)
+    await w.outputs.announce(result.version, result.messages)
     w.metrics.snapshots.labels("published").inc()
     log.info("snapshot v%d published (step %d, %d items)", result.version, state.steps, index.num_items)
 

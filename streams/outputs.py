@@ -6,9 +6,12 @@ would have been sent; `KafkaOutputs` is the worker's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from streams.records import Invalid, Source, TrainExample
+
+Record = tuple[bytes, bytes, list[tuple[str, bytes]]]  # (key, value, headers), as codebook_store.messages makes
 
 
 def dlq_headers(invalid: Invalid, source: Source) -> list[tuple[str, bytes]]:
@@ -29,8 +32,8 @@ class Outputs(Protocol):
     async def train(self, example: TrainExample) -> None:
         """Forward a valid, de-duplicated event (with the history before it) to the trainer."""
 
-    async def announce(self, version: int, message: bytes) -> None:
-        """Publish a codebook-updates message for a snapshot that became latest."""
+    async def announce(self, version: int, records: Sequence[Record]) -> None:
+        """Publish the codebook-updates records of a snapshot that became latest, in order."""
 
 
 class KafkaOutputs:
@@ -43,7 +46,6 @@ class KafkaOutputs:
     async def train(self, example: TrainExample) -> None:
         await self._train.send(key=example.event.user_id.encode(), value=example.model_dump_json().encode())
 
-    async def announce(self, version: int, message: bytes) -> None:
-        await self._updates.send(
-            key=str(version).encode(), value=message, headers=[("schema", b"sparc.codebook-update/1")]
-        )
+    async def announce(self, version: int, records: Sequence[Record]) -> None:
+        for key, value, headers in records:  # one producer, awaited in turn: the chunks stay in order
+            await self._updates.send(key=key, value=value, headers=headers)

@@ -1,4 +1,4 @@
-"""Snapshots out of the worker: the health gate, the codebook store and the codebook-updates message.
+"""Snapshots out of the worker: the health gate, the codebook store and the codebook-updates records.
 
 This is the worker's only module that imports codebook_store; everything the store's API means to the worker
 is here.
@@ -8,31 +8,26 @@ never reuses one; a version that appears meanwhile raises VersionExistsError and
 `parent` is the previous snapshot this worker made (its training lineage), None for its first.
 A snapshot the gate rejects is stored for inspection but latest does not move and nothing is announced.
 
-codebook-updates message (schema "sparc.codebook-update/1"; value = UTF-8 JSON, key = the version):
-    {"schema", "model", "version", "parent", "store": store URL (a pointer: the blobs live there),
-     "manifest": the stored manifest (codebook_store.Manifest.as_dict: config, health, watermark,
-                 blob sha256s),
-     "remap": items whose codes changed since the previously ANNOUNCED version, or null (first
-              announcement, or more than MAX_REMAP_ITEMS changes: use `sparc snapshots diff` / store.diff)
-              {"from_version", "changed_items", "old_codes", "new_codes", "added_items", "added_codes"}}
-codebook_store has no Kafka message schema of its own yet; this one carries the manifest and a pointer.
+codebook-updates: an accepted snapshot is announced as codebook_store.messages records (schema
+"sparc.codebook-update/2", key = the model name, one or more chunks under `max_message_bytes` each): the
+manifest, the codebooks and the remap from the previously ANNOUNCED version (what subscribers hold; a rejected
+snapshot never reached them). The first announcement of this worker, and every `full_codes_every`-th, also
+carries the whole item -> code table, so a subscriber that missed a version catches up there. Weights travel
+only with `announce_weights` (subscribers then hold the exact stored snapshot; see codebook_store.subscribe).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from codebook_store import Snapshot, VersionExistsError, code_drift, code_remap, open_store
+from codebook_store import Snapshot, VersionExistsError, code_drift, open_store
+from codebook_store.messages import DEFAULT_MAX_BYTES, Record, encode
 from trainer.online import LearnerState
 
 log = logging.getLogger(__name__)
-
-SCHEMA = "sparc.codebook-update/1"
-MAX_REMAP_ITEMS = 10_000  # keeps a message well under Kafka's default 1 MiB
 
 
 def gate(health: dict, min_utilisation: float) -> list[str]:
@@ -54,22 +49,36 @@ def gate(health: dict, min_utilisation: float) -> list[str]:
 class Published:
     version: int
     created_at: float
-    accepted: bool  # latest moved to it; announce `message` and serve it
+    accepted: bool  # latest moved to it; announce `messages` and serve it
     reasons: list[str]  # why the gate rejected it (empty when accepted)
-    message: bytes | None
+    messages: list[Record]  # codebook-updates records, in order (none when rejected)
 
 
 class Publisher:
     """Owns the store handle; call `publish` from one thread at a time (the worker serialises it)."""
 
-    def __init__(self, store_url: str, model: str, min_utilisation: float):
+    def __init__(
+        self,
+        store_url: str,
+        model: str,
+        min_utilisation: float,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_BYTES,
+        full_codes_every: int = 10,
+        announce_weights: bool = False,
+    ):
+        if full_codes_every < 1:
+            raise ValueError(f"full_codes_every must be >= 1, got {full_codes_every}")
         self.store_url, self.model, self.min_utilisation = store_url, model, min_utilisation
+        self.max_message_bytes, self.full_codes_every = max_message_bytes, full_codes_every
+        self.announce_weights = announce_weights
         self.store = open_store(store_url)
         versions = self.store.versions(model=model)
         self.next_version = versions[-1] + 1 if versions else 0
         self.parent: int | None = None
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (item codes, codebooks) of parent
-        self._announced: tuple[int, torch.Tensor] | None = None  # (version, item codes) last announced
+        self._announced: Snapshot | None = None  # the last announced snapshot (no weights): the remap's base
+        self._announcements = 0
 
     def publish(self, state: LearnerState, health: dict, watermark: dict, created_at: float) -> Published:
         reasons = gate(health, self.min_utilisation)
@@ -83,16 +92,16 @@ class Publisher:
         snapshot = self._put(state, health, watermark, created_at, accepted=not reasons)
         self.parent = snapshot.version
         self._previous = (state.item_codes, state.codebooks)
-        message = None
+        messages = []
         if not reasons:
-            message = self._message(snapshot)
-            self._announced = (snapshot.version, state.item_codes)
+            messages = self._messages(snapshot)
+            self._announced = replace(snapshot, weights={})
         return Published(
             version=snapshot.version,
             created_at=created_at,
             accepted=not reasons,
             reasons=reasons,
-            message=message,
+            messages=messages,
         )
 
     def latest(self) -> dict | None:
@@ -135,27 +144,13 @@ class Publisher:
             return snapshot
         raise VersionExistsError(f"{self.model}: no free version after 3 tries in {self.store_url}")
 
-    def _message(self, snapshot: Snapshot) -> bytes:
-        remap = None
-        if self._announced is not None:
-            from_version, old = self._announced
-            r = code_remap(old, snapshot.item_codes)
-            if r.changed_items.numel() + r.added_items.numel() <= MAX_REMAP_ITEMS:
-                remap = {
-                    "from_version": from_version,
-                    "changed_items": r.changed_items.tolist(),
-                    "old_codes": r.old_codes.tolist(),
-                    "new_codes": r.new_codes.tolist(),
-                    "added_items": r.added_items.tolist(),
-                    "added_codes": r.added_codes.tolist(),
-                }
-        body = {
-            "schema": SCHEMA,
-            "model": snapshot.model,
-            "version": snapshot.version,
-            "parent": snapshot.parent,
-            "store": self.store_url,
-            "manifest": self.store.manifest(snapshot.version, model=self.model).as_dict(),
-            "remap": remap,
-        }
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    def _messages(self, snapshot: Snapshot) -> list[Record]:
+        full = self._announcements % self.full_codes_every == 0
+        self._announcements += 1
+        return encode(
+            snapshot,
+            self._announced,
+            self.max_message_bytes,
+            full_codes=full,
+            with_weights=self.announce_weights,
+        )

@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 
+from codebook_store import Reassembler
 from replay.synthetic import SyntheticConfig, generate
 from streams.agents import handle_train_batch, publish
 from streams.records import Invalid, Source, TrainExample
@@ -26,7 +27,8 @@ class RecordingOutputs:
     def __init__(self) -> None:
         self.dead: list[tuple[bytes, bytes | None, Invalid, Source]] = []
         self.examples: list[TrainExample] = []
-        self.announced: list[dict] = []
+        self.announced: list = []  # codebook_store.CodebookUpdate, verified
+        self._reassembler = Reassembler()
 
     async def dead_letter(self, raw, key, invalid, source) -> None:
         self.dead.append((raw, key, invalid, source))
@@ -34,10 +36,10 @@ class RecordingOutputs:
     async def train(self, example) -> None:
         self.examples.append(example)
 
-    async def announce(self, version, message) -> None:
-        body = json.loads(message)
-        assert body["version"] == version
-        self.announced.append(body)
+    async def announce(self, version, records) -> None:
+        updates = [u for rec in records if (u := self._reassembler.accept(*rec)) is not None]
+        assert [u.version for u in updates] == [version]
+        self.announced.append(updates[0])
 
 
 def make_worker(tmp_path, **over) -> StreamWorker:
@@ -177,20 +179,19 @@ def test_train_publish_serve(tmp_path, stream):
     assert len(out.examples) == stream.num_events  # first events too: the learner skips them (no history)
     steps, batches = w.learner.steps, -(-stream.num_events // w.settings.batch_size)
     assert batches - 2 <= steps <= batches  # a batch of first events only takes no step
-    assert [m["version"] for m in out.announced] == list(range(steps // 5))  # every 5 steps
+    assert [m.version for m in out.announced] == list(range(steps // 5))  # every 5 steps
     last = out.announced[-1]
-    assert last["schema"] == "sparc.codebook-update/1" and last["parent"] == last["version"] - 1
-    assert last["manifest"]["health"]["gate"] == {"passed": True, "reasons": []}
-    assert last["remap"]["from_version"] == last["version"] - 1
-    watermark = last["manifest"]["watermark"]["kafka"]
+    assert last.parent == last.version - 1 and last.remap_from == last.version - 1
+    assert last.health["gate"] == {"passed": True, "reasons": []}
+    watermark = last.watermark["kafka"]
     assert sorted(watermark) == [f"{w.settings.feedback_topic}:0", "train:0"]
     assert 0 < watermark["train:0"] <= len(out.examples) and watermark["train:0"] % w.settings.batch_size == 0
-    assert status == 200 and body["version"] == last["version"] and len(body["items"]) == 20
+    assert status == 200 and body["version"] == last.version and len(body["items"]) == 20
     assert body["history_length"] == 5 and body["scores"] == sorted(body["scores"], reverse=True)
     assert x_status == 200 and len(x_body["items"]) == 20
     assert bad == 400
-    assert l_status == 200 and latest["version"] == last["version"] and latest["served"] == last["version"]
-    assert health["status"] == "ok" and health["served_version"] == last["version"]
+    assert l_status == 200 and latest["version"] == last.version and latest["served"] == last.version
+    assert health["status"] == "ok" and health["served_version"] == last.version
     text = w.metrics.render().decode()
     for name in (
         "sparc_train_loss",

@@ -1,16 +1,16 @@
-"""streams.publisher (gate, versions, codebook-updates message); streams.index (fast path vs brute force)."""
+"""streams.publisher (gate, versions, codebook-updates records); streams.index (fast path vs brute force)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
+import torch
 
-from codebook_store import open_store
+from codebook_store import Reassembler, open_store
+from codebook_store.messages import SCHEMA
 from replay.synthetic import SyntheticConfig, generate
 from streams.index import IndexHolder, build_index
-from streams.publisher import SCHEMA, Publisher, gate
+from streams.publisher import Publisher, gate
 from trainer.config import EncoderConfig, SparcConfig, TrainConfig
 from trainer.online import OnlineLearner, advance_histories
 
@@ -34,6 +34,14 @@ def learner():
     return learner
 
 
+def announced(published):
+    """The one update that a publish's records reassemble to."""
+    r = Reassembler()
+    updates = [u for key, value, headers in published.messages if (u := r.accept(key, value, headers))]
+    assert len(updates) == 1 and r.pending == []
+    return updates[0]
+
+
 def test_gate_names_every_problem():
     assert gate(HEALTHY, 0.1) == []
     reasons = gate({"finite": False, "initialised": False, "items": 0, "level1_utilisation": 0.0}, 0.1)
@@ -54,19 +62,23 @@ def test_versions_lineage_gate_and_messages(tmp_path, learner):
     third = pub.publish(state, health, {"fb:0": 30}, 1_700_000_002.0)
     pub.close()
     assert (first.version, held.version, third.version) == (0, 1, 2)
-    assert first.accepted and not held.accepted and held.message is None and third.accepted
+    assert first.accepted and not held.accepted and held.messages == [] and third.accepted
     assert held.reasons == ["non-finite values in the codebooks or item vectors"]
 
-    m1, m3 = json.loads(first.message), json.loads(third.message)
-    assert (m1["schema"], m1["version"], m1["parent"], m1["store"]) == (SCHEMA, 0, None, url)
-    assert m1["remap"] is None  # nothing announced before
-    assert m3["parent"] == 1 and m3["remap"]["from_version"] == 0  # remap since the last ANNOUNCED version
-    assert m3["remap"]["changed_items"] == [] and m3["remap"]["added_items"] == []  # same state
-    assert m3["manifest"]["watermark"] == {"kafka": {"fb:0": 30}}
-    assert m3["manifest"]["health"]["drift"]["parent_version"] == 1
+    key, _, headers = first.messages[0]
+    assert key == b"sparc" and dict(headers)["schema"] == SCHEMA.encode()
+    m1, m3 = announced(first), announced(third)
+    assert (m1.version, m1.parent, m1.remap_from, m1.remap) == (0, None, None, None)  # nothing announced before
+    assert torch.equal(m1.item_codes, state.item_codes) and m1.weights is None  # the whole table, no weights
+    assert m3.parent == 1 and m3.remap_from == 0  # remap since the last ANNOUNCED version
+    assert m3.remap.changed_items.numel() == 0 and m3.remap.added_items.numel() == 0  # same state
+    assert m3.item_codes is None and torch.equal(m3.with_base(m1.item_codes).item_codes, state.item_codes)
+    assert m3.watermark == {"kafka": {"fb:0": 30}}
+    assert m3.health["drift"]["parent_version"] == 1
 
     with open_store(url, read_only=True) as store:
         assert store.versions() == [0, 1, 2] and store.latest_version() == 2
+        assert m3.manifest_raw == store.read_raw(2)[0]  # the stored manifest, byte for byte
         assert store.manifest(1).health["gate"]["passed"] is False
         snap = store.get(2)
         assert snap.item_codes.shape == (learner.num_items + 1, 3)
@@ -74,9 +86,26 @@ def test_versions_lineage_gate_and_messages(tmp_path, learner):
 
     again = Publisher(url, "sparc", 0.1)  # a restarted worker never reuses a version
     fourth = again.publish(state, health, {}, 1_700_000_003.0)
-    assert (fourth.version, json.loads(fourth.message)["parent"]) == (3, None)
+    m4 = announced(fourth)
+    assert (m4.version, m4.parent, m4.remap_from) == (3, None, None) and m4.item_codes is not None
     assert again.latest()["version"] == 3
     again.close()
+
+
+def test_records_fit_the_size_limit_and_carry_the_exact_snapshot(learner):
+    state, health = learner.snapshot_state(), learner.health()
+    pub = Publisher("memory://", "sparc", 0.1, max_message_bytes=8192, full_codes_every=2, announce_weights=True)
+    published = [pub.publish(state, health, {"fb:0": i}, 1_700_000_000.0 + i) for i in range(3)]
+    for p in published:
+        assert len(p.messages) > 2
+        assert all(len(k) + len(v) + sum(len(n) + len(b) for n, b in h) <= 8192 for k, v, h in p.messages)
+    updates = [announced(p) for p in published]
+    assert [u.item_codes is not None for u in updates] == [True, False, True]  # every 2nd has the whole table
+    mirror = open_store("memory://")
+    for u in (updates[0], updates[1].with_base(updates[0].item_codes), updates[2]):
+        assert u.complete and mirror.put_raw(u.manifest_raw, u.blobs)  # the very bytes the publisher stored
+        assert mirror.get(u.version).same_as(pub.store.get(u.version))
+    pub.close()
 
 
 def test_faiss_index_serves_like_the_brute_force_reference(learner):

@@ -27,7 +27,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from cli.main import main as sparc
-from codebook_store import open_store
+from codebook_store import CodebookUpdate, Reassembler, open_store
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(900)]
 
@@ -105,6 +105,12 @@ class Reader:
         self.consumer.close()
 
 
+def announced(records) -> list[CodebookUpdate]:
+    """The verified codebook updates that codebook-updates records reassemble to, in the order completed."""
+    r = Reassembler()
+    return [u for rec in records if (u := r.accept(rec.key, rec.value, rec.headers)) is not None]
+
+
 def metric(text: str, name: str) -> float:
     """Sum of a metric's samples (all label sets) in Prometheus text."""
     return sum(
@@ -150,20 +156,20 @@ def test_worker_end_to_end(kafka_bootstrap, tmp_path):
             assert got[raw]["source-topic"].decode() == topics["FEEDBACK"] and got[raw]["detail"]
 
         # snapshots: at least two announced, versions increasing, each remap relative to the one before
-        wait_for("two codebook-updates messages", lambda: len(updates.poll()) >= 2, 180, worker, log)
-        messages = [json.loads(r.value) for r in updates.records]
-        versions = [m["version"] for m in messages]
+        wait_for("two codebook updates", lambda: len(announced(updates.poll())) >= 2, 180, worker, log)
+        messages = announced(updates.records)
+        versions = [m.version for m in messages]
         assert versions == sorted(set(versions))
         for m in messages:
-            assert m["schema"] == "sparc.codebook-update/1" and m["manifest"]["health"]["gate"]["passed"]
-        assert messages[1]["remap"]["from_version"] == versions[0]
+            assert m.health["gate"]["passed"]
+        assert messages[1].remap_from == versions[0]
 
         # serving: /retrieve names the snapshot version that served it, one that was announced
         answered = lambda: (r := get_json(port, "/retrieve/17?k=10"))[0] == 200 and r  # noqa: E731
         body = wait_for("a /retrieve answer", answered, 120, worker, log)[1]
         assert len(body["items"]) == 10 and body["history_length"] > 0
         wait_for(f"v{body['version']} on codebook-updates",
-                 lambda: body["version"] in {json.loads(r.value)["version"] for r in updates.poll()}, 60, worker, log)
+                 lambda: body["version"] in {u.version for u in announced(updates.poll())}, 60, worker, log)
         status, latest = get_json(port, "/snapshots/latest")
         assert status == 200 and latest["version"] >= body["version"] and latest["served"] >= body["version"]
         status, bad = get_json(port, "/retrieve/17?k=-3")

@@ -1,0 +1,161 @@
+"""How a replay report reads: PNG figures (matplotlib, Agg canvas, no pyplot state) and Markdown tables.
+
+Every function takes the report `replay.prequential.replay` returns (the JSON stays the source of truth).
+The x axis of every figure is the replay position (feedback events replayed), which every source has; the
+freeze point and the source's markers (e.g. the synthetic stream's drift points) are drawn as vertical lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+METRIC_PANELS = ("recall@20", "ndcg@20", "coverage@20", "new_share@20")
+HEALTH_PANELS = ("level1_utilisation", "level1_perplexity", "collision_rate", "code_changed_share")
+TITLES = {
+    "recall@20": "Recall@20",
+    "ndcg@20": "NDCG@20",
+    "coverage@20": "catalogue coverage of top-20",
+    "new_share@20": "top-20 slots given to new items",
+    "tail_share@20": "top-20 slots given to long-tail items",
+    "level1_utilisation": "level-1 codebook utilisation",
+    "level1_perplexity": "level-1 code perplexity",
+    "collision_rate": "code-tuple collision rate",
+    "code_changed_share": "items whose codes changed since the last window",
+}
+COLORS = {"evolving": "tab:blue", "frozen": "tab:orange", "periodic": "tab:green"}
+STYLES = ("-", "--", ":", "-.")
+
+
+def _style(report: dict, name: str) -> dict:
+    v = report["variants"][name]
+    modes = list(dict.fromkeys(n.partition("/")[2] for n in report["variants"]))
+    mode = name.partition("/")[2]
+    return {"color": COLORS.get(v["regime"], "tab:gray"), "linestyle": STYLES[modes.index(mode) % len(STYLES)]}
+
+
+def _figure(report: dict, panels: Sequence[str], names: Sequence[str], title: str, markers) -> Figure:
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, (len(panels) + 1) // 2, squeeze=False).ravel()
+    freeze = report.get("freeze_event")
+    for ax, key in zip(axes, panels, strict=False):
+        for name in names:
+            windows = report["variants"][name]["windows"]
+            points = [(w["end_event"], w[key]) for w in windows if w.get(key) is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", markersize=3, label=name, **_style(report, name))
+        if freeze is not None:
+            ax.axvline(freeze, color="black", linewidth=1, alpha=0.6)
+            ax.annotate("freeze", (freeze, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                        textcoords="offset points", fontsize=8)
+        for at, label in markers:
+            ax.axvline(at, color="tab:red", linewidth=0.8, linestyle=":", alpha=0.8)
+            ax.annotate(label, (at, 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                        textcoords="offset points", fontsize=7, color="tab:red")
+        ax.set_title(TITLES.get(key, key), fontsize=11)
+        ax.set_xlabel("feedback events replayed (window ends)")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=9, frameon=False)
+    fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def plot_metrics(report: dict, path: str | Path, markers: Sequence[tuple[int, str]] = (),
+                 panels: Sequence[str] = METRIC_PANELS) -> Path:
+    """Accuracy and beyond-accuracy metrics per window, one line per variant."""
+    names = list(report["variants"])
+    fig = _figure(report, panels, names, f"{report.get('source', 'replay')}: prequential metrics per window",
+                  markers)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_health(report: dict, path: str | Path, markers: Sequence[tuple[int, str]] = (),
+                panels: Sequence[str] = HEALTH_PANELS) -> Path:
+    """Codebook health per window, one line per regime (score modes share their regime's model)."""
+    names = list({v["regime"]: n for n, v in reversed(report["variants"].items())}.values())[::-1]
+    fig = _figure(report, panels, names, f"{report.get('source', 'replay')}: codebook health at window ends",
+                  markers)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+# ------------------------------------------------------------------ Markdown
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _date(ts) -> str:
+    return "" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def markdown(report: dict, figures: Sequence[str] = ()) -> str:
+    """The report as Markdown: overall and after-freeze tables, per-window Recall@20 and health tables."""
+    variants = report["variants"]
+    first = next(iter(variants.values()))
+    reach = next(k for k in first["overall"] if k.startswith("new_items_reached@"))
+    s = report.get("settings", {})
+    lines = [
+        f"# Prequential replay: {report.get('source', '')}",
+        "",
+        f"{report['events']} feedback events ({report['cold']} first events of a user, not scored; "
+        f"{report['duplicates']} duplicates skipped), {report['items']} items known at the end, "
+        f"{report['seconds']:.1f} s. Micro-batch {s.get('batch_size')}, delay {s.get('delay_events')} events / "
+        f"{s.get('delay_seconds')} s, scored per batch: {s.get('eval_per_batch') or 'all'}; freeze point at event "
+        f"{report['freeze_event']}; periodic retrain every {report['retrain_every']} events "
+        f"({report['retrains']} retrains, {s.get('retrain_epochs')} epochs each).",
+        "",
+        "## Overall (every scored event)",
+        "",
+    ]
+    keys = ["recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50",
+            "coverage@20", "tail_share@20", "new_share@20", reach]
+    lines += _table(["variant", "scored", *keys],
+                    [[n, v["overall"]["scored"], *(v["overall"].get(k) for k in keys)] for n, v in variants.items()])
+    lines += ["", "## After the freeze point (where the regimes differ)", ""]
+    keys = ["recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50"]
+    base = variants.get("evolving") or first
+    rows = []
+    for n, v in variants.items():
+        a = v["after_freeze"]
+        ref = base["after_freeze"]["recall@20"]
+        rows.append([n, a["scored"], *(a[k] for k in keys),
+                     f"{(a['recall@20'] / ref - 1) * 100:+.1f}%" if ref else ""])
+    lines += _table(["variant", "scored", *keys, "R@20 vs " + next(k for k, v in variants.items() if v is base)],
+                    rows)
+    lines += ["", "## Recall@20 per window", ""]
+    windows = first["windows"]
+    lines += _table(["end event", "end time (UTC)", "events", "scored", "new items", *variants],
+                    [[w["end_event"], _date(w["end_ts"]), w["events"], w["scored"], w["new_items"],
+                      *(v["windows"][i]["recall@20"] for v in variants.values())] for i, w in enumerate(windows)])
+    lines += ["", "## Codebook health per window (per regime)", ""]
+    regimes = {v["regime"]: v for v in variants.values()}
+    keys = ["level1_utilisation", "level1_perplexity", "collision_rate", "code_changed_share"]
+    lines += _table(["end event", *(f"{r} {k}" for r in regimes for k in ("util", "perplexity", "collisions",
+                                                                          "changed"))],
+                    [[w["end_event"], *(regimes[r]["windows"][i].get(k) for r in regimes for k in keys)]
+                     for i, w in enumerate(windows)])
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,686 @@
+"""Prequential (test-then-train) replay: logged events, in time order, through the worker's own step functions.
+
+    engine = Prequential(ReplaySettings(...), total=source.feedback)
+    for windows in engine.run(source.records()):     # {variant: metrics} each time a window closes
+        ...
+    report = engine.report()                          # or replay(records, settings, total) for both at once
+
+Per micro-batch of B feedback events (the worker's train-agent batch):
+  1. catalogue  the item events read among them -> OnlineLearner.observe_items on every live model (an item
+                is rankable only for the feedback events read after its item event);
+  2. ingest     streams.history.apply_feedback per event (the worker's ingest: de-duplication by event id and
+                the user's history BEFORE the event, which already holds the user's earlier events in the batch);
+  3. test       every live model scores the batch's events (at most `eval_per_batch` of them, the same seeded
+                sample for every variant) against its whole catalogue with SparcModel.score, and the rank of
+                the event's item is recorded; nothing of this batch has been learnt yet;
+  4. train      events at least `delay_events` events and `delay_seconds` seconds older than the newest event
+                read are released to OnlineLearner.learn in micro-batches of exactly B (streams.batching's
+                split_examples view: each user's history before its first event in the batch), so with delay 0
+                the model learns each batch right after testing it; at the end of the stream the rest is learnt;
+  5. schedule   the freeze point (the first batch boundary at or after `freeze_at` events) and periodic
+                retrains (below); a window closes when it holds `window_events` events (or spans
+                `window_seconds`) -- windows, the freeze point and retrains fall on batch boundaries.
+
+What a model knows (no future): an item is in the catalogue from its item event on, or from the feedback event
+after the one that first names it (a target never seen before is a miss: it cannot be ranked); items a model
+was never told of are masked from its rankings; history items beyond a model's item table are left out of its
+input. Users' first events have no history and are not scored ("cold").
+
+Variants = regimes x scoring modes, all over the same events and the same scored sample:
+  regimes  evolving  the online learner (the product), learning every released micro-batch.
+           frozen    the online learner as it is at the freeze point, then fixed (eval, codebooks frozen; new
+                     items still enter its catalogue through their attributes).
+           periodic  retrained from scratch at the freeze point and every `retrain_every` events after it, on
+                     every event released to learning so far (per-user sequences, every position predicts,
+                     `retrain_epochs` epochs of trainer.Trainer.step), fixed in between.
+           Before the freeze point the three are ONE model: the online learner (learnt once, scored once).
+  modes    ScoreMode: soft search (top_codes, temperature, global_mix) or hard (argmax code); a sweep over
+           temperature / top_codes is a list of soft modes. Modes share the regime's model: only scoring repeats.
+  names    "evolving" when one mode is given, else "evolving/soft", "evolving/hard", "evolving/soft:k=8:t=2", ...
+
+Per window and variant: Recall/NDCG@{10,20,50}; coverage@20 (distinct items in the window's top-20 lists over
+the items known at the window's end); tail_share@20 (share of top-20 slots given to items outside the 20% most
+interacted-with known items, counted at the window's end); new_share@20 (share of slots given to items first
+seen at most one window length before the scored event; the catalogue known before the first event is not
+new); new_items_reached@N (items that reached N top-20 retrievals while still new); codebook health of the
+model at the window's end over the known items (trainer.rq.code_health) and its drift from the regime's
+previous window (codebook_store.drift.code_drift).
+"overall" pools every scored event (windows add up to it: rank metrics are scored-weighted means, shares are
+slot-weighted means, reach counts sum; coverage is the union); "after_freeze" pools the events scored after the
+freeze point, where the regimes differ. With `eval_per_batch`, retrieval counts come from the scored sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from codebook_store.drift import code_drift
+from replay.metrics import ranking_metrics, target_ranks
+from replay.sources import is_feedback
+from streams.history import apply_feedback
+from trainer.batches import bucketed_batches, pad_histories
+from trainer.config import SparcConfig, TrainConfig
+from trainer.online import OnlineLearner
+from trainer.rq import code_health
+
+REGIMES = ("evolving", "frozen", "periodic")
+KS = (10, 20, 50)
+NEVER = np.iinfo(np.int64).max  # known_at of an item not known yet
+
+
+def worker_model_config(**overrides) -> SparcConfig:
+    """The worker's model defaults (streams.settings.WorkerSettings), without reading the environment."""
+    return SparcConfig(**{"num_items": 0, "num_attributes": 1024, **overrides})
+
+
+@dataclass(frozen=True)
+class ScoreMode:
+    """How a model ranks the catalogue (SparcModel.score's arguments)."""
+
+    search: Literal["soft", "hard"] = "soft"
+    top_codes: int = 4
+    temperature: float = 1.0
+    global_mix: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.search not in ("soft", "hard"):
+            raise ValueError(f"search must be soft or hard, got {self.search!r}")
+        if self.top_codes < 1 or not self.temperature > 0 or not 0 <= self.global_mix < 1:
+            raise ValueError("a score mode needs top_codes >= 1, temperature > 0 and 0 <= global_mix < 1")
+
+    @property
+    def name(self) -> str:
+        if self.search == "hard":
+            return "hard"
+        default = ScoreMode()
+        parts = ["soft"]
+        if self.top_codes != default.top_codes:
+            parts.append(f"k={self.top_codes}")
+        if self.temperature != default.temperature:
+            parts.append(f"t={self.temperature:g}")
+        if self.global_mix != default.global_mix:
+            parts.append(f"mix={self.global_mix:g}")
+        return ":".join(parts)
+
+    @classmethod
+    def parse(cls, text: str) -> ScoreMode:
+        """"soft", "hard", "soft:k=8:t=2:mix=0.25" (k = top_codes, t = temperature, mix = global_mix)."""
+        head, *opts = text.strip().split(":")
+        keys = {"k": ("top_codes", int), "t": ("temperature", float), "mix": ("global_mix", float)}
+        kwargs: dict = {"search": head}
+        if head == "hard" and opts:
+            raise ValueError(f"{text!r}: hard search takes no options (it uses the single most probable code)")
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key not in keys:
+                raise ValueError(f"{text!r}: unknown option {key!r}; expected k=, t= or mix=")
+            name, kind = keys[key]
+            try:
+                kwargs[name] = kind(value)
+            except ValueError:
+                raise ValueError(f"{text!r}: {key}={value!r} is not a number") from None
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    """Everything a replay depends on besides its events (the defaults are the worker's where it has one)."""
+
+    model: SparcConfig = field(default_factory=worker_model_config)
+    train: TrainConfig = TrainConfig(batch_size=64)
+    regimes: tuple[str, ...] = REGIMES
+    modes: tuple[ScoreMode, ...] = (ScoreMode(),)
+    batch_size: int = 64  # B: micro-batch of the test and of the online learning step
+    delay_events: int = 0  # a model learns an event only once this many newer events were read ...
+    delay_seconds: float = 0.0  # ... and the newest event read is at least this much later
+    window_events: int | None = None  # events per window; None: windows of about a tenth of the stream
+    window_seconds: float | None = None  # windows by event time instead
+    freeze_at: float = 0.2  # freeze point: a share of the stream (< 1) or a number of events (>= 1)
+    retrain_every: int | None = None  # periodic retrain interval in events; None: the window length in events
+    retrain_epochs: int = 5
+    retrain_batch_size: int = 64
+    eval_per_batch: int | None = None  # score at most this many events per micro-batch (None: all)
+    reach_n: int = 10  # new_items_reached@N
+    top_n: int = 20
+    dedup_window: int = 256  # recent event ids remembered per user (the worker's default)
+    seed: int = 0  # the scored sample; the models' seed is train.seed
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.regimes if r not in REGIMES]
+        if unknown or not self.regimes:
+            raise ValueError(
+                f"unknown regime(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(REGIMES)}"
+            )
+        if len(set(self.regimes)) != len(self.regimes) or not self.modes:
+            raise ValueError("regimes must be distinct and at least one score mode is needed")
+        if len({m.name for m in self.modes}) != len(self.modes):
+            raise ValueError("score modes must be distinct")
+        if self.batch_size < 1 or self.delay_events < 0 or self.delay_seconds < 0 or self.freeze_at < 0:
+            raise ValueError("batch_size must be >= 1; delays and freeze_at >= 0")
+        if self.window_events is not None and self.window_events < 1:
+            raise ValueError("window_events must be >= 1")
+        if self.window_seconds is not None and not self.window_seconds > 0:
+            raise ValueError("window_seconds must be > 0")
+        if self.retrain_every is not None and self.retrain_every < 1:
+            raise ValueError("retrain_every must be >= 1")
+        if self.eval_per_batch is not None and self.eval_per_batch < 1:
+            raise ValueError("eval_per_batch must be >= 1")
+        if self.retrain_epochs < 1 or self.retrain_batch_size < 1 or self.reach_n < 1 or self.top_n < 1:
+            raise ValueError("retrain_epochs, retrain_batch_size, reach_n and top_n must be >= 1")
+
+    def variant_names(self) -> list[tuple[str, str, ScoreMode]]:
+        """(variant name, regime, mode) for every variant, regimes first."""
+        if len(self.modes) == 1:
+            return [(r, r, self.modes[0]) for r in self.regimes]
+        return [(f"{r}/{m.name}", r, m) for r in self.regimes for m in self.modes]
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["modes"] = [m.name for m in self.modes]
+        return out
+
+
+class Scored(NamedTuple):
+    """What one variant made of one micro-batch (given to `run`'s observer; arrays over the scored events)."""
+
+    variant: str
+    event_ids: list[str]
+    positions: np.ndarray  # (S,) index of each event in the replay (feedback events, duplicates excluded)
+    ranks: np.ndarray  # (S,) 0-based rank of the event's item; a miss (item unknown to the model) ranks >= N
+    top: np.ndarray  # (S, top_n) item ids best first; 0 where the model knows fewer items
+
+
+@torch.no_grad()
+def score_events(
+    learner: OnlineLearner,
+    histories: Sequence[Sequence[int]],
+    targets: np.ndarray,
+    positions: np.ndarray,
+    known_at: np.ndarray,
+    mode: ScoreMode,
+    top_n: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks (S,) of `targets` and top-n lists (S, top_n) from the model's whole catalogue.
+
+    Item i is rankable for the event at replay index p when known_at[i] <= p and the model's table holds i;
+    every other item scores -inf, and a target that is not rankable gets rank N + 1 (a miss at any k).
+    """
+    model = learner.model
+    n = model.items.num_items
+    max_len = model.cfg.encoder.max_len
+    hist = [np.asarray([i for i in h if i <= n], dtype=np.int64) for h in histories]
+    inputs, lengths = pad_histories(hist, max_len)
+    model.eval()
+    scores = model.score(inputs, lengths, search=mode.search, top_codes=mode.top_codes,
+                         temperature=mode.temperature, global_mix=mode.global_mix).float()  # (S, N+1)
+    known = known_at[: n + 1]
+    if len(known) < n + 1:  # rows the model holds that the caller never marked known
+        known = np.concatenate([known, np.full(n + 1 - len(known), NEVER, dtype=np.int64)])
+    hidden = torch.from_numpy(known[None, :] > positions[:, None])  # (S, N+1)
+    hidden[:, 0] = True
+    scores = scores.masked_fill(hidden, -math.inf)
+    t = torch.from_numpy(np.minimum(targets, n))
+    ranks = target_ranks(scores, t).numpy().copy()
+    rankable = (targets <= n) & torch.isfinite(scores.gather(1, t[:, None]))[:, 0].numpy()
+    ranks[~rankable] = n + 1
+    k = min(top_n, n)
+    values, ids = scores.topk(k, dim=1) if k else (scores[:, :0], scores[:, :0].long())
+    ids = torch.where(torch.isfinite(values), ids, torch.zeros_like(ids)).numpy()
+    top = np.zeros((len(targets), top_n), dtype=np.int64)
+    top[:, :k] = ids
+    return ranks, top
+
+
+class _Pending(NamedTuple):
+    position: int
+    timestamp: float
+    event: dict
+    history: list[int]
+
+
+@dataclass
+class _Window:
+    start_event: int
+    start_ts: float | None = None
+    end_ts: float | None = None
+    events: int = 0
+    scored: int = 0
+    cold: int = 0
+    duplicates: int = 0
+    new_items: int = 0
+
+
+@dataclass
+class _Track:
+    """One variant's accumulators: the current window and the whole run."""
+
+    ranks: list = field(default_factory=list)
+    tops: list = field(default_factory=list)
+    new_slots: int = 0
+    reached: int = 0
+    retrievals: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    all_ranks: list = field(default_factory=list)
+    after_freeze: list = field(default_factory=list)
+    covered: set = field(default_factory=set)
+    slots: int = 0
+    tail_slots: float = 0.0
+    all_new_slots: int = 0
+    all_reached: int = 0
+    windows: list = field(default_factory=list)
+    score_seconds: float = 0.0
+
+
+class Prequential:
+    """The replay engine. `run(records)` yields one {variant: window metrics} per closed window; `report()`
+    gives the whole result after it. `total` (feedback events, if known) sizes the default windows and a
+    fractional freeze point."""
+
+    def __init__(self, settings: ReplaySettings, total: int | None = None):
+        s = self.s = settings
+        if s.freeze_at < 1 and total is None:
+            raise ValueError("a fractional freeze_at needs the stream's length (total)")
+        if s.window_events is None and s.window_seconds is None and total is None:
+            raise ValueError("windows need window_events, window_seconds or the stream's length (total)")
+        if "periodic" in s.regimes and s.retrain_every is None and s.window_events is None and total is None:
+            raise ValueError("periodic retrains need retrain_every, window_events or the stream's length (total)")
+        self.freeze_at = int(math.ceil(s.freeze_at * total)) if s.freeze_at < 1 else int(s.freeze_at)
+        default_window = max(s.batch_size, int(math.ceil((total or 0) / 10 / s.batch_size)) * s.batch_size)
+        self.window_events = s.window_events or (None if s.window_seconds else default_window)
+        self.retrain_every = s.retrain_every or self.window_events or default_window
+        self.variants = s.variant_names()
+        self.max_len = s.model.encoder.max_len
+
+        self.online: OnlineLearner | None = OnlineLearner(s.model, s.train)
+        self.models: dict[str, OnlineLearner] = dict.fromkeys(s.regimes, self.online)
+        self.frozen_event: int | None = None
+        self.next_retrain: int | None = None
+        self.retrains = 0
+        self.train_errors = 0
+        self.learn_seconds = 0.0
+        self.retrain_seconds = 0.0
+
+        self.ingest: dict[str, dict] = {}  # user -> streams.history table value
+        self.pending: deque[_Pending] = deque()
+        self.learned: dict[str, list[int]] = {}  # user -> items released to learning (periodic retrains)
+        self.catalogue: dict[int, list[int]] = {}  # item -> attributes, from item events
+        self.known_at = np.full(1, NEVER, dtype=np.int64)  # item -> first replay index it is rankable at
+        self.first_ts = np.zeros(1)  # item -> timestamp it became known
+        self.counts = np.zeros(1, dtype=np.int64)  # item -> feedback events so far (long-tail split)
+        self.n = 0  # feedback events ingested (duplicates excluded) = replay index of the next one
+        self.last_ts: float | None = None
+        self.rng = np.random.default_rng(s.seed)
+        self.tracks = {name: _Track() for name, _, _ in self.variants}
+        self.window = _Window(start_event=0)
+        self.duplicates = 0
+        self.cold = 0
+        self._prev_codes: dict[str, tuple[np.ndarray, torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ driving
+    def run(
+        self,
+        records: Iterable[Mapping],
+        progress: Callable[[int], None] | None = None,
+        observer: Callable[[Scored], None] | None = None,
+    ) -> Iterator[dict[str, dict]]:
+        """Replay `records` (replay.sources order); yields each closed window's {variant: metrics}.
+
+        progress(k) is called with the number of feedback events each micro-batch consumed; observer gets
+        every variant's `Scored` of every micro-batch."""
+        batch: list[dict] = []
+        feedback = 0
+        for record in records:
+            batch.append(dict(record))
+            if is_feedback(record):
+                feedback += 1
+                if feedback == self.s.batch_size:
+                    yield from self._batch(batch, observer)
+                    if progress:
+                        progress(feedback)
+                    batch, feedback = [], 0
+        if batch:
+            yield from self._batch(batch, observer)
+            if progress and feedback:
+                progress(feedback)
+        self._learn_ready(final=True)
+        if self.window.events:
+            yield self._close_window()
+
+    def report(self) -> dict:
+        """The result so far: {"variants": {name: {"overall", "after_freeze", "windows"}}, "events", ...}."""
+        variants = {}
+        known = self._known_count()
+        for name, regime, mode in self.variants:
+            t = self.tracks[name]
+            ranks = np.concatenate(t.all_ranks) if t.all_ranks else np.zeros(0, dtype=np.int64)
+            after = np.concatenate(t.after_freeze) if t.after_freeze else np.zeros(0, dtype=np.int64)
+            overall = {
+                "scored": int(len(ranks)),
+                **ranking_metrics(ranks, KS),
+                f"coverage@{self.s.top_n}": len(t.covered) / known if known else 0.0,
+                f"tail_share@{self.s.top_n}": t.tail_slots / t.slots if t.slots else 0.0,
+                f"new_share@{self.s.top_n}": t.all_new_slots / t.slots if t.slots else 0.0,
+                f"new_items_reached@{self.s.reach_n}": t.all_reached,
+            }
+            variants[name] = {
+                "regime": regime,
+                "mode": asdict(mode),
+                "overall": overall,
+                "after_freeze": {"scored": int(len(after)), **ranking_metrics(after, KS)},
+                "windows": t.windows,
+                "score_seconds": t.score_seconds,
+            }
+        return {
+            "variants": variants,
+            "events": self.n,
+            "items": known,
+            "duplicates": self.duplicates,
+            "cold": self.cold,
+            "freeze_event": self.frozen_event,
+            "retrains": self.retrains,
+            "train_errors": self.train_errors,
+            "window_events": self.window_events,
+            "window_seconds": self.s.window_seconds,
+            "retrain_every": self.retrain_every,
+            "learn_seconds": self.learn_seconds,
+            "retrain_seconds": self.retrain_seconds,
+            "settings": self.s.to_json(),
+        }
+
+    # ------------------------------------------------------------------ one micro-batch
+    def _batch(self, batch: list[dict], observer) -> Iterator[dict[str, dict]]:
+        """One micro-batch: B feedback records (fewer at the end) and the item records read among them."""
+        items: list[dict] = []
+        rows: list[_Pending] = []
+        for r in batch:
+            item = int(r["item_id"])
+            self._grow_arrays(item)
+            if not is_feedback(r):  # rankable from the next feedback event on, not for the ones read before it
+                items.append(r)
+                if r.get("attributes") is not None:
+                    self.catalogue[item] = [int(a) for a in r["attributes"]]
+                if self.known_at[item] == NEVER:
+                    self._mark_known(item, self.n, r["timestamp"])
+                continue
+            user = r["user_id"]
+            applied = apply_feedback(self.ingest.get(user), r["event_id"], item, self.max_len, self.s.dedup_window)
+            if applied is None:
+                self.duplicates += 1
+                self.window.duplicates += 1
+                continue
+            self.ingest[user] = applied.state
+            rows.append(_Pending(self.n, r["timestamp"], r, applied.history))
+            if self.known_at[item] == NEVER:  # first seen in feedback: rankable from the next event on
+                self._mark_known(item, self.n + 1, r["timestamp"])
+            self.n += 1
+        if items:
+            for learner in self._live():
+                learner.observe_items(items)
+        if not rows:
+            return
+        self.last_ts = rows[-1].timestamp if self.last_ts is None else max(self.last_ts, rows[-1].timestamp)
+        if self.window.start_ts is None:
+            self.window.start_ts = rows[0].timestamp
+        self.window.end_ts = self.last_ts
+        self.window.events += len(rows)
+
+        self._test(rows, observer)
+        for r in rows:
+            self.counts[int(r.event["item_id"])] += 1
+        self.pending.extend(rows)
+        self._learn_ready()
+        self._schedule()
+        if self._window_full():
+            yield self._close_window()
+
+    def _test(self, rows: list[_Pending], observer) -> None:
+        warm = [r for r in rows if r.history]
+        self.cold += len(rows) - len(warm)
+        self.window.cold += len(rows) - len(warm)
+        m = self.s.eval_per_batch
+        if m is not None and len(warm) > m:
+            warm = [warm[i] for i in np.sort(self.rng.choice(len(warm), m, replace=False))]
+        if not warm:
+            return
+        self.window.scored += len(warm)
+        histories = [r.history for r in warm]
+        targets = np.array([int(r.event["item_id"]) for r in warm], dtype=np.int64)
+        positions = np.array([r.position for r in warm], dtype=np.int64)
+        ids = [r.event["event_id"] for r in warm]
+        now = positions[-1]
+        if self.window_events is not None:
+            new_item = self.known_at > now - self.window_events
+        else:
+            new_item = self.first_ts > self.last_ts - self.s.window_seconds
+        new_item &= (self.known_at != NEVER) & (self.known_at > 0)  # the initial catalogue is not new
+        after_freeze = self.frozen_event is not None
+        done: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, float]] = {}
+        for name, regime, mode in self.variants:
+            learner = self.models[regime]
+            key = (id(learner), mode.name)
+            if key not in done:  # regimes sharing one model (before the freeze point) are scored once
+                start = time.perf_counter()
+                ranks, top = score_events(learner, histories, targets, positions, self.known_at, mode, self.s.top_n)
+                done[key] = (ranks, top, time.perf_counter() - start)
+            ranks, top, seconds = done[key]
+            t = self.tracks[name]
+            t.score_seconds += seconds
+            t.ranks.append(ranks)
+            t.all_ranks.append(ranks)
+            if after_freeze:
+                t.after_freeze.append(ranks)
+            t.tops.append(top)
+            slots = top[top > 0]
+            t.new_slots += int(new_item[slots].sum())
+            if len(t.retrievals) < len(self.known_at):
+                grow = np.zeros(len(self.known_at) - len(t.retrievals), dtype=np.int64)
+                t.retrievals = np.concatenate([t.retrievals, grow])
+            before = t.retrievals.copy() if len(slots) else t.retrievals
+            np.add.at(t.retrievals, slots, 1)
+            crossed = (before < self.s.reach_n) & (t.retrievals >= self.s.reach_n) & new_item
+            t.reached += int(crossed.sum())
+            if observer is not None:
+                observer(Scored(name, ids, positions, ranks, top))
+
+    # ------------------------------------------------------------------ catalogue
+    def _grow_arrays(self, item: int) -> None:
+        if item >= len(self.known_at):
+            size = max(item + 1, 2 * len(self.known_at))
+            extra = size - len(self.known_at)
+            self.known_at = np.concatenate([self.known_at, np.full(extra, NEVER, dtype=np.int64)])
+            self.first_ts = np.concatenate([self.first_ts, np.zeros(extra)])
+            self.counts = np.concatenate([self.counts, np.zeros(extra, dtype=np.int64)])
+
+    def _mark_known(self, item: int, at: int, ts: float) -> None:
+        self.known_at[item] = at
+        self.first_ts[item] = ts
+        if at > 0:
+            self.window.new_items += 1
+
+    def _known_count(self) -> int:
+        return int((self.known_at[1:] <= self.n).sum())
+
+    def _live(self) -> list[OnlineLearner]:
+        """Every distinct model in use (the online learner while it still learns)."""
+        out = {id(m): m for m in self.models.values()}
+        if self.online is not None:
+            out[id(self.online)] = self.online
+        return list(out.values())
+
+    # ------------------------------------------------------------------ learning
+    def _learn_ready(self, final: bool = False) -> None:
+        b, s = self.s.batch_size, self.s
+        while self.pending:
+            if len(self.pending) < b and not final:
+                return
+            last = self.pending[min(b, len(self.pending)) - 1]
+            old_enough = last.position < self.n - s.delay_events and last.timestamp + s.delay_seconds <= self.last_ts
+            if not (old_enough or final):
+                return
+            chunk = [self.pending.popleft() for _ in range(min(b, len(self.pending)))]
+            self._learn(chunk)
+
+    def _learn(self, chunk: list[_Pending]) -> None:
+        events = [p.event for p in chunk]
+        histories: dict[str, list[int]] = {}
+        for p in chunk:  # the history before each user's first event in the batch (streams.batching)
+            histories.setdefault(p.event["user_id"], p.history)
+            self.learned.setdefault(p.event["user_id"], []).append(int(p.event["item_id"]))
+        if self.online is None:
+            return
+        start = time.perf_counter()
+        try:
+            self.online.learn(events, histories)
+        except FloatingPointError:  # the worker skips such a batch too (streams.agents.handle_train_batch)
+            self.train_errors += 1
+        self.learn_seconds += time.perf_counter() - start
+
+    def _schedule(self) -> None:
+        if self.frozen_event is None and self.n >= self.freeze_at:
+            self.frozen_event = self.n
+            if "frozen" in self.models:
+                frozen = copy.deepcopy(self.online)
+                frozen.model.eval()
+                frozen.model.rq.freeze_()
+                self.models["frozen"] = frozen
+            if "periodic" in self.models:
+                self.models["periodic"] = self._retrain()
+                self.next_retrain = self.n + self.retrain_every
+            if "evolving" not in self.models:
+                self.online = None  # nothing serves it any more: stop learning
+        elif self.next_retrain is not None and self.n >= self.next_retrain:
+            self.models["periodic"] = self._retrain()
+            while self.next_retrain <= self.n:
+                self.next_retrain += self.retrain_every
+
+    def _retrain(self) -> OnlineLearner:
+        """A fresh model trained on every event released to learning so far (see the module doc)."""
+        start = time.perf_counter()
+        s = self.s
+        learner = OnlineLearner(s.model, s.train)
+        largest = int(np.nonzero(self.known_at != NEVER)[0].max(initial=0))
+        learner.observe_items([{"item_id": i, "attributes": a} for i, a in self.catalogue.items()]
+                              + [{"item_id": largest}])
+        sequences = [np.asarray(seq, dtype=np.int64) for seq in self.learned.values() if len(seq) >= 2]
+        rng = np.random.default_rng(s.train.seed + self.retrains)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s.train.seed + self.retrains)
+            for _ in range(s.retrain_epochs):
+                for batch in bucketed_batches(sequences, s.retrain_batch_size, self.max_len, rng):
+                    try:
+                        learner.trainer.step(batch)
+                    except FloatingPointError:
+                        self.train_errors += 1
+        learner.model.eval()
+        learner.model.rq.freeze_()
+        self.retrains += 1
+        self.retrain_seconds += time.perf_counter() - start
+        return learner
+
+    # ------------------------------------------------------------------ windows
+    def _window_full(self) -> bool:
+        w = self.window
+        if self.s.window_seconds is not None:
+            return w.start_ts is not None and self.last_ts - w.start_ts >= self.s.window_seconds
+        return w.events >= self.window_events
+
+    def _close_window(self) -> dict[str, dict]:
+        w = self.window
+        top_n = self.s.top_n
+        known_ids = np.nonzero(self.known_at[: len(self.known_at)] <= self.n)[0]
+        known_ids = known_ids[known_ids > 0]
+        head = np.zeros(len(self.known_at), dtype=bool)  # the 20% most interacted-with known items
+        by_count = known_ids[np.lexsort((known_ids, -self.counts[known_ids]))]
+        head[by_count[: int(round(0.2 * len(by_count)))]] = True
+        health = self._health(known_ids)
+        base = {
+            "start_ts": w.start_ts, "end_ts": w.end_ts, "start_event": w.start_event, "end_event": self.n,
+            "events": w.events, "scored": w.scored, "cold": w.cold, "duplicates": w.duplicates,
+            "new_items": w.new_items, "known_items": int(len(known_ids)),
+        }
+        out = {}
+        for name, regime, _ in self.variants:
+            t = self.tracks[name]
+            ranks = np.concatenate(t.ranks) if t.ranks else np.zeros(0, dtype=np.int64)
+            tops = np.concatenate(t.tops) if t.tops else np.zeros((0, top_n), dtype=np.int64)
+            slots = tops[tops > 0]
+            tail = int((~head[slots]).sum())
+            t.covered.update(np.unique(slots).tolist())
+            t.slots += len(slots)
+            t.tail_slots += tail
+            t.all_new_slots += t.new_slots
+            t.all_reached += t.reached
+            row = {
+                **base,
+                **ranking_metrics(ranks, KS),
+                f"coverage@{top_n}": len(np.unique(slots)) / len(known_ids) if len(known_ids) else 0.0,
+                f"tail_share@{top_n}": tail / len(slots) if len(slots) else 0.0,
+                f"new_share@{top_n}": t.new_slots / len(slots) if len(slots) else 0.0,
+                f"new_items_reached@{self.s.reach_n}": t.reached,
+                "slots": int(len(slots)),
+                **health[regime],
+                "retrains": self.retrains if regime == "periodic" else 0,
+                "online": self.frozen_event is None or regime == "evolving",  # its model learns online
+            }
+            t.windows.append(row)
+            out[name] = row
+            t.ranks, t.tops, t.new_slots, t.reached = [], [], 0, 0
+        self.window = _Window(start_event=self.n)
+        return out
+
+    @torch.no_grad()
+    def _health(self, known_ids: np.ndarray) -> dict[str, dict]:
+        """Per regime: code health over the known items its model holds, and drift from its previous window."""
+        by_model: dict[int, tuple[np.ndarray, torch.Tensor, torch.Tensor, dict]] = {}
+        out = {}
+        for regime in self.s.regimes:
+            learner = self.models[regime]
+            if id(learner) not in by_model:
+                model = learner.model
+                codes = model.catalogue().codes  # (N+1, L)
+                ids = known_ids[known_ids <= model.items.num_items]
+                h = code_health(codes[torch.from_numpy(ids)], model.cfg.codes)
+                by_model[id(learner)] = (ids, codes, model.rq.codebooks.detach().clone(), h)
+            ids, codes, codebooks, h = by_model[id(learner)]
+            row = {k: v for k, v in h.items() if k != "items"}
+            prev = self._prev_codes.get(regime)
+            if prev is not None:
+                common = np.intersect1d(prev[0], ids)
+                pad = torch.zeros(1, codes.shape[1], dtype=codes.dtype)
+                sel = torch.from_numpy(common)
+                d = code_drift(torch.cat([pad, prev[1][sel]]), torch.cat([pad, codes[sel]]), prev[2], codebooks)
+                row["code_changed_share"] = d["changed_share"]
+                row["level1_changed_share"] = d["level_changed_share"][0]
+                row["level1_codeword_movement"] = d["codeword_movement"][0]
+            else:
+                row.update(code_changed_share=None, level1_changed_share=None, level1_codeword_movement=None)
+            self._prev_codes[regime] = (ids, codes, codebooks)
+            out[regime] = row
+        return out
+
+
+def replay(
+    records: Iterable[Mapping],
+    settings: ReplaySettings,
+    total: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Run a whole replay and return its report (Prequential.report plus "seconds")."""
+    start = time.perf_counter()
+    engine = Prequential(settings, total)
+    for _ in engine.run(records, progress):
+        pass
+    return {**engine.report(), "seconds": time.perf_counter() - start}
+
+
+def with_seed(settings: ReplaySettings, seed: int) -> ReplaySettings:
+    """The same settings with one seed for the scored sample and the models."""
+    return replace(settings, seed=seed, train=replace(settings.train, seed=seed))

@@ -1,0 +1,246 @@
+"""replay/prequential.py: test-then-train never sees the future; windows add up; frozen stays frozen; evolving
+adapts to drift better than frozen. Small seeded streams and a small model."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from replay.prequential import Prequential, ReplaySettings, ScoreMode, replay, with_seed, worker_model_config
+from replay.sources import is_feedback, synthetic_source
+from trainer.config import EncoderConfig
+
+T0 = 1_700_000_000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_settings(**over) -> ReplaySettings:
+    model = worker_model_config(num_attributes=256, codes=8, encoder=EncoderConfig(dim=32, max_len=20, layers=1))
+    base = dict(model=model, batch_size=32, freeze_at=0.25, retrain_epochs=2)
+    return ReplaySettings(**{**base, **over})
+
+
+def drifting_stream(seed: int = 0, events: int = 3000):
+    return synthetic_source(seed, n_users=120, n_events=events, n_initial_items=200, n_new_items=40, n_topics=8)
+
+
+def run_scored(records, settings, total):
+    """Run a replay; returns the engine and {(variant, event_id): (rank, top list)}."""
+    seen = {}
+
+    def observe(s):
+        for i, eid in enumerate(s.event_ids):
+            seen[(s.variant, eid)] = (int(s.ranks[i]), tuple(s.top[i].tolist()))
+
+    engine = Prequential(settings, total)
+    for _ in engine.run(records, observer=observe):
+        pass
+    return engine, seen
+
+
+@pytest.fixture(scope="module")
+def drift_report():
+    source = drifting_stream(seed=1)
+    settings = small_settings(modes=(ScoreMode(), ScoreMode(search="hard")), retrain_every=600)
+    return replay(source.records(), with_seed(settings, 1), total=source.feedback)
+
+
+# ------------------------------------------------------------------ settings
+def test_score_modes_parse_and_name():
+    assert ScoreMode.parse("soft") == ScoreMode()
+    assert ScoreMode.parse("hard") == ScoreMode(search="hard")
+    mode = ScoreMode.parse("soft:k=8:t=2:mix=0.25")
+    assert (mode.top_codes, mode.temperature, mode.global_mix) == (8, 2.0, 0.25)
+    assert mode.name == "soft:k=8:t=2:mix=0.25" and ScoreMode.parse(mode.name) == mode
+    for bad in ("hard:k=2", "soft:q=1", "soft:k=two", "medium", "soft:t=0"):
+        with pytest.raises(ValueError):
+            ScoreMode.parse(bad)
+
+
+def test_variants_are_regimes_times_modes():
+    one = small_settings(regimes=("evolving", "frozen"))
+    assert [n for n, _, _ in one.variant_names()] == ["evolving", "frozen"]
+    two = small_settings(regimes=("frozen",), modes=(ScoreMode(), ScoreMode(search="hard")))
+    assert [n for n, _, _ in two.variant_names()] == ["frozen/soft", "frozen/hard"]
+    with pytest.raises(ValueError, match="unknown regime"):
+        small_settings(regimes=("evolving", "sometimes"))
+
+
+# ------------------------------------------------------------------ no future
+def test_scores_never_depend_on_the_event_itself_or_later_ones():
+    source = drifting_stream(events=1200)
+    records = list(source.records())
+    cut = 32 * 20 + 5  # inside the 21st micro-batch: the batch's earlier events must not move either
+    positions = [i for i, r in enumerate(records) if is_feedback(r)]
+    altered = copy.deepcopy(records)
+    rng = np.random.default_rng(0)
+    for i in positions[cut:]:  # every later event gets another user and another initial-catalogue item
+        altered[i]["item_id"] = int(rng.integers(1, 201))
+        altered[i]["user_id"] = str(rng.integers(1, 121))
+    settings = small_settings(regimes=("evolving",), freeze_at=10_000)
+    _, a = run_scored(records, settings, 1200)
+    _, b = run_scored(altered, settings, 1200)
+    before = [records[i]["event_id"] for i in positions[:cut]]
+    scored = [("evolving", e) for e in before if ("evolving", e) in a]
+    assert len(scored) > 500
+    assert all(a[k] == b[k] for k in scored)
+    after = [("evolving", records[i]["event_id"]) for i in positions[cut + 40:]]
+    assert sum(a[k] != b.get(k) for k in after if k in a) > 100  # the alteration does matter later
+
+
+@pytest.mark.parametrize("delay", [0, 96])
+def test_a_model_learns_nothing_younger_than_the_delay(delay):
+    """Alter the items of the `window` events just before a probed micro-batch: users who took no part in them
+    get the same scores with a delay of `window` events, and not with no delay."""
+    source = drifting_stream(events=1200)
+    records = list(source.records())
+    positions = [i for i, r in enumerate(records) if is_feedback(r)]
+    probe, window = 25 * 32, 96
+    altered = copy.deepcopy(records)
+    touched = set()
+    rng = np.random.default_rng(1)
+    for i in positions[probe - window : probe]:
+        altered[i]["item_id"] = int(rng.integers(1, 201))
+        touched.add(records[i]["user_id"])
+    settings = small_settings(regimes=("evolving",), freeze_at=10_000, delay_events=delay)
+    _, a = run_scored(records, settings, 1200)
+    _, b = run_scored(altered, settings, 1200)
+    keys = [("evolving", records[i]["event_id"]) for i in positions[probe : probe + 32]
+            if records[i]["user_id"] not in touched]
+    keys = [k for k in keys if k in a]
+    assert len(keys) >= 5
+    same = sum(a[k] == b[k] for k in keys)
+    if delay == window:
+        assert same == len(keys)
+    else:
+        assert same < len(keys)
+
+
+def test_an_item_first_seen_in_an_event_is_a_miss_there_and_rankable_after_its_item_event():
+    users = [str(u) for u in range(1, 9)]
+    records = [{"item_id": i, "attributes": [i % 5 + 1], "timestamp": T0} for i in range(1, 31)]
+    n = 0
+    for step in range(12):  # 96 events over items 1..30
+        for u in users:
+            records.append({"event_id": f"e{n}", "user_id": u, "item_id": (int(u) * 3 + step) % 30 + 1,
+                            "timestamp": T0 + n, "event_type": "view"})
+            n += 1
+    # item 77 appears only in event "new", without an item event; item 78 has one just before its event
+    records.append({"event_id": "new", "user_id": "1", "item_id": 77, "timestamp": T0 + n, "event_type": "view"})
+    records.append({"item_id": 78, "attributes": [2], "timestamp": T0 + n})
+    records.append({"event_id": "new2", "user_id": "2", "item_id": 78, "timestamp": T0 + n, "event_type": "view"})
+    records.append({"event_id": "again", "user_id": "3", "item_id": 77, "timestamp": T0 + n + 1,
+                    "event_type": "view"})
+    settings = small_settings(regimes=("evolving",), batch_size=16, freeze_at=10_000, window_events=50)
+    engine, seen = run_scored(records, settings, None)
+    rank_new, top_new = seen[("evolving", "new")]
+    assert rank_new > 30 and 77 not in top_new  # a miss: nothing knew item 77 before its event
+    assert 78 not in top_new  # item 78's catalogue event came after event "new"
+    rank_new2, _ = seen[("evolving", "new2")]
+    assert rank_new2 <= 31  # rankable among the 31 known items (by its attributes)
+    assert seen[("evolving", "again")][0] <= 31  # 77 is known from the event after "new"
+    assert engine.online.num_items == 78  # and both were learnt afterwards
+
+
+# ------------------------------------------------------------------ windows and report
+def test_windows_add_up_to_the_overall(drift_report):
+    report = drift_report
+    assert report["events"] == 3000 and report["freeze_event"] == 768 and report["retrains"] == 4
+    for name, v in report["variants"].items():
+        w, o = v["windows"], v["overall"]
+        scored = np.array([x["scored"] for x in w])
+        slots = np.array([x["slots"] for x in w])
+        assert scored.sum() == o["scored"] == 3000 - report["cold"], name
+        assert sum(x["events"] for x in w) == report["events"]
+        for key in ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50"):
+            pooled = (scored * np.array([x[key] for x in w])).sum() / scored.sum()
+            assert pooled == pytest.approx(o[key], abs=1e-12), (name, key)
+        for key in ("tail_share@20", "new_share@20"):
+            pooled = (slots * np.array([x[key] for x in w])).sum() / slots.sum()
+            assert pooled == pytest.approx(o[key], abs=1e-12), (name, key)
+        assert sum(x["new_items_reached@10"] for x in w) == o["new_items_reached@10"]
+        assert max(x["coverage@20"] for x in w) <= 1.0
+        assert o["recall@10"] <= o["recall@20"] <= o["recall@50"]
+        assert w[-1]["end_event"] == 3000 and w[0]["start_event"] == 0
+        assert all(a["end_event"] == b["start_event"] for a, b in zip(w, w[1:], strict=False))
+        assert sum(x["new_items"] for x in w) > 0
+
+
+def test_regimes_share_one_model_before_the_freeze_point(drift_report):
+    v = drift_report["variants"]
+    before = [i for i, w in enumerate(v["evolving/soft"]["windows"]) if w["end_event"] <= 768]
+    assert before
+    for i in before:
+        ranks = {n: v[n]["windows"][i]["recall@20"] for n in ("evolving/soft", "frozen/soft", "periodic/soft")}
+        assert len(set(ranks.values())) == 1
+    # after it: the frozen model's codes never move, the periodic model's change at every retrain
+    frozen = [w["code_changed_share"] for w in v["frozen/soft"]["windows"] if w["start_event"] >= 1000]
+    assert frozen and all(x == 0.0 for x in frozen)
+
+
+def test_evolving_beats_frozen_on_a_drifting_stream(drift_report):
+    v = drift_report["variants"]
+    evolving, frozen = v["evolving/soft"]["after_freeze"], v["frozen/soft"]["after_freeze"]
+    assert evolving["scored"] == frozen["scored"] > 2000
+    # measured here: +44% .. +56% Recall@20 over seeds 0-2 of this stream; asked: +20%
+    assert evolving["recall@20"] > 1.2 * frozen["recall@20"]
+    assert evolving["ndcg@20"] > 1.2 * frozen["ndcg@20"]
+
+
+def test_frozen_weights_never_change_after_the_freeze_point():
+    source = drifting_stream(events=1600)
+    records = list(source.records())
+    settings = small_settings(regimes=("evolving", "frozen"), freeze_at=640)
+    engine, _ = run_scored(records, settings, 1600)
+    frozen = engine.models["frozen"]
+    # the same stream cut at the freeze point, learnt online: the state the frozen model must still hold
+    cut = [i for i, r in enumerate(records) if is_feedback(r)][639]
+    reference, _ = run_scored(records[: cut + 1], replace(settings, regimes=("evolving",)), 640)
+    want, got = reference.online.model.state_dict(), frozen.model.state_dict()
+    assert engine.frozen_event == 640
+    assert frozen.num_items > reference.online.num_items  # new items joined its catalogue after the freeze
+    for key, ref in want.items():
+        if key.endswith(".frozen"):
+            assert bool(got[key]) and not bool(ref), key
+            continue
+        overlap = got[key][tuple(slice(0, n) for n in ref.shape)]
+        assert torch.equal(overlap, ref), key
+    new_rows = got["items.id_embedding"][reference.online.num_items + 1 :]
+    assert torch.count_nonzero(new_rows) == 0  # never learnt, only their attributes were set
+    assert not torch.equal(engine.online.model.rq.codebooks, frozen.model.rq.codebooks)
+
+
+def test_same_seed_same_report():
+    source = drifting_stream(events=800)
+    settings = small_settings(eval_per_batch=8, modes=(ScoreMode(), ScoreMode(temperature=2.0)))
+    a = replay(source.records(), settings, total=800)
+    b = replay(source.records(), settings, total=800)
+    strip = ("seconds", "learn_seconds", "retrain_seconds")
+    for name in a["variants"]:
+        assert a["variants"][name]["windows"] == b["variants"][name]["windows"], name
+        assert a["variants"][name]["overall"] == b["variants"][name]["overall"], name
+    assert {k: v for k, v in a.items() if k not in (*strip, "variants")} == \
+        {k: v for k, v in b.items() if k not in (*strip, "variants")}
+    assert a["variants"]["evolving/soft"]["overall"]["scored"] <= 8 * 25  # the sample limit holds
+
+
+def test_delay_in_seconds_and_windows_in_seconds():
+    source = drifting_stream(events=800)
+    settings = small_settings(regimes=("evolving",), delay_seconds=1800.0, window_seconds=6 * 3600.0)
+    report = replay(source.records(), settings, total=800)
+    windows = report["variants"]["evolving"]["windows"]
+    assert len(windows) >= 2
+    for w in windows[:-1]:
+        assert w["end_ts"] - w["start_ts"] >= 6 * 3600.0
+    assert sum(w["events"] for w in windows) == 800
