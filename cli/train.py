@@ -107,18 +107,14 @@ def run(args: argparse.Namespace) -> int:
 
 def train_sparc(ds, args: argparse.Namespace, num_attributes: int) -> dict:
     """Train on the leave-one-out train part; returns the snapshot's fields (all but model and version)."""
-    import numpy as np
     import torch
 
     from replay.datasets import leave_one_out
-    from replay.evaluate import EvalSettings, _valid_ndcg10
-    from trainer.config import SparcConfig
+    from replay.evaluate import EvalSettings, build_sparc, soft_scorer, valid_ndcg10, validation_subset
     from trainer.fit import fit
-    from trainer.model import SparcModel
-    from trainer.rq import code_health
-    from trainer.towers import pad_attributes
+    from trainer.online import capture_state, model_health
 
-    settings = EvalSettings(seed=args.seed, progress=not args.quiet)
+    settings = EvalSettings(seed=args.seed, progress=not args.quiet, sparc={"codes": args.codes} if args.codes else {})
     train_cfg = replace(settings.train, seed=args.seed)
     if args.epochs is not None:
         train_cfg = replace(train_cfg, max_epochs=args.epochs)
@@ -128,43 +124,31 @@ def train_sparc(ds, args: argparse.Namespace, num_attributes: int) -> dict:
     if not len(split.valid_targets):
         raise UserError(f"{args.data}: no user has 3 or more items, so there is nothing to validate on")
     max_len = settings.encoder.max_len
-    rng = np.random.default_rng(args.seed)  # the validation subset, drawn as replay.evaluate draws it
-    n_valid = len(split.valid_targets)
-    valid_idx = np.sort(rng.choice(n_valid, size=min(settings.valid_users, n_valid), replace=False))
+    valid_idx = validation_subset(split, args.seed, settings.valid_users)
 
     torch.manual_seed(args.seed)
-    sparc = {"codes": args.codes} if args.codes else {}
-    cfg = SparcConfig(num_items=ds.num_items, num_attributes=num_attributes, encoder=settings.encoder, **sparc)
-    attrs = pad_attributes(ds.item_attributes, ds.num_items) if num_attributes else None
-    model = SparcModel(cfg, attrs)
-    mix = settings.global_mix_grid[0]  # the mixture weight replay.evaluate trains with
-
-    def score(inputs, lengths):
-        return model.score(inputs, lengths, search="soft", top_codes=settings.top_codes, global_mix=mix)
-
+    model = build_sparc(ds, settings, num_attributes)
+    score = soft_scorer(model, settings.top_codes, settings.global_mix_grid[0])  # as replay.evaluate trains
     result = fit(model, split.train, max_len, train_cfg,
-                 validate=lambda: _valid_ndcg10(score, split, valid_idx, max_len), desc="sparc",
+                 validate=lambda: valid_ndcg10(score, split, valid_idx, max_len), desc="sparc",
                  progress=settings.progress)
     model.eval()
-    with torch.no_grad():  # what trainer.online.OnlineLearner.snapshot_state / health capture
-        cat = model.catalogue()
-        health = code_health(cat.codes[1:], cfg.codes)
-        health["finite"] = bool(torch.isfinite(cat.z).all() and torch.isfinite(model.rq.codebooks).all())
-        health["initialised"] = all(bool(q.initialised) for q in model.rq.levels)
-        health["offline"] = {
-            "dataset": ds.name, "epochs": result.epochs, "best_epoch": result.best_epoch, "stopped": result.stopped,
-            "valid_ndcg@10": result.best_valid, "valid_users": len(valid_idx), "seconds": result.seconds,
-            "seed": args.seed,
-        }
-        return {
-            "created_at": time.time(),
-            "watermark": {"offline": ds.name},
-            "config": replace(model.cfg, num_items=model.items.num_items).to_json(),
-            "codebooks": model.rq.codebooks.detach().clone().float(),
-            "item_codes": cat.codes.detach().clone().long(),
-            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "health": health,
-        }
+    state = capture_state(model)
+    health = model_health(model)
+    health["offline"] = {
+        "dataset": ds.name, "epochs": result.epochs, "best_epoch": result.best_epoch, "stopped": result.stopped,
+        "valid_ndcg@10": result.best_valid, "valid_users": len(valid_idx), "seconds": result.seconds,
+        "seed": args.seed,
+    }
+    return {
+        "created_at": time.time(),
+        "watermark": {"offline": ds.name},
+        "config": state.config,
+        "codebooks": state.codebooks,
+        "item_codes": state.item_codes,
+        "weights": state.weights,
+        "health": health,
+    }
 
 
 def store_snapshot(store, model: str, min_utilisation: float, fields: dict) -> tuple[int, bool, list[str]]:

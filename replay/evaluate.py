@@ -53,9 +53,32 @@ def _metrics_block(score_fn, split: LeaveOneOut, max_len: int, train_counts: np.
     return out
 
 
-def _valid_ndcg10(score_fn, split: LeaveOneOut, idx: np.ndarray, max_len: int) -> float:
+def valid_ndcg10(score_fn, split: LeaveOneOut, idx: np.ndarray, max_len: int) -> float:
+    """Raw NDCG@10 on the validation targets of the users `idx` (the early-stopping signal)."""
     ranks = evaluate_ranking(score_fn, [split.valid_inputs[i] for i in idx], split.valid_targets[idx], max_len)
     return ranking_metrics(ranks["raw"], ks=(10,))["ndcg@10"]
+
+
+def validation_subset(split: LeaveOneOut, seed: int, size: int) -> np.ndarray:
+    """The sorted, seeded sample of users whose validation targets drive early stopping."""
+    n_valid = len(split.valid_targets)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_valid, size=min(size, n_valid), replace=False))
+
+
+def build_sparc(ds: SequenceDataset, settings: EvalSettings, num_attributes: int | None = None) -> SparcModel:
+    """A fresh SPARC model for `ds` (attributes from the dataset; `num_attributes` may reserve more ids)."""
+    n_attr = ds.num_attributes if num_attributes is None else num_attributes
+    cfg = SparcConfig(num_items=ds.num_items, num_attributes=n_attr, encoder=settings.encoder, **settings.sparc)
+    attrs = pad_attributes(ds.item_attributes, ds.num_items) if n_attr else None
+    return SparcModel(cfg, attrs)
+
+
+def soft_scorer(model: SparcModel, top_codes: int, global_mix: float):
+    """Full-catalogue soft-search scores of `model`, as a ScoreFn."""
+    return lambda inputs, lengths: model.score(
+        inputs, lengths, search="soft", top_codes=top_codes, global_mix=global_mix
+    )
 
 
 def run_evaluation(
@@ -71,9 +94,7 @@ def run_evaluation(
     split = leave_one_out(ds)
     max_len = settings.encoder.max_len
     train_counts = np.bincount(np.concatenate(split.train), minlength=ds.num_items + 1).astype(np.float64)
-    rng = np.random.default_rng(settings.seed)
-    n_valid = len(split.valid_targets)
-    valid_idx = np.sort(rng.choice(n_valid, size=min(settings.valid_users, n_valid), replace=False))
+    valid_idx = validation_subset(split, settings.seed, settings.valid_users)
     train_cfg = replace(settings.train, seed=settings.seed)
     results: dict[str, dict] = {}
 
@@ -81,7 +102,7 @@ def run_evaluation(
         torch.manual_seed(settings.seed)
         res = fit(
             model, split.train, max_len, train_cfg,
-            validate=lambda: _valid_ndcg10(score_fn, split, valid_idx, max_len),
+            validate=lambda: valid_ndcg10(score_fn, split, valid_idx, max_len),
             desc=name, progress=settings.progress,
         )
         model.eval()
@@ -111,18 +132,14 @@ def run_evaluation(
 
     if "sparc" in models or "sparc-hard" in models:
         torch.manual_seed(settings.seed)
-        cfg = SparcConfig(
-            num_items=ds.num_items, num_attributes=ds.num_attributes, encoder=settings.encoder, **settings.sparc
-        )
-        attrs = pad_attributes(ds.item_attributes, ds.num_items) if ds.num_attributes else None
-        m = SparcModel(cfg, attrs)
+        m = build_sparc(ds, settings)
 
         def soft(mix: float):
-            return lambda i, l: m.score(i, l, search="soft", top_codes=settings.top_codes, global_mix=mix)
+            return soft_scorer(m, settings.top_codes, mix)
 
         secs, epochs, info = run_torch("sparc", m, soft(settings.global_mix_grid[0]))
         # serving calibration on validation: the weight of the single-vector component in the mixture
-        tried = {mix: _valid_ndcg10(soft(mix), split, valid_idx, max_len) for mix in settings.global_mix_grid}
+        tried = {mix: valid_ndcg10(soft(mix), split, valid_idx, max_len) for mix in settings.global_mix_grid}
         mix = max(tried, key=tried.get)
         log(f"sparc: global_mix chosen on validation {mix} ({', '.join(f'{k}: {v:.4f}' for k, v in tried.items())})")
         shared = {"train_seconds": secs, "epochs": epochs, **info}

@@ -160,27 +160,13 @@ class OnlineLearner:
 
     @torch.no_grad()
     def health(self) -> dict:
-        """trainer.rq.code_health over the catalogue's codes, plus "finite" (codebooks and item vectors),
-        "steps" and "initialised" (every level has had its k-means initialisation)."""
-        cat = self.model.catalogue()
-        out = code_health(cat.codes[1:], self.model.cfg.codes)
-        out["finite"] = bool(torch.isfinite(cat.z).all() and torch.isfinite(self.model.rq.codebooks).all())
-        out["initialised"] = all(bool(q.initialised) for q in self.model.rq.levels)
-        out["steps"] = self.steps
-        return out
+        """`model_health` of the live model plus "steps"."""
+        return {**model_health(self.model), "steps": self.steps}
 
     @torch.no_grad()
     def snapshot_state(self) -> LearnerState:
         """Copies of everything a snapshot and a serving index need (see LearnerState)."""
-        cat = self.model.catalogue()
-        return LearnerState(
-            config=replace(self.model.cfg, num_items=self.num_items).to_json(),
-            codebooks=self.model.rq.codebooks.detach().clone().float(),
-            item_codes=cat.codes.detach().clone().long(),
-            item_vectors=cat.z.detach().clone().float(),
-            weights={k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            steps=self.steps,
-        )
+        return capture_state(self.model, self.steps)
 
 
 def load_model(config: Mapping, weights: Mapping[str, torch.Tensor]) -> SparcModel:
@@ -189,3 +175,28 @@ def load_model(config: Mapping, weights: Mapping[str, torch.Tensor]) -> SparcMod
     model = SparcModel(cfg, attributes=weights.get("items.attributes"))
     model.load_state_dict(dict(weights), strict=True)
     return model.eval()
+
+
+@torch.no_grad()
+def model_health(model: SparcModel) -> dict:
+    """trainer.rq.code_health over the catalogue's codes, plus "finite" (codebooks and item vectors) and
+    "initialised" (every level has had its k-means initialisation)."""
+    cat = model.catalogue()
+    out = code_health(cat.codes[1:], model.cfg.codes)
+    out["finite"] = bool(torch.isfinite(cat.z).all() and torch.isfinite(model.rq.codebooks).all())
+    out["initialised"] = all(bool(q.initialised) for q in model.rq.levels)
+    return out
+
+
+@torch.no_grad()
+def capture_state(model: SparcModel, steps: int = 0) -> LearnerState:
+    """Copies of everything a snapshot and a serving index need, taken from `model` (offline or online)."""
+    cat = model.catalogue()
+    return LearnerState(
+        config=replace(model.cfg, num_items=model.items.num_items).to_json(),
+        codebooks=model.rq.codebooks.detach().clone().float(),
+        item_codes=cat.codes.detach().clone().long(),
+        item_vectors=cat.z.detach().clone().float(),
+        weights={k: v.detach().clone() for k, v in model.state_dict().items()},
+        steps=steps,
+    )
