@@ -17,6 +17,7 @@ import torch
 from replay.datasets import LeaveOneOut, SequenceDataset, leave_one_out
 from replay.metrics import coverage_and_tail, evaluate_ranking, ranking_metrics
 from trainer.baselines import ComiRecSA, Popularity, SASRec
+from trainer.batches import pad_histories
 from trainer.config import EncoderConfig, SparcConfig, TrainConfig
 from trainer.fit import fit
 from trainer.model import SparcModel
@@ -33,7 +34,8 @@ class EvalSettings:
     train: TrainConfig = TrainConfig()
     sparc: dict = field(default_factory=dict)  # SparcConfig overrides (e.g. {"codes": 256})
     top_codes: int = 4  # codes drawn by soft search
-    global_mix_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)  # chosen on validation NDCG@10
+    # weight of the single-vector component in the soft mixture, chosen on validation NDCG@10 (< 1: codes always count)
+    global_mix_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
     valid_users: int = 8000  # users checked for early stopping (all users are reported at the end)
     progress: bool = True
 
@@ -72,6 +74,24 @@ def build_sparc(ds: SequenceDataset, settings: EvalSettings, num_attributes: int
     cfg = SparcConfig(num_items=ds.num_items, num_attributes=n_attr, encoder=settings.encoder, **settings.sparc)
     attrs = pad_attributes(ds.item_attributes, ds.num_items) if n_attr else None
     return SparcModel(cfg, attrs)
+
+
+@torch.no_grad()
+def interest_hit_rates(model: SparcModel, split: LeaveOneOut, max_len: int, ks=(1, 4, 8), batch_size: int = 1024):
+    """Share of test targets whose level-1 code is among the interest module's top-k codes (the ceiling of soft
+    search: a target outside every searched code can only be found through the single-vector component)."""
+    model.eval()
+    cat = model.catalogue()
+    hits = {k: 0 for k in ks}
+    for start in range(0, len(split.test_inputs), batch_size):
+        inputs, lengths = pad_histories(split.test_inputs[start : start + batch_size], max_len)
+        state = model.encode(inputs, lengths, cat.z)
+        logits = model.interest_logits(state.h, cat.z, cat.codes)
+        target_code = cat.codes[torch.from_numpy(split.test_targets[start : start + batch_size]), 0]
+        order = logits.argsort(dim=-1, descending=True)
+        for k in ks:
+            hits[k] += int((order[:, :k] == target_code[:, None]).any(dim=1).sum())
+    return {f"interest_hit@{k}": hits[k] / len(split.test_targets) for k in ks}
 
 
 def soft_scorer(model: SparcModel, top_codes: int, global_mix: float):
@@ -145,7 +165,8 @@ def run_evaluation(
         shared = {"train_seconds": secs, "epochs": epochs, **info}
         if "sparc" in models:
             results["sparc"] = _metrics_block(soft(mix), split, max_len, train_counts)
-            results["sparc"].update(shared, global_mix=mix, top_codes=settings.top_codes)
+            results["sparc"].update(shared, global_mix=mix, top_codes=settings.top_codes,
+                                    valid_by_global_mix=tried, **interest_hit_rates(m, split, max_len))
         if "sparc-hard" in models:
             hard = lambda i, l: m.score(i, l, search="hard")  # noqa: E731
             results["sparc-hard"] = _metrics_block(hard, split, max_len, train_counts)

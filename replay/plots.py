@@ -14,13 +14,14 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-METRIC_PANELS = ("recall@20", "ndcg@20", "coverage@20", "new_share@20")
+METRIC_PANELS = ("recall@20", "ndcg@20", "recall@20_first", "coverage@20", "tail_share@20", "new_share@20")
 HEALTH_PANELS = ("level1_utilisation", "level1_perplexity", "collision_rate", "code_changed_share")
 TITLES = {
     "recall@20": "Recall@20",
     "ndcg@20": "NDCG@20",
     "coverage@20": "catalogue coverage of top-20",
     "new_share@20": "top-20 slots given to new items",
+    "recall@20_first": "Recall@20 on an item's first interaction",
     "tail_share@20": "top-20 slots given to long-tail items",
     "level1_utilisation": "level-1 codebook utilisation",
     "level1_perplexity": "level-1 code perplexity",
@@ -39,9 +40,10 @@ def _style(report: dict, name: str) -> dict:
 
 
 def _figure(report: dict, panels: Sequence[str], names: Sequence[str], title: str, markers) -> Figure:
-    fig = Figure(figsize=(12, 8), layout="constrained")
+    columns = (len(panels) + 1) // 2
+    fig = Figure(figsize=(4.2 * columns + 1.5, 8), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, (len(panels) + 1) // 2, squeeze=False).ravel()
+    axes = fig.subplots(2, columns, squeeze=False).ravel()
     freeze = report.get("freeze_event")
     for ax, key in zip(axes, panels, strict=False):
         for name in names:
@@ -129,8 +131,10 @@ def markdown(report: dict, figures: Sequence[str] = ()) -> str:
         "## Overall (every scored event)",
         "",
     ]
-    keys = ["recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50",
-            "coverage@20", "tail_share@20", "new_share@20", reach]
+    keys = ["recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50", "recall@20_first",
+            "recall@20_rest", "coverage@20", "tail_share@20", "new_share@20", reach]
+    lines += ["recall@20_first: on events that are their item's first interaction "
+              f"({first['overall']['first_interactions']} of the scored events); recall@20_rest: on the others.", ""]
     lines += _table(["variant", "scored", *keys],
                     [[n, v["overall"]["scored"], *(v["overall"].get(k) for k in keys)] for n, v in variants.items()])
     lines += ["", "## After the freeze point (where the regimes differ)", ""]

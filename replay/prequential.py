@@ -42,9 +42,10 @@ Per window and variant: Recall/NDCG@{10,20,50}; coverage@20 (distinct items in t
 the items known at the window's end); tail_share@20 (share of top-20 slots given to items outside the 20% most
 interacted-with known items, counted at the window's end); new_share@20 (share of slots given to items first
 seen at most one window length before the scored event; the catalogue known before the first event is not
-new); new_items_reached@N (items that reached N top-20 retrievals while still new); codebook health of the
-model at the window's end over the known items (trainer.rq.code_health) and its drift from the regime's
-previous window (codebook_store.drift.code_drift).
+new); new_items_reached@N (items that reached N top-20 retrievals while still new); first_interactions and
+recall@20_first / recall@20_rest (Recall@20 apart on events that are their item's first interaction, and on
+the others); codebook health of the model at the window's end over the known items (trainer.rq.code_health)
+and its drift from the regime's previous window (codebook_store.drift.code_drift).
 "overall" pools every scored event (windows add up to it: rank metrics are scored-weighted means, shares are
 slot-weighted means, reach counts sum; coverage is the union); "after_freeze" pools the events scored after the
 freeze point, where the regimes differ. With `eval_per_batch`, retrieval counts come from the scored sample.
@@ -240,11 +241,21 @@ def score_events(
     return ranks, top
 
 
+def first_interaction_split(ranks: np.ndarray, firsts: np.ndarray) -> dict:
+    """Recall@20 apart on the events that are their item's first interaction (a brand-new item: only its
+    attributes can place it) and on the rest; None where there is no such event."""
+    out: dict = {"first_interactions": int(firsts.sum())}
+    for key, sel in (("recall@20_first", firsts), ("recall@20_rest", ~firsts)):
+        out[key] = float((ranks[sel] < 20).mean()) if sel.any() else None
+    return out
+
+
 class _Pending(NamedTuple):
     position: int
     timestamp: float
     event: dict
     history: list[int]
+    first: bool  # no earlier feedback named the event's item (its first interaction)
 
 
 @dataclass
@@ -264,11 +275,13 @@ class _Track:
     """One variant's accumulators: the current window and the whole run."""
 
     ranks: list = field(default_factory=list)
+    firsts: list = field(default_factory=list)
     tops: list = field(default_factory=list)
     new_slots: int = 0
     reached: int = 0
     retrievals: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
     all_ranks: list = field(default_factory=list)
+    all_firsts: list = field(default_factory=list)
     after_freeze: list = field(default_factory=list)
     covered: set = field(default_factory=set)
     slots: int = 0
@@ -361,10 +374,12 @@ class Prequential:
         for name, regime, mode in self.variants:
             t = self.tracks[name]
             ranks = np.concatenate(t.all_ranks) if t.all_ranks else np.zeros(0, dtype=np.int64)
+            firsts = np.concatenate(t.all_firsts) if t.all_firsts else np.zeros(0, dtype=bool)
             after = np.concatenate(t.after_freeze) if t.after_freeze else np.zeros(0, dtype=np.int64)
             overall = {
                 "scored": int(len(ranks)),
                 **ranking_metrics(ranks, KS),
+                **first_interaction_split(ranks, firsts),
                 f"coverage@{self.s.top_n}": len(t.covered) / known if known else 0.0,
                 f"tail_share@{self.s.top_n}": t.tail_slots / t.slots if t.slots else 0.0,
                 f"new_share@{self.s.top_n}": t.all_new_slots / t.slots if t.slots else 0.0,
@@ -417,7 +432,8 @@ class Prequential:
                 self.window.duplicates += 1
                 continue
             self.ingest[user] = applied.state
-            rows.append(_Pending(self.n, r["timestamp"], r, applied.history))
+            rows.append(_Pending(self.n, r["timestamp"], r, applied.history, bool(self.counts[item] == 0)))
+            self.counts[item] += 1
             if self.known_at[item] == NEVER:  # first seen in feedback: rankable from the next event on
                 self._mark_known(item, self.n + 1, r["timestamp"])
             self.n += 1
@@ -433,8 +449,6 @@ class Prequential:
         self.window.events += len(rows)
 
         self._test(rows, observer)
-        for r in rows:
-            self.counts[int(r.event["item_id"])] += 1
         self.pending.extend(rows)
         self._learn_ready()
         self._schedule()
@@ -454,6 +468,7 @@ class Prequential:
         histories = [r.history for r in warm]
         targets = np.array([int(r.event["item_id"]) for r in warm], dtype=np.int64)
         positions = np.array([r.position for r in warm], dtype=np.int64)
+        firsts = np.array([r.first for r in warm], dtype=bool)
         ids = [r.event["event_id"] for r in warm]
         now = positions[-1]
         if self.window_events is not None:
@@ -475,6 +490,8 @@ class Prequential:
             t.score_seconds += seconds
             t.ranks.append(ranks)
             t.all_ranks.append(ranks)
+            t.firsts.append(firsts)
+            t.all_firsts.append(firsts)
             if after_freeze:
                 t.after_freeze.append(ranks)
             t.tops.append(top)
@@ -610,6 +627,7 @@ class Prequential:
         for name, regime, _ in self.variants:
             t = self.tracks[name]
             ranks = np.concatenate(t.ranks) if t.ranks else np.zeros(0, dtype=np.int64)
+            firsts = np.concatenate(t.firsts) if t.firsts else np.zeros(0, dtype=bool)
             tops = np.concatenate(t.tops) if t.tops else np.zeros((0, top_n), dtype=np.int64)
             slots = tops[tops > 0]
             tail = int((~head[slots]).sum())
@@ -621,6 +639,7 @@ class Prequential:
             row = {
                 **base,
                 **ranking_metrics(ranks, KS),
+                **first_interaction_split(ranks, firsts),
                 f"coverage@{top_n}": len(np.unique(slots)) / len(known_ids) if len(known_ids) else 0.0,
                 f"tail_share@{top_n}": tail / len(slots) if len(slots) else 0.0,
                 f"new_share@{top_n}": t.new_slots / len(slots) if len(slots) else 0.0,
@@ -632,7 +651,7 @@ class Prequential:
             }
             t.windows.append(row)
             out[name] = row
-            t.ranks, t.tops, t.new_slots, t.reached = [], [], 0, 0
+            t.ranks, t.firsts, t.tops, t.new_slots, t.reached = [], [], [], 0, 0
         self.window = _Window(start_event=self.n)
         return out
 

@@ -170,6 +170,13 @@ def test_windows_add_up_to_the_overall(drift_report):
             pooled = (slots * np.array([x[key] for x in w])).sum() / slots.sum()
             assert pooled == pytest.approx(o[key], abs=1e-12), (name, key)
         assert sum(x["new_items_reached@10"] for x in w) == o["new_items_reached@10"]
+        firsts = np.array([x["first_interactions"] for x in w])
+        assert firsts.sum() == o["first_interactions"] > 0
+        pooled = sum(f * x["recall@20_first"] for f, x in zip(firsts, w, strict=True) if f) / firsts.sum()
+        assert pooled == pytest.approx(o["recall@20_first"], abs=1e-12)
+        rest = scored - firsts
+        pooled = sum(r * x["recall@20_rest"] for r, x in zip(rest, w, strict=True) if r) / rest.sum()
+        assert pooled == pytest.approx(o["recall@20_rest"], abs=1e-12)
         assert max(x["coverage@20"] for x in w) <= 1.0
         assert o["recall@10"] <= o["recall@20"] <= o["recall@50"]
         assert w[-1]["end_event"] == 3000 and w[0]["start_event"] == 0

@@ -207,5 +207,7 @@ class SparcModel(nn.Module):
         mixture = torch.logsumexp(per_code + logp_k[..., None], dim=1)  # (B, N+1)
         if global_mix > 0:
             glob = torch.log_softmax(self._mask_padding(state.h @ cat.z.T), dim=-1)
+            if global_mix >= 1:
+                return glob
             mixture = torch.logaddexp(glob + math.log(global_mix), mixture + math.log1p(-global_mix))
         return mixture
