@@ -1,4 +1,5 @@
-"""Kafka fixtures for the tests marked `kafka`: a real Apache Kafka broker, never a mock.
+"""Shared test fixtures: one torch thread for the (tiny) unit tests; for the tests marked `kafka`, a real
+Apache Kafka broker, never a mock.
 
 Where the broker comes from, first match wins:
   1. env KAFKA_BOOTSTRAP_SERVERS (what `make test` sets after `deploy/kafka/broker.sh start`): used as is;
@@ -22,6 +23,18 @@ from typing import NoReturn
 import pytest
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_one_thread() -> Iterator[None]:
+    """Unit tests use tiny tensors: one torch thread is faster than two contending ones (and deterministic)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 BROKER_SH = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "broker.sh"
 # KRaft-capable image that testcontainers' KafkaContainer knows how to configure (used only where Docker is).

@@ -7,19 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cli.main import main
 
 METRIC_KEYS = {f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_dataset(folder: Path, users: int = 30, items: int = 40, seed: int = 0) -> Path:

@@ -19,14 +19,6 @@ from trainer.online import load_model
 FAST = ["--epochs", "1", "--codes", "8", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_dataset(folder: Path, users: int = 30, items: int = 40, seed: int = 0) -> Path:
     """A seeded S3-Rec dataset with attributes; every item appears, lengths 5..12."""
     rng = np.random.default_rng(seed)

@@ -21,14 +21,6 @@ N_ITEMS, N_ATTRS, CODES = 30, 6, 8
 ENC = EncoderConfig(dim=16, max_len=8, layers=1, heads=1, ffn_mult=2, dropout=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sparc_config(**overrides) -> SparcConfig:
     base = {"num_items": N_ITEMS, "num_attributes": N_ATTRS, "encoder": ENC, "levels": 2, "codes": CODES}
     return SparcConfig(**{**base, **overrides})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from cli.main import main
 from replay.sources import open_source
@@ -13,13 +12,6 @@ from replay.sources import open_source
 SMALL = ["--codes", "8", "--dim", "16", "--max-len", "10", "--layers", "1", "--batch-size", "32", "--quiet"]
 SYNTHETIC = "synthetic:2?users=40&events=640&items=60&topics=4"
 METRICS = {f"{m}@{k}" for m in ("recall", "ndcg") for k in (10, 20, 50)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def one_error_line(err: str) -> str:

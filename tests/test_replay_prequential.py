@@ -17,14 +17,6 @@ from trainer.config import EncoderConfig
 T0 = 1_700_000_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_settings(**over) -> ReplaySettings:
     model = worker_model_config(num_attributes=256, codes=8, encoder=EncoderConfig(dim=32, max_len=20, layers=1))
     base = dict(model=model, batch_size=32, freeze_at=0.25, retrain_epochs=2)

@@ -11,14 +11,6 @@ import torch
 from trainer.rq import ResidualQuantizer, VectorQuantizer, code_health, kmeans
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def clustered(n: int = 480, dim: int = 8, seed: int = 0) -> torch.Tensor:
     """Three scales of structure: 8 coarse centres, 8 finer offsets, then noise. (n, dim) float32."""
     g = torch.Generator().manual_seed(seed)

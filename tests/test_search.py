@@ -24,14 +24,6 @@ from trainer.step import Trainer
 RETRIEVERS = [BruteForce, FaissFlat]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------- quotas and codes
 
 
