@@ -33,6 +33,7 @@ import numpy as np
 import safetensors
 import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
 
 from codebook_store import CorruptSnapshotError, Snapshot, decode, encode, open_store
 
@@ -152,7 +153,7 @@ def bench_safetensors_file(root: Path, snap: Snapshot, reps: int) -> dict[str, A
     for rep in range(reps):
         path = root / f"plain{rep}.safetensors"
         writes.append(timed(lambda p=path: fsync_write(p, lambda q: safetensors.torch.save_file(tensors, q)))[0])
-        reads.append(timed(lambda p=path: safetensors.torch.load(p.read_bytes()))[0])  # bytes, like the store
+        reads.append(timed(lambda p=path: load_safetensors(p.read_bytes()))[0])  # bytes, like the store
         size = path.stat().st_size
         path.unlink()
     return {"write_s": stats(writes), "read_s": stats(reads), "disk_bytes": size}

@@ -29,6 +29,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors  # bytes -> tensors; never pickle
 
 from codebook_store.errors import (
     CodebookStoreError,
@@ -221,7 +222,7 @@ def load_blob(manifest: Manifest, blob_name: str, data: bytes | None) -> dict[st
     lists for it, with their dtypes and shapes."""
     verify_blob(manifest, blob_name, data)
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors(data)
     except Exception as exc:  # any parser failure on verified bytes means a bad writer
         raise _corrupt(
             "content", manifest.model, manifest.version, blob_name, f"is not valid safetensors: {exc}"

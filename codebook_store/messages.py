@@ -49,6 +49,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors  # bytes -> tensors; never pickle
 
 from codebook_store.drift import CodeRemap, code_remap
 from codebook_store.errors import CorruptSnapshotError, IncompatibleSnapshotError
@@ -439,7 +440,7 @@ def _load_remap(data: bytes, manifest: Manifest) -> CodeRemap:
                                   model=manifest.model, version=manifest.version, blob="remap")
 
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors(data)
     except Exception as exc:  # any parser failure on bytes that passed their sha256: a bad writer
         raise bad(f"is not valid safetensors: {exc}") from None
     if set(tensors) != set(_REMAP_FIELDS) or any(t.dtype != torch.int64 for t in tensors.values()):
