@@ -77,7 +77,22 @@ def _check_item(value: int, context: dict | None) -> int:
     return value
 
 
-class Feedback(BaseModel):
+class _ItemEventBase(BaseModel):
+    """The checks every event naming an item shares: the item id's range and a plausible timestamp
+    (limits from the validation context: "max_item_id", "now")."""
+
+    @field_validator("item_id", check_fields=False)
+    @classmethod
+    def _item_in_range(cls, value: int, info) -> int:
+        return _check_item(value, info.context)
+
+    @field_validator("timestamp", check_fields=False)
+    @classmethod
+    def _plausible_time(cls, value: float, info) -> float:
+        return _check_timestamp(value, info.context)
+
+
+class Feedback(_ItemEventBase):
     """A user's interaction with an item. `user_id` is normalised to a string (the table key)."""
 
     model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
@@ -96,18 +111,8 @@ class Feedback(BaseModel):
             raise PydanticCustomError("out_of_range", "user id {value} is negative", {"value": value})
         return str(value)
 
-    @field_validator("item_id")
-    @classmethod
-    def _item_in_range(cls, value: int, info) -> int:
-        return _check_item(value, info.context)
 
-    @field_validator("timestamp")
-    @classmethod
-    def _plausible_time(cls, value: float, info) -> float:
-        return _check_timestamp(value, info.context)
-
-
-class ItemEvent(BaseModel):
+class ItemEvent(_ItemEventBase):
     """A catalogue entry: an item (new or updated) and its attribute ids."""
 
     model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
@@ -115,16 +120,6 @@ class ItemEvent(BaseModel):
     item_id: StrictInt
     attributes: Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(max_length=64)] = []
     timestamp: StrictInt | StrictFloat
-
-    @field_validator("item_id")
-    @classmethod
-    def _item_in_range(cls, value: int, info) -> int:
-        return _check_item(value, info.context)
-
-    @field_validator("timestamp")
-    @classmethod
-    def _plausible_time(cls, value: float, info) -> float:
-        return _check_timestamp(value, info.context)
 
 
 class Source(BaseModel):

@@ -75,6 +75,8 @@ def let_go(proc: subprocess.Popen) -> tuple[threading.Thread, list[tuple[str, in
 
     def collect() -> None:
         for line in proc.stdout:
+            if not line.endswith("\n"):  # the last line, torn by the SIGKILL
+                break
             kind, _, version = line.strip().partition(" ")
             events.append((kind, int(version)))
             if kind == "begin":

@@ -71,6 +71,10 @@ def test_item_events():
     assert validate_item(b'{"item_id": 4, "timestamp": 1700000000}', now=NOW).attributes == []
     bad = validate_item(b'{"item_id": 4, "attributes": [0], "timestamp": 1700000000}', now=NOW)
     assert bad.reason == "out_of_range" and bad.detail.startswith("attributes.0")
+    # the item-id range and timestamp checks are shared with feedback events
+    assert validate_item(b'{"item_id": 0, "timestamp": 1700000000}', now=NOW).reason == "out_of_range"
+    assert validate_item(b'{"item_id": 9, "timestamp": 1700000000}', max_item_id=8, now=NOW).reason == "out_of_range"
+    assert validate_item(b'{"item_id": 4, "timestamp": 100}', now=NOW).reason == "bad_timestamp"
 
 
 def test_train_example_round_trips_as_json():
