@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cli.errors import UserError
 
+ALL_VARIANTS = "evolving,frozen,periodic,evolving/hard,evolving/soft:t=2,evolving/soft:k=8"
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -26,8 +27,14 @@ Variants = regimes x score modes:
   frozen    the online model as it is at --freeze-at, then fixed (eval mode, codebooks frozen)
   periodic  retrained from scratch at --freeze-at and every --retrain-every events after it, on everything
             learnable so far (--retrain-epochs epochs), fixed in between
-Before the freeze point the three are one model. Each regime is scored in every --modes entry (names become
-REGIME/MODE when there are several modes).
+Before the freeze point the three are one model. Each regime is scored in every --modes entry; a
+REGIME/MODE entry in --variants adds that one variant (names become REGIME/MODE when several modes are used).
+Score modes: soft (SPARC's soft search over the top-k codes), hard (the argmax code, SPARC-Hard), and the
+exploration knob soft:k=TOP_CODES:t=TEMPERATURE (more codes / a flatter code distribution). For a soft/hard
+comparison and an exploration sweep on the evolving model only:
+  --variants evolving,frozen,periodic,evolving/hard,evolving/soft:t=2,evolving/soft:k=8
+(--variants all is this set). Every variant reports new-item reach: new_share@20 (top-20 slots given to new
+items) and new_items_reached@N (new items that got N top-20 retrievals while new, --reach).
 
 Sources (--events):
   FILE.jsonl                 one event per line: feedback {event_id, user_id, item_id, timestamp, event_type}
@@ -59,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", required=True, type=Path, metavar="DIR",
                    help="folder for report.json, report.md, metrics.png and health.png (created)")
     p.add_argument("--variants", default="evolving,frozen,periodic",
-                   help="comma-separated regimes: evolving, frozen, periodic (default: all three)")
+                   help="comma-separated REGIME (evolving, frozen, periodic; scored in every --modes entry) or "
+                        "REGIME/MODE (that mode only, e.g. evolving/hard, evolving/soft:t=2), or 'all' "
+                        f"(= {ALL_VARIANTS}) (default: evolving,frozen,periodic)")
     p.add_argument("--modes", default="soft",
                    help="comma-separated score modes: soft[:k=TOP_CODES][:t=TEMPERATURE][:mix=GLOBAL_MIX] or "
                         "hard, e.g. soft,hard,soft:t=2,soft:k=8 for an exploration sweep (default: soft = "
@@ -108,19 +117,19 @@ def parse_amount(text: str, what: str) -> tuple[int | None, float | None]:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from replay.prequential import ReplaySettings, ScoreMode, with_seed, worker_model_config
+    from replay.prequential import ReplaySettings, ScoreMode, parse_variants, with_seed, worker_model_config
     from trainer.config import EncoderConfig, TrainConfig
 
     delay_events, delay_seconds = parse_amount(args.delay, "--delay")
     window_events, window_seconds = parse_amount(args.window, "--window") if args.window else (None, None)
     try:
         modes = tuple(ScoreMode.parse(m) for m in args.modes.split(",") if m.strip())
+        variants = parse_variants(ALL_VARIANTS if args.variants.strip() == "all" else args.variants, modes)
         encoder = EncoderConfig(dim=args.dim, max_len=args.max_len, layers=args.layers)
         settings = ReplaySettings(
             model=worker_model_config(num_attributes=args.attributes, codes=args.codes, encoder=encoder),
             train=TrainConfig(batch_size=args.batch_size, lr=args.lr),
-            regimes=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
-            modes=modes,
+            **variants,
             batch_size=args.batch_size,
             delay_events=delay_events or 0,
             delay_seconds=delay_seconds or 0.0,
@@ -182,9 +191,11 @@ def run(args: argparse.Namespace) -> int:
     markers = [tuple(m) for m in report["markers"]]
     figures = [plot_metrics(report, out / "metrics.png", markers), plot_health(report, out / "health.png", markers)]
     (out / "report.md").write_text(markdown(report, [str(f) for f in figures]))
+    reach = f"new_items_reached@{settings.reach_n}"
     for name, v in report["variants"].items():
         o, a = v["overall"], v["after_freeze"]
         print(f"{name:<24} R@20 {o['recall@20']:.4f}  N@20 {o['ndcg@20']:.4f}  after freeze R@20 "
-              f"{a['recall@20']:.4f}  cov@20 {o['coverage@20']:.3f}  new@20 {o['new_share@20']:.3f}")
+              f"{a['recall@20']:.4f}  cov@20 {o['coverage@20']:.3f}  tail@20 {o['tail_share@20']:.3f}  "
+              f"new@20 {o['new_share@20']:.3f}  reached@{settings.reach_n} {o[reach]}")
     print(f"report written to {out} ({report['events']} events, {report['seconds']:.1f} s)")
     return 0

@@ -22,6 +22,8 @@ FLAGS = {
     "partitions": "partitions",
     "snapshot_every_steps": "snapshot_every_steps",
     "snapshot_every_seconds": "snapshot_every_seconds",
+    "warm_start": "warm_start",
+    "processed_log": "processed_log",
 }
 
 
@@ -47,6 +49,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--partitions", type=int, help="partitions of the feedback topic and tables (default 4)")
     p.add_argument("--snapshot-every-steps", type=int, help="publish every N training steps (default 200)")
     p.add_argument("--snapshot-every-seconds", type=float, help="... or every T seconds (default 60)")
+    p.add_argument(
+        "--warm-start",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start from the store's latest snapshot of the model when there is one: its weights, step count and "
+        "train position (default on; --no-warm-start: a fresh model, versions still continue from the store's)",
+    )
+    p.add_argument(
+        "--processed-log",
+        type=Path,
+        help="append a JSON line per learnt micro-batch (event ids, train offsets) and per start to this file",
+    )
     p.set_defaults(func=run)
 
 

@@ -112,6 +112,30 @@ def _date(ts) -> str:
     return "" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
 
 
+def modes_section(report: dict) -> list[str]:
+    """Score modes side by side per regime (soft vs hard search, the exploration sweep): accuracy and new-item
+    reach over every scored event, relative to the regime's plain soft search. Empty with a single mode."""
+    variants = report["variants"]
+    if len({n.partition("/")[2] for n in variants}) < 2:
+        return []
+    first = next(iter(variants.values()))["overall"]
+    reach = next(k for k in first if k.startswith("new_items_reached@"))
+    keys = ["recall@20", "ndcg@20", "recall@20_first", "coverage@20", "tail_share@20", "new_share@20", reach]
+    rows = []
+    for regime in dict.fromkeys(v["regime"] for v in variants.values()):
+        names = [n for n, v in variants.items() if v["regime"] == regime]
+        base = variants[next((n for n in names if n.partition("/")[2] == "soft"), names[0])]["overall"]
+        for n in names:
+            o = variants[n]["overall"]
+            delta = [f"{(o[k] / base[k] - 1) * 100:+.1f}%" if base[k] else "" for k in ("recall@20", "new_share@20")]
+            rows.append([n, o["scored"], *(o.get(k) for k in keys), *delta])
+    return ["", "## Score modes: soft vs hard search, exploration sweep (every scored event)", "",
+            "new_share@20: top-20 slots given to new items; "
+            f"{reach}: new items that reached that many top-20 retrievals while new; deltas vs the regime's "
+            "plain soft search.", "",
+            *_table(["variant", "scored", *keys, "R@20 vs soft", "new_share vs soft"], rows)]
+
+
 def markdown(report: dict, figures: Sequence[str] = ()) -> str:
     """The report as Markdown: overall and after-freeze tables, per-window Recall@20 and health tables."""
     variants = report["variants"]
@@ -148,6 +172,7 @@ def markdown(report: dict, figures: Sequence[str] = ()) -> str:
                      f"{(a['recall@20'] / ref - 1) * 100:+.1f}%" if ref else ""])
     lines += _table(["variant", "scored", *keys, "R@20 vs " + next(k for k, v in variants.items() if v is base)],
                     rows)
+    lines += modes_section(report)
     lines += ["", "## Recall@20 per window", ""]
     windows = first["windows"]
     lines += _table(["end event", "end time (UTC)", "events", "scored", "new items", *variants],

@@ -35,8 +35,12 @@ Variants = regimes x scoring modes, all over the same events and the same scored
                      `retrain_epochs` epochs of trainer.Trainer.step), fixed in between.
            Before the freeze point the three are ONE model: the online learner (learnt once, scored once).
   modes    ScoreMode: soft search (top_codes, temperature, global_mix) or hard (argmax code); a sweep over
-           temperature / top_codes is a list of soft modes. Modes share the regime's model: only scoring repeats.
-  names    "evolving" when one mode is given, else "evolving/soft", "evolving/hard", "evolving/soft:k=8:t=2", ...
+           temperature / top_codes is a list of soft modes. Modes share the regime's model: only scoring repeats
+           (one catalogue and one encoder pass per model and micro-batch; fixed models keep their catalogue
+           between batches, see CatalogueCache). `extra_variants` adds (regime, mode) pairs beyond
+           regimes x modes, e.g. hard search and an exploration sweep on the evolving model only.
+  names    "evolving" when every variant uses one mode, else "evolving/soft", "evolving/hard",
+           "evolving/soft:k=8:t=2", ...
 
 Per window and variant: Recall/NDCG@{10,20,50}; coverage@20 (distinct items in the window's top-20 lists over
 the items known at the window's end); tail_share@20 (share of top-20 slots given to items outside the 20% most
@@ -49,6 +53,10 @@ and its drift from the regime's previous window (codebook_store.drift.code_drift
 "overall" pools every scored event (windows add up to it: rank metrics are scored-weighted means, shares are
 slot-weighted means, reach counts sum; coverage is the union); "after_freeze" pools the events scored after the
 freeze point, where the regimes differ. With `eval_per_batch`, retrieval counts come from the scored sample.
+
+Finer than windows: `windowed_recall` (Recall@k over any event windows, from an observer's positions and ranks)
+and `recovery` (after a shift in the stream: the pre-shift level and the events until a model is back at a share
+of it; benchmarks/drift_bench.py).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, NamedTuple
 
@@ -140,6 +149,9 @@ class ReplaySettings:
     train: TrainConfig = TrainConfig(batch_size=64)
     regimes: tuple[str, ...] = REGIMES
     modes: tuple[ScoreMode, ...] = (ScoreMode(),)
+    # variants beyond regimes x modes, e.g. (("evolving", ScoreMode(search="hard")),): a soft/hard comparison or an
+    # exploration sweep on one regime without scoring every regime in every mode
+    extra_variants: tuple[tuple[str, ScoreMode], ...] = ()
     batch_size: int = 64  # B: micro-batch of the test and of the online learning step
     delay_events: int = 0  # a model learns an event only once this many newer events were read ...
     delay_seconds: float = 0.0  # ... and the newest event read is at least this much later
@@ -156,8 +168,8 @@ class ReplaySettings:
     seed: int = 0  # the scored sample; the models' seed is train.seed
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.regimes if r not in REGIMES]
-        if unknown or not self.regimes:
+        unknown = [r for r in (*self.regimes, *(r for r, _ in self.extra_variants)) if r not in REGIMES]
+        if unknown or not (self.regimes or self.extra_variants):
             raise ValueError(
                 f"unknown regime(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(REGIMES)}"
             )
@@ -165,6 +177,11 @@ class ReplaySettings:
             raise ValueError("regimes must be distinct and at least one score mode is needed")
         if len({m.name for m in self.modes}) != len(self.modes):
             raise ValueError("score modes must be distinct")
+        if not all(isinstance(m, ScoreMode) for _, m in self.extra_variants):
+            raise ValueError("extra_variants must be (regime, ScoreMode) pairs")
+        names = [n for n, _, _ in self.variant_names()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate variant(s): {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
         if self.batch_size < 1 or self.delay_events < 0 or self.delay_seconds < 0 or self.freeze_at < 0:
             raise ValueError("batch_size must be >= 1; delays and freeze_at >= 0")
         if self.window_events is not None and self.window_events < 1:
@@ -178,16 +195,41 @@ class ReplaySettings:
         if self.retrain_epochs < 1 or self.retrain_batch_size < 1 or self.reach_n < 1 or self.top_n < 1:
             raise ValueError("retrain_epochs, retrain_batch_size, reach_n and top_n must be >= 1")
 
+    @property
+    def all_regimes(self) -> tuple[str, ...]:
+        """Every regime a variant uses (`regimes`, then those only `extra_variants` name), each once."""
+        return tuple(dict.fromkeys([*self.regimes, *(r for r, _ in self.extra_variants)]))
+
     def variant_names(self) -> list[tuple[str, str, ScoreMode]]:
-        """(variant name, regime, mode) for every variant, regimes first."""
-        if len(self.modes) == 1:
-            return [(r, r, self.modes[0]) for r in self.regimes]
-        return [(f"{r}/{m.name}", r, m) for r in self.regimes for m in self.modes]
+        """(variant name, regime, mode) for every variant: regimes x modes (regimes first), then the extra ones.
+        Names are the regime alone when every variant uses the same mode, else REGIME/MODE."""
+        pairs = [(r, m) for r in self.regimes for m in self.modes] + list(self.extra_variants)
+        if len({m.name for _, m in pairs}) == 1:
+            return [(r, r, m) for r, m in pairs]
+        return [(f"{r}/{m.name}", r, m) for r, m in pairs]
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["modes"] = [m.name for m in self.modes]
+        out["extra_variants"] = [f"{r}/{m.name}" for r, m in self.extra_variants]
         return out
+
+
+def parse_variants(text: str, modes: Sequence[ScoreMode] = (ScoreMode(),)) -> dict:
+    """`--variants` text -> ReplaySettings keyword arguments {"regimes", "modes", "extra_variants"}.
+
+    "evolving,frozen,periodic" -> the regimes (each scored in every mode of `modes`); "REGIME/MODE" entries
+    (e.g. "evolving/hard", "evolving/soft:t=2") are extra variants, scored in that mode only. Raises ValueError."""
+    regimes, extra = [], []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        regime, slash, mode = entry.partition("/")
+        if slash:
+            extra.append((regime.strip(), ScoreMode.parse(mode)))
+        else:
+            regimes.append(regime)
+    return {"regimes": tuple(regimes), "modes": tuple(modes), "extra_variants": tuple(extra)}
 
 
 class Scored(NamedTuple):
@@ -200,7 +242,141 @@ class Scored(NamedTuple):
     top: np.ndarray  # (S, top_n) item ids best first; 0 where the model knows fewer items
 
 
+class CatalogueCache:
+    """The no-grad catalogue (z and codes of every item) of each live model, reused while its weights are unchanged.
+
+    Scoring needs the whole catalogue; recomputing it (the item tower and residual quantisation of every item) on
+    every scoring call was most of a replay's scoring time. A model's catalogue stays valid until its optimiser
+    takes a step (OnlineLearner.steps moves) or it is replaced (the frozen copy, a periodic retrain: another
+    object). Item events only touch their own rows (z_i depends on item i's ID row and attributes alone; codes
+    on z_i and the codebooks), so `touched(items)` marks those rows and `get` recomputes just them and the rows
+    of a grown table -- row for row the same numbers as a full recomputation (tests/test_replay_prequential.py).
+    """
+
+    MIN_ROWS = 64
+
+    def __init__(self) -> None:
+        self._entries: dict[int, list] = {}  # id(learner) -> [learner, steps, Catalogue, dirty rows]
+        self.full = 0  # full computations and incremental updates so far (for the benchmarks)
+        self.partial = 0
+
+    @torch.no_grad()
+    def get(self, learner: OnlineLearner):
+        model = learner.model
+        entry = self._entries.get(id(learner))
+        if entry is None or entry[0] is not learner or entry[1] != learner.steps:
+            cat = model.catalogue()
+            self._entries[id(learner)] = [learner, learner.steps, cat, set()]
+            self.full += 1
+            return cat
+        cat, dirty = entry[2], entry[3]
+        rows = model.items.num_items + 1
+        held = cat.z.shape[0]
+        todo = sorted(i for i in dirty if i < held) + list(range(held, rows))
+        if not todo:
+            return cat
+        idx = torch.as_tensor(todo, dtype=torch.long)
+        # at least MIN_ROWS rows (padded with rows 1, 2, ... whose results are dropped): BLAS takes other code
+        # paths for a matrix of very few rows, whose rounding differs from the full catalogue's
+        pad = torch.arange(1, max(0, self.MIN_ROWS - len(todo)) + 1).clamp(max=rows - 1)
+        z_new = model.items(torch.cat([idx, pad]))
+        codes_new = model.rq.encode(z_new)[0][: len(todo)]
+        z_new = z_new[: len(todo)]
+        z, codes = cat.z, cat.codes
+        if rows > held:  # out of place: a catalogue handed out earlier never changes under its holder
+            z = torch.cat([z, z.new_zeros(rows - held, z.shape[1])])
+            codes = torch.cat([codes, codes.new_zeros(rows - held, codes.shape[1])])
+        cat = type(cat)(z=z.index_copy(0, idx, z_new), codes=codes.index_copy(0, idx, codes_new))
+        entry[2], entry[3] = cat, set()
+        self.partial += 1
+        return cat
+
+    def touched(self, items: Iterable[int]) -> None:
+        """Item events were applied to every live model: their rows must be recomputed."""
+        items = list(items)
+        for entry in self._entries.values():
+            entry[3].update(items)
+
+    def retain(self, learners: Iterable[OnlineLearner]) -> None:
+        """Forget every model but these (models no longer in use)."""
+        keep = {id(x) for x in learners}
+        self._entries = {k: v for k, v in self._entries.items() if k in keep}
+
+
+@contextmanager
+def _shared_forward(model, catalogue) -> Iterator[None]:
+    """While one model scores one batch in several modes: its `catalogue()` returns `catalogue`, and `encode` runs
+    once per distinct (inputs, lengths, z) tensors. SparcModel.score stays the only definition of a score; this
+    only hands it results it would compute again (both are pure functions of the weights in eval mode)."""
+    memo: dict[tuple[int, int, int], tuple] = {}
+    encode = type(model).encode
+
+    def shared_encode(inputs, lengths, z=None):
+        key = (id(inputs), id(lengths), id(z))
+        if key not in memo:  # the tensors are kept in the memo, so their ids stay theirs
+            memo[key] = (inputs, lengths, z, encode(model, inputs, lengths, z))
+        return memo[key][3]
+
+    model.catalogue = lambda: catalogue
+    model.encode = shared_encode
+    try:
+        yield
+    finally:
+        del model.catalogue
+        del model.encode
+
+
 @torch.no_grad()
+def score_modes(
+    learner: OnlineLearner,
+    histories: Sequence[Sequence[int]],
+    targets: np.ndarray,
+    positions: np.ndarray,
+    known_at: np.ndarray,
+    modes: Sequence[ScoreMode],
+    top_n: int,
+    catalogue=None,
+) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """For each mode: ranks (S,) of `targets`, top-n lists (S, top_n) from the model's whole catalogue, seconds.
+
+    Item i is rankable for the event at replay index p when known_at[i] <= p and the model's table holds i;
+    every other item scores -inf, and a target that is not rankable gets rank N + 1 (a miss at any k).
+    The modes share one catalogue (`catalogue`, the model's current one if None) and one encoder pass; each
+    mode's scores are SparcModel.score's. The first mode's seconds include the shared work.
+    """
+    start = time.perf_counter()
+    model = learner.model
+    n = model.items.num_items
+    max_len = model.cfg.encoder.max_len
+    hist = [np.asarray([i for i in h if i <= n], dtype=np.int64) for h in histories]
+    inputs, lengths = pad_histories(hist, max_len)
+    model.eval()
+    known = known_at[: n + 1]
+    if len(known) < n + 1:  # rows the model holds that the caller never marked known
+        known = np.concatenate([known, np.full(n + 1 - len(known), NEVER, dtype=np.int64)])
+    hidden = torch.from_numpy(known[None, :] > positions[:, None])  # (S, N+1)
+    hidden[:, 0] = True
+    t = torch.from_numpy(np.minimum(targets, n))
+    k = min(top_n, n)
+    out = []
+    with _shared_forward(model, model.catalogue() if catalogue is None else catalogue):
+        for mode in modes:
+            scores = model.score(inputs, lengths, search=mode.search, top_codes=mode.top_codes,
+                                 temperature=mode.temperature, global_mix=mode.global_mix).float()  # (S, N+1)
+            scores = scores.masked_fill(hidden, -math.inf)
+            ranks = target_ranks(scores, t).numpy().copy()
+            rankable = (targets <= n) & torch.isfinite(scores.gather(1, t[:, None]))[:, 0].numpy()
+            ranks[~rankable] = n + 1
+            values, ids = scores.topk(k, dim=1) if k else (scores[:, :0], scores[:, :0].long())
+            ids = torch.where(torch.isfinite(values), ids, torch.zeros_like(ids)).numpy()
+            top = np.zeros((len(targets), top_n), dtype=np.int64)
+            top[:, :k] = ids
+            now = time.perf_counter()
+            out.append((ranks, top, now - start))
+            start = now
+    return out
+
+
 def score_events(
     learner: OnlineLearner,
     histories: Sequence[Sequence[int]],
@@ -210,34 +386,8 @@ def score_events(
     mode: ScoreMode,
     top_n: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Ranks (S,) of `targets` and top-n lists (S, top_n) from the model's whole catalogue.
-
-    Item i is rankable for the event at replay index p when known_at[i] <= p and the model's table holds i;
-    every other item scores -inf, and a target that is not rankable gets rank N + 1 (a miss at any k).
-    """
-    model = learner.model
-    n = model.items.num_items
-    max_len = model.cfg.encoder.max_len
-    hist = [np.asarray([i for i in h if i <= n], dtype=np.int64) for h in histories]
-    inputs, lengths = pad_histories(hist, max_len)
-    model.eval()
-    scores = model.score(inputs, lengths, search=mode.search, top_codes=mode.top_codes,
-                         temperature=mode.temperature, global_mix=mode.global_mix).float()  # (S, N+1)
-    known = known_at[: n + 1]
-    if len(known) < n + 1:  # rows the model holds that the caller never marked known
-        known = np.concatenate([known, np.full(n + 1 - len(known), NEVER, dtype=np.int64)])
-    hidden = torch.from_numpy(known[None, :] > positions[:, None])  # (S, N+1)
-    hidden[:, 0] = True
-    scores = scores.masked_fill(hidden, -math.inf)
-    t = torch.from_numpy(np.minimum(targets, n))
-    ranks = target_ranks(scores, t).numpy().copy()
-    rankable = (targets <= n) & torch.isfinite(scores.gather(1, t[:, None]))[:, 0].numpy()
-    ranks[~rankable] = n + 1
-    k = min(top_n, n)
-    values, ids = scores.topk(k, dim=1) if k else (scores[:, :0], scores[:, :0].long())
-    ids = torch.where(torch.isfinite(values), ids, torch.zeros_like(ids)).numpy()
-    top = np.zeros((len(targets), top_n), dtype=np.int64)
-    top[:, :k] = ids
+    """score_modes for one mode, without timing: (ranks (S,), top-n lists (S, top_n))."""
+    ranks, top, _ = score_modes(learner, histories, targets, positions, known_at, (mode,), top_n)[0]
     return ranks, top
 
 
@@ -303,7 +453,7 @@ class Prequential:
             raise ValueError("a fractional freeze_at needs the stream's length (total)")
         if s.window_events is None and s.window_seconds is None and total is None:
             raise ValueError("windows need window_events, window_seconds or the stream's length (total)")
-        if "periodic" in s.regimes and s.retrain_every is None and s.window_events is None and total is None:
+        if "periodic" in s.all_regimes and s.retrain_every is None and s.window_events is None and total is None:
             raise ValueError("periodic retrains need retrain_every, window_events or the stream's length (total)")
         self.freeze_at = int(math.ceil(s.freeze_at * total)) if s.freeze_at < 1 else int(s.freeze_at)
         default_window = max(s.batch_size, int(math.ceil((total or 0) / 10 / s.batch_size)) * s.batch_size)
@@ -313,7 +463,7 @@ class Prequential:
         self.max_len = s.model.encoder.max_len
 
         self.online: OnlineLearner | None = OnlineLearner(s.model, s.train)
-        self.models: dict[str, OnlineLearner] = dict.fromkeys(s.regimes, self.online)
+        self.models: dict[str, OnlineLearner] = dict.fromkeys(s.all_regimes, self.online)
         self.frozen_event: int | None = None
         self.next_retrain: int | None = None
         self.retrains = 0
@@ -336,6 +486,10 @@ class Prequential:
         self.duplicates = 0
         self.cold = 0
         self._prev_codes: dict[str, tuple[np.ndarray, torch.Tensor, torch.Tensor]] = {}
+        self.catalogues = CatalogueCache()
+        # False: every (model, mode) is scored on its own with a catalogue computed afresh, as before the shared
+        # scoring existed (the same results, slower: the benchmarks' baseline and the tests' reference)
+        self.share_scoring = True
 
     # ------------------------------------------------------------------ driving
     def run(
@@ -440,6 +594,7 @@ class Prequential:
         if items:
             for learner in self._live():
                 learner.observe_items(items)
+            self.catalogues.touched(int(r["item_id"]) for r in items)
         if not rows:
             return
         self.last_ts = rows[-1].timestamp if self.last_ts is None else max(self.last_ts, rows[-1].timestamp)
@@ -477,17 +632,34 @@ class Prequential:
             new_item = self.first_ts > self.last_ts - self.s.window_seconds
         new_item &= (self.known_at != NEVER) & (self.known_at > 0)  # the initial catalogue is not new
         after_freeze = self.frozen_event is not None
-        done: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, float]] = {}
-        for name, regime, mode in self.variants:
+        # every distinct model scores once in each mode it is asked for (regimes share one model before the freeze
+        # point); its modes share one catalogue and one encoder pass
+        wanted: dict[int, tuple[OnlineLearner, dict[str, ScoreMode]]] = {}
+        for _, regime, mode in self.variants:
             learner = self.models[regime]
-            key = (id(learner), mode.name)
-            if key not in done:  # regimes sharing one model (before the freeze point) are scored once
-                start = time.perf_counter()
-                ranks, top = score_events(learner, histories, targets, positions, self.known_at, mode, self.s.top_n)
-                done[key] = (ranks, top, time.perf_counter() - start)
+            wanted.setdefault(id(learner), (learner, {}))[1].setdefault(mode.name, mode)
+        done: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, float]] = {}
+        for key, (learner, modes) in wanted.items():
+            if not self.share_scoring:  # the reference path: every (model, mode) on its own, catalogue afresh
+                for mode_name, mode in modes.items():
+                    done[(key, mode_name)] = score_modes(learner, histories, targets, positions, self.known_at,
+                                                         [mode], self.s.top_n)[0]
+                continue
+            start = time.perf_counter()
+            cat = self.catalogues.get(learner)
+            shared = time.perf_counter() - start
+            results = score_modes(learner, histories, targets, positions, self.known_at, list(modes.values()),
+                                  self.s.top_n, cat)
+            for i, (mode_name, (ranks, top, seconds)) in enumerate(zip(modes, results, strict=True)):
+                done[(key, mode_name)] = (ranks, top, seconds + (shared if i == 0 else 0.0))
+        counted: set[tuple[int, str]] = set()
+        for name, regime, mode in self.variants:
+            key = (id(self.models[regime]), mode.name)
             ranks, top, seconds = done[key]
             t = self.tracks[name]
-            t.score_seconds += seconds
+            if key not in counted:  # shared work is counted once, on the first variant that used it
+                t.score_seconds += seconds
+                counted.add(key)
             t.ranks.append(ranks)
             t.all_ranks.append(ranks)
             t.firsts.append(firsts)
@@ -500,9 +672,10 @@ class Prequential:
             if len(t.retrievals) < len(self.known_at):
                 grow = np.zeros(len(self.known_at) - len(t.retrievals), dtype=np.int64)
                 t.retrievals = np.concatenate([t.retrievals, grow])
-            before = t.retrievals.copy() if len(slots) else t.retrievals
-            np.add.at(t.retrievals, slots, 1)
-            crossed = (before < self.s.reach_n) & (t.retrievals >= self.s.reach_n) & new_item
+            items, times = np.unique(slots, return_counts=True)
+            before = t.retrievals[items]
+            t.retrievals[items] = before + times
+            crossed = (before < self.s.reach_n) & (before + times >= self.s.reach_n) & new_item[items]
             t.reached += int(crossed.sum())
             if observer is not None:
                 observer(Scored(name, ids, positions, ranks, top))
@@ -561,6 +734,10 @@ class Prequential:
         self.learn_seconds += time.perf_counter() - start
 
     def _schedule(self) -> None:
+        self._schedule_models()
+        self.catalogues.retain(self._live())
+
+    def _schedule_models(self) -> None:
         if self.frozen_event is None and self.n >= self.freeze_at:
             self.frozen_event = self.n
             if "frozen" in self.models:
@@ -660,7 +837,7 @@ class Prequential:
         """Per regime: code health over the known items its model holds, and drift from its previous window."""
         by_model: dict[int, tuple[np.ndarray, torch.Tensor, torch.Tensor, dict]] = {}
         out = {}
-        for regime in self.s.regimes:
+        for regime in self.s.all_regimes:
             learner = self.models[regime]
             if id(learner) not in by_model:
                 model = learner.model
@@ -703,3 +880,76 @@ def replay(
 def with_seed(settings: ReplaySettings, seed: int) -> ReplaySettings:
     """The same settings with one seed for the scored sample and the models."""
     return replace(settings, seed=seed, train=replace(settings.train, seed=seed))
+
+
+# ------------------------------------------------------------------ recall over event windows, recovery after shifts
+def windowed_recall(
+    positions: np.ndarray, ranks: np.ndarray, starts: np.ndarray | Sequence[int], width: int, k: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """Recall@k over the scored events in each window [start, start + width) of replay positions.
+
+    positions (S,) and ranks (S,): every scored event of one variant (e.g. gathered from `Scored`), any order.
+    Returns (recall (W,), scored (W,)); recall is NaN where a window holds no scored event."""
+    positions, ranks = np.asarray(positions), np.asarray(ranks)
+    order = np.argsort(positions, kind="stable")
+    pos, hits = positions[order], (ranks[order] < k).astype(np.int64)
+    cum = np.concatenate([[0], np.cumsum(hits)])
+    starts = np.asarray(starts, dtype=np.int64)
+    lo = np.searchsorted(pos, starts, side="left")
+    hi = np.searchsorted(pos, starts + width, side="left")
+    scored = hi - lo
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(scored > 0, (cum[hi] - cum[lo]) / np.maximum(scored, 1), np.nan)
+    return recall, scored
+
+
+def recovery(
+    positions: np.ndarray,
+    ranks: np.ndarray,
+    shift: int,
+    *,
+    pre_events: int,
+    width: int,
+    step: int,
+    until: int,
+    fraction: float = 0.9,
+    k: int = 20,
+    target: float | None = None,
+) -> dict:
+    """How a variant fares after a shift at replay position `shift`.
+
+    pre_recall   Recall@k over the scored events in [shift - pre_events, shift);
+    target       `fraction` * pre_recall (or the `target` given, e.g. another variant's);
+    curve        Recall@k over the windows [shift + j * step, shift + j * step + width), j = 0, 1, ..., for every
+                 window that ends at or before `until` (the next shift or the end of the stream); each point is
+                 {"end": events after the shift at the window's end, "recall", "scored"};
+    recovered_after  events after the shift at the end of the first window whose recall is >= target: by then the
+                 last `width` events were served at >= target again (None: not before `until`; a model that never
+                 dropped recovers after `width`);
+    dip          the lowest window recall and the end of its window; final: the last window's recall.
+    """
+    if pre_events < 1 or width < 1 or step < 1 or not 0 < fraction <= 1:
+        raise ValueError("recovery needs pre_events, width, step >= 1 and 0 < fraction <= 1")
+    pre, pre_scored = windowed_recall(positions, ranks, [shift - pre_events], pre_events, k)
+    pre_recall = None if pre_scored[0] == 0 else float(pre[0])
+    goal = target if target is not None else (None if pre_recall is None else fraction * pre_recall)
+    starts = shift + step * np.arange(max(0, (until - shift - width) // step + 1))
+    recall, scored = windowed_recall(positions, ranks, starts, width, k)
+    curve = [{"end": int(s - shift + width), "recall": None if n == 0 else float(r), "scored": int(n)}
+             for s, r, n in zip(starts.tolist(), recall.tolist(), scored.tolist(), strict=True)]
+    valid = [c for c in curve if c["recall"] is not None]
+    recovered = None
+    if goal is not None:
+        recovered = next((c["end"] for c in valid if c["recall"] >= goal), None)
+    low = min(valid, key=lambda c: c["recall"]) if valid else None
+    return {
+        "shift": int(shift),
+        "pre_recall": pre_recall,
+        "pre_scored": int(pre_scored[0]),
+        "target": goal,
+        "recovered_after": recovered,
+        "dip": None if low is None else low["recall"],
+        "dip_at": None if low is None else low["end"],
+        "final": valid[-1]["recall"] if valid else None,
+        "curve": curve,
+    }

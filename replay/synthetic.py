@@ -8,6 +8,11 @@ What the generator builds (all driven by one seed):
                with probability `brand_noise` an item carries a random brand instead. Attribute ids >= 1.
   users        every user holds 2-3 active interests (topics) with Dirichlet weights; at each drift point a
                fraction of users swap one active interest for a topic they did not hold (ground truth kept).
+  dormant      with `dormant_topics` = D > 0, the last D topics are held and explored by nobody until their drift
+               point: drift point k opens the dormant topics k, k + n_drifts, ... (round robin), and its drifting
+               users swap into one of those (by topic weight), so a shift leads to an interest that nothing before
+               it showed (a model frozen before it never saw one of its items consumed). D = 0 (the default) is
+               the stream without dormant topics, draw for draw.
   sequences    per event: keep the previous event's interest (p_stay) or draw one by weight, or explore a
                random topic (p_explore). Within the topic, either continue from the user's last item of that
                topic along the topic's item ring (p_sequential; step 1 + Geometric(p_longer_step)), or draw
@@ -44,6 +49,7 @@ class SyntheticConfig:
     max_interests: int = 3
     n_drifts: int = 3  # drift points, evenly spaced over the stream
     drift_fraction: float = 0.5  # share of users that swap one interest at each drift point
+    dormant_topics: int = 0  # topics nobody holds or explores before their drift point opens them (module doc)
     min_events_per_user: int = 5
     activity_sigma: float = 1.0  # lognormal spread of user activity beyond the minimum
     interest_concentration: float = 2.0  # Dirichlet alpha of a user's interest weights
@@ -66,14 +72,22 @@ class SyntheticConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"SyntheticConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_new_items < 0 or self.n_drifts < 0 or self.min_events_per_user < 1:
+        if self.n_new_items < 0 or self.n_drifts < 0 or self.min_events_per_user < 1 or self.dormant_topics < 0:
             raise ValueError(
-                "SyntheticConfig: n_new_items and n_drifts must be >= 0, min_events_per_user >= 1"
+                "SyntheticConfig: n_new_items, n_drifts and dormant_topics must be >= 0, min_events_per_user >= 1"
             )
         if not self.min_interests <= self.max_interests < self.n_topics:
             raise ValueError(
                 "SyntheticConfig: need min_interests <= max_interests < n_topics (a drift needs a free "
                 f"topic), got {self.min_interests}, {self.max_interests}, {self.n_topics}"
+            )
+        if self.dormant_topics and not (
+            self.n_drifts <= self.dormant_topics and self.max_interests < self.n_topics - self.dormant_topics
+        ):
+            raise ValueError(
+                "SyntheticConfig: dormant_topics needs n_drifts <= dormant_topics (each drift point opens one) "
+                f"and max_interests < n_topics - dormant_topics, got dormant_topics={self.dormant_topics}, "
+                f"n_drifts={self.n_drifts}, max_interests={self.max_interests}, n_topics={self.n_topics}"
             )
         if self.n_initial_items < self.n_topics:
             raise ValueError(

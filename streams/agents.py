@@ -6,11 +6,21 @@ ingest    feedback-events -> validate -> invalid: DLQ (original bytes, reason in
 train     train topic -> micro-batches (stream.take_events) -> OnlineLearner.learn in the learner thread
 catalog   item-events -> validate -> observe_items in the learner thread (new items grow the item table)
 publisher a timer and the train agent: every N steps or T seconds -> health gate -> store -> announce ->
-          rebuild the serving index -> swap it in
+          rebuild the serving index -> swap it in -> commit the train topic's position of that snapshot
 
 The learner runs in ONE thread (training steps, item growth and snapshot capture are serialised there), so the
-event loop stays free for Kafka heartbeats and web requests. Forwarding before the table update makes a crash
-between the two re-deliver the event (trained twice) instead of dropping it (de-duplicated, never trained).
+event loop stays free for Kafka heartbeats and web requests.
+
+Delivery (at least once; streams.worker's module doc has the whole recovery story):
+- feedback: Faust commits a feedback offset only after the producer has flushed, so every event below a
+  committed offset has its training example in the train topic. Forwarding before the table update makes a
+  crash between the two re-deliver the event; a crash after the (local, RocksDB) table write but before Kafka
+  took the example is caught by streams.history's re-delivery rule (same event id at the same offset: forward
+  again). Either way the event is trained at least once, and the user's history holds it once.
+- train topic: its offsets are never committed by Faust (the topic is declared without acks). The learner's
+  durable state is the latest snapshot; once a snapshot is latest, the train position it has seen (its
+  watermark) is committed, and a restarted worker warm-starts from that snapshot and skips train messages below
+  its watermark. So a crash loses only learning that no snapshot holds, and that is learnt again.
 """
 
 from __future__ import annotations
@@ -40,19 +50,29 @@ def source_of(event: Any) -> Source:
 
 
 async def handle_feedback(w: StreamWorker, raw: bytes, key: bytes | None, source: Source) -> str:
-    """One feedback message. Returns what happened: "dlq", "duplicate" or "forwarded"."""
+    """One feedback message. Returns what happened: "dlq", "duplicate", "redelivered" (forwarded again, the
+    history unchanged: see streams.history) or "forwarded"."""
     s = w.settings
     result = validate_feedback(raw, max_bytes=s.max_event_bytes, max_item_id=s.max_item_id, now=w.clock())
     if isinstance(result, Invalid):
         await dead_letter(w, raw, key, result, source)
         return "dlq"
     applied = apply_feedback(
-        w.history.get(result.user_id), result.event_id, result.item_id, s.max_len, s.dedup_window
+        w.history.get(result.user_id),
+        result.event_id,
+        result.item_id,
+        s.max_len,
+        s.dedup_window,
+        partition=source.partition,
+        offset=source.offset,
     )
     if applied is None:
         w.metrics.duplicates.inc()
         return "duplicate"
     await w.outputs.train(TrainExample(event=result, history=applied.history, source=source))
+    if applied.redelivered:
+        w.recovery.redelivered.inc()
+        return "redelivered"
     w.history[result.user_id] = applied.state
     w.metrics.event()
     return "forwarded"
@@ -75,9 +95,13 @@ async def handle_items(w: StreamWorker, messages: Sequence[tuple[bytes, bytes | 
 
 
 async def handle_train_batch(w: StreamWorker, messages: Sequence[tuple[bytes, Source]]) -> dict | None:
-    """One micro-batch from the train topic: learn, then publish if a snapshot is due. Returns the metrics."""
+    """One micro-batch from the train topic: learn, then publish if a snapshot is due. Returns the metrics.
+    Messages below the warm-start snapshot's watermark are skipped: that snapshot has learnt them already."""
+    fresh = [(raw, source) for raw, source in messages if source.offset >= w.resume_offset(source)]
+    if len(fresh) < len(messages):
+        w.recovery.skipped.inc(len(messages) - len(fresh))
     examples, read_at = [], []
-    for raw, source in messages:
+    for raw, source in fresh:
         read_at.append(source)
         try:
             examples.append(read_train_example(raw, w.settings.max_item_id))
@@ -86,7 +110,7 @@ async def handle_train_batch(w: StreamWorker, messages: Sequence[tuple[bytes, So
     if not examples:
         return None
     try:
-        metrics = await w.in_learner(w.learn, split_examples(examples, read_at))
+        metrics = await w.in_learner(w.learn, split_examples(examples, read_at), read_at)
     except FloatingPointError as exc:
         w.metrics.train_errors.inc()
         log.error("skipped a micro-batch of %d examples: %s", len(examples), exc)
@@ -128,12 +152,15 @@ async def _store_serve_announce(w: StreamWorker, state, health: dict, watermark:
         w.metrics.snapshots.labels("rejected").inc()
         log.warning("snapshot v%d held back: %s", result.version, "; ".join(result.reasons))
         return
-    index = await w.in_publisher(build_index, state, result.version, result.created_at, w.settings.top_codes)
+    index = await w.in_publisher(
+        build_index, state, result.version, result.created_at, w.settings.top_codes, "faiss", w.index.current
+    )  # derived incrementally from the index served now (only changed items move), then swapped whole
     w.index.swap(index)
     w.metrics.served(index.version, index.created_at, index.num_items)
     await w.outputs.announce(result.version, result.messages)
     w.metrics.snapshots.labels("published").inc()
     log.info("snapshot v%d published (step %d, %d items)", result.version, state.steps, index.num_items)
+    await w.commit_position(watermark)
 
 
 @dataclass(frozen=True)

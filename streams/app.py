@@ -27,6 +27,8 @@ def create_app(settings: WorkerSettings, *, testing: bool = False) -> faust.App:
         web_host=settings.web_host,
         web_port=settings.web_port,
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout,
+        broker_heartbeat_interval=min(3.0, settings.session_timeout / 3),
         autodiscover=False,
     )
 
@@ -41,10 +43,13 @@ class Topics:
 
 
 def declare_topics(app: faust.App, settings: WorkerSettings) -> Topics:
-    """Every topic carries raw bytes (validation is ours: streams.records). streams.topics creates them."""
+    """Every topic carries raw bytes (validation is ours: streams.records). streams.topics creates them.
 
-    def raw(name: str, partitions: int) -> faust.TopicT:
-        return app.topic(name, partitions=partitions, key_serializer="raw", value_serializer="raw")
+    The train topic is consumed without acks: Faust never commits its offsets. The worker commits the position
+    a snapshot has learnt once that snapshot is latest (streams.worker.StreamWorker.commit_position)."""
+
+    def raw(name: str, partitions: int, acks: bool = True) -> faust.TopicT:
+        return app.topic(name, partitions=partitions, key_serializer="raw", value_serializer="raw", acks=acks)
 
     p = settings.partitions
     return Topics(
@@ -52,5 +57,5 @@ def declare_topics(app: faust.App, settings: WorkerSettings) -> Topics:
         items=raw(settings.item_topic, p),
         dlq=raw(settings.dlq_topic, p),
         updates=raw(settings.updates_topic, 1),
-        train=raw(settings.train_topic, 1),
+        train=raw(settings.train_topic, 1, acks=False),
     )

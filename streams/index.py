@@ -1,9 +1,11 @@
-"""The serving index: a frozen copy of the model from one snapshot, a retriever over its item vectors, and the
-version that built it. The worker builds a new one off the event loop and swaps a single reference, so a
-request sees one whole index (old or new), never a mix.
+"""The serving index: a frozen copy of the model from one snapshot, its catalogue (item vectors and level-1 codes,
+computed once), a per-code retriever over them, and the version that built it. The worker builds a new one off
+the event loop and swaps a single reference, so a request sees one whole index (old or new), never a mix.
 
-Start: exact search (trainer.search.FaissFlat, or BruteForce) over all item vectors. Incremental IVF lists
-keyed by level-1 codes are the next step (architecture.md, "Index").
+The retriever is trainer.search.CodeIndex: a faiss IVF index whose inverted lists are the level-1 codes (soft
+search probes the lists the interest module chose; architecture.md, "Index"), or trainer.search.BruteForce
+(numpy over all items, the reference). A new snapshot's index is built incrementally from the one served:
+only items whose code or vector changed move, into a copy, which is then swapped in (`update_index`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
 
-from trainer.model import SparcModel
+from trainer.model import Catalogue, SparcModel
 from trainer.online import LearnerState, load_model
-from trainer.search import BruteForce, FaissFlat, Retriever, SearchResult, retrieve
+from trainer.search import BruteForce, CodeIndex, CodeRetriever, IndexUpdate, SearchResult, retrieve
 
 MAX_POPULAR = 1000  # the longest answer for a user without history (= the web view's largest k)
 
@@ -26,10 +29,12 @@ class ServingIndex:
     version: int
     created_at: float  # unix seconds of the snapshot
     model: SparcModel  # eval mode; never trained
-    retriever: Retriever
+    retriever: CodeRetriever  # over catalogue.z and catalogue.codes[:, 0]
     top_codes: int
     popular: np.ndarray  # (P,) item ids by interactions seen, most first: the answer for an empty history
     popularity: np.ndarray  # (P,) their interaction counts
+    catalogue: Catalogue | None = None  # the model's catalogue, computed once (None: recomputed per request)
+    update: IndexUpdate | None = None  # how the retriever was derived from the previous index (None: built)
 
     @property
     def num_items(self) -> int:
@@ -46,8 +51,27 @@ class ServingIndex:
             none, scores = np.zeros(0, dtype=np.int64), self.popularity[:k].astype(np.float32)
             return SearchResult(self.popular[:k], scores, codes=none, weights=np.zeros(0), quotas=none)
         return retrieve(
-            self.model, known, self.retriever, k, top_codes=min(self.top_codes, k), explore=explore, rng=rng
+            self.model, known, self.retriever, k, top_codes=min(self.top_codes, k), explore=explore, rng=rng,
+            catalogue=self.catalogue,
         )
+
+
+def model_catalogue(model: SparcModel) -> Catalogue:
+    """The frozen model's catalogue (z (N+1, D), codes (N+1, L)), computed once without gradients."""
+    with torch.no_grad():
+        cat = model.catalogue()
+    return Catalogue(z=cat.z.detach().contiguous(), codes=cat.codes.detach().contiguous())
+
+
+def build_retriever(
+    catalogue: Catalogue, num_codes: int, kind: Literal["faiss", "brute"] = "faiss", centroids=None
+) -> CodeRetriever:
+    vectors, codes = catalogue.z.numpy(), catalogue.codes[:, 0].numpy()
+    if kind == "faiss":
+        return CodeIndex.build(vectors, codes, num_codes, centroids=centroids)
+    if kind == "brute":
+        return BruteForce(vectors, codes, num_codes)
+    raise ValueError(f"unknown index kind {kind!r}; expected 'faiss' or 'brute'")
 
 
 def build_index(
@@ -56,11 +80,22 @@ def build_index(
     created_at: float,
     top_codes: int,
     kind: Literal["faiss", "brute"] = "faiss",
+    previous: ServingIndex | None = None,
 ) -> ServingIndex:
-    """A serving index from a snapshot's state (the model is rebuilt from its config and weights)."""
+    """A serving index from a snapshot's state (the model is rebuilt from its config and weights).
+
+    previous: the index served now; when it is a faiss CodeIndex of the same shape, the new retriever is derived
+    from it incrementally (CodeIndex.update: only changed items move) instead of being built from scratch.
+    """
     model = load_model(state.config, state.weights)
-    vectors = state.item_vectors.numpy()
-    retriever = FaissFlat(vectors) if kind == "faiss" else BruteForce(vectors)
+    catalogue = model_catalogue(model)
+    update = None
+    if kind == "faiss" and previous is not None and _compatible(previous.retriever, model):
+        retriever, update = previous.retriever.update(catalogue.z.numpy(), catalogue.codes[:, 0].numpy())
+    else:
+        retriever = build_retriever(
+            catalogue, model.cfg.codes, kind, centroids=model.rq.levels[0].codebook.detach().numpy()
+        )
     counts = state.weights["items.counts"][1:].numpy()
     popular = np.lexsort((np.arange(len(counts)), -counts))[:MAX_POPULAR]  # count descending, then id
     return ServingIndex(
@@ -71,7 +106,22 @@ def build_index(
         top_codes=top_codes,
         popular=popular + 1,
         popularity=counts[popular],
+        catalogue=catalogue,
+        update=update,
     )
+
+
+def _compatible(retriever: CodeRetriever, model: SparcModel) -> bool:
+    return (
+        isinstance(retriever, CodeIndex)
+        and retriever.num_codes == model.cfg.codes
+        and retriever.vectors.shape[1] == model.cfg.encoder.dim
+    )
+
+
+def update_index(previous: ServingIndex, state: LearnerState, version: int, created_at: float) -> ServingIndex:
+    """The next serving index, derived incrementally from `previous` (see build_index); swap it in whole."""
+    return build_index(state, version, created_at, previous.top_codes, "faiss", previous=previous)
 
 
 class IndexHolder:

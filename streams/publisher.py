@@ -5,7 +5,8 @@ is here.
 
 Versions: the next version is one above the highest the store holds for the model (so a restarted worker
 never reuses one; a version that appears meanwhile raises VersionExistsError and the next free one is taken).
-`parent` is the previous snapshot this worker made (its training lineage), None for its first.
+`parent` is the previous snapshot this worker made (its training lineage), None for its first, unless the
+worker warm-started: then the snapshot it started from (`warm_start`).
 A snapshot the gate rejects is stored for inspection but latest does not move and nothing is announced.
 
 codebook-updates: an accepted snapshot is announced as codebook_store.messages records (schema
@@ -23,9 +24,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from codebook_store import Snapshot, VersionExistsError, code_drift, open_store
+from codebook_store import IncompatibleSnapshotError, Snapshot, VersionExistsError, code_drift, open_store
 from codebook_store.messages import DEFAULT_MAX_BYTES, Record, encode
-from trainer.online import LearnerState
+from trainer.config import SparcConfig
+from trainer.online import LearnerState, config_differences
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,30 @@ class Publisher:
             reasons=reasons,
             messages=messages,
         )
+
+    def warm_start(self, cfg: SparcConfig) -> Snapshot | None:
+        """The latest snapshot of this model (verified), or None when the store has none; this publisher then
+        continues its lineage (the next snapshot's parent, drift and remap are relative to it). Raises
+        IncompatibleSnapshotError when its model differs from `cfg` in anything but the item table's size."""
+        version = self.store.latest_version(model=self.model)
+        if version is None:
+            return None
+        snapshot = self.store.get(version, model=self.model)
+        try:
+            differences = config_differences(snapshot.config, cfg)
+        except (TypeError, ValueError) as exc:  # a config this code cannot read (another model's, a newer one)
+            differences = [f"unreadable config: {exc}"]
+        if differences:
+            raise IncompatibleSnapshotError(
+                f"cannot warm-start from {self.model} v{version} in {self.store_url}: its model differs from the "
+                f"worker's in {', '.join(differences)} (set the worker's SPARC_* model settings to match, or start "
+                "with --no-warm-start)",
+                differences,
+            )
+        self.parent = version
+        self._previous = (snapshot.item_codes, snapshot.codebooks)
+        self._announced = replace(snapshot, weights={})
+        return snapshot
 
     def latest(self) -> dict | None:
         """The latest snapshot's manifest as JSON (blobs are not read), or None."""

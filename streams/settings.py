@@ -39,6 +39,12 @@ class WorkerSettings(BaseSettings):
     table_store: str = Field("rocksdb://", description="Faust table store; memory:// only for tests")
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=1, le=65535)
+    session_timeout: float = Field(
+        60.0,
+        ge=6.0,
+        description="seconds a silent (crashed) worker keeps its partitions before the group moves on; "
+        "the broker's group.min.session.timeout.ms (6 s by default) is the floor",
+    )
 
     # --- ingest
     max_event_bytes: int = Field(16_384, ge=64, description="larger messages go to the DLQ unread")
@@ -58,6 +64,18 @@ class WorkerSettings(BaseSettings):
         0.05, ge=0, le=1, description="health gate: level-1 codebook utilisation floor"
     )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the learner")
+
+    # --- recovery (streams.worker's module doc)
+    warm_start: bool = Field(
+        True,
+        description="start from the store's latest snapshot of model_name when there is one: its weights, step "
+        "count and train-topic position (False: a fresh model; versions still continue from the store's highest)",
+    )
+    processed_log: Path | None = Field(
+        None,
+        description="append a JSON line here per learnt micro-batch (its event ids and train-topic offsets) and "
+        "per start (the snapshot resumed from): which events the model has learnt, for audits and tests",
+    )
 
     # --- model (see trainer.config)
     initial_items: int = Field(

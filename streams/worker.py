@@ -4,28 +4,79 @@ per-request logic).
 
     w = StreamWorker(WorkerSettings(broker="127.0.0.1:39092"))
     w.run()                        # blocks until SIGINT/SIGTERM; returns the exit status
+
+Recovery (at-least-once; a stop by SIGTERM and a crash by SIGKILL take the same path):
+- The user-history table lives in RocksDB with a Kafka changelog; Faust restores it on start. Its event ids
+  de-duplicate re-read feedback (streams.history, which also re-forwards a message read again at the same
+  offset, since its training example may not have reached Kafka before the crash).
+- The learner's durable state is the latest snapshot in the store. With warm_start (the default) a worker
+  starts from it: weights, step count and watermark (the input it has learnt). Train messages below that
+  watermark are skipped; the rest of the train topic is learnt again. Faust never commits the train topic;
+  the worker commits a snapshot's train position once the snapshot is latest (commit_position), so a restart
+  reads from about there. A warm start from a snapshot without a train position of this app (one from
+  `sparc train`, or none at all) reads the train topic from the committed position, or from its start.
+- Versions come from the store (one above its highest), so they keep increasing across restarts.
+- `processed_log` (optional, JSON lines) records each learnt micro-batch ({"step", "read": {"topic:partition":
+  [first, end)}, "event_ids"}) and each start ({"start": {"version", "steps", "resume", ...}}). The events a
+  snapshot has learnt are those of the batches that end at or below its train watermark, less the batches a
+  later start discarded (those at or above its resume position); tests/worker_harness.learnt_event_ids.
+- Not recovered: Adam's moments are not in snapshots, so a restarted optimiser starts afresh; events whose
+  training example was re-forwarded after a crash may be learnt twice (at least once, not exactly once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
 import torch
+from faust.types import TP
+from prometheus_client import Counter, Gauge
 
 from streams import agents, views
 from streams.app import create_app, declare_topics
 from streams.batching import LearnerInput, merge_watermarks
-from streams.index import IndexHolder
+from streams.index import IndexHolder, build_index
 from streams.metrics import WorkerMetrics
 from streams.outputs import KafkaOutputs, Outputs
 from streams.publisher import Publisher
+from streams.records import Source
 from streams.settings import WorkerSettings
 from trainer.online import LearnerState, OnlineLearner
+
+log = logging.getLogger(__name__)
+
+
+class RecoveryMetrics:
+    """Counters of the recovery path, in the worker's registry beside streams.metrics'."""
+
+    def __init__(self, registry) -> None:
+        self.redelivered = Counter(
+            "sparc_redelivered_events",
+            "feedback messages read again at an offset already applied (forwarded again, history unchanged)",
+            registry=registry,
+        )
+        self.skipped = Counter(
+            "sparc_resume_skipped_messages",
+            "train messages skipped because the warm-start snapshot has learnt them",
+            registry=registry,
+        )
+        self.learnt = Counter(
+            "sparc_learnt_events", "events handed to the learner (re-learnt ones after a restart count again)",
+            registry=registry,
+        )
+        self.warm_version = Gauge(
+            "sparc_warm_start_version", "snapshot version the learner started from (-1: a fresh model)",
+            registry=registry,
+        )
 
 
 class StreamWorker:
@@ -50,15 +101,65 @@ class StreamWorker:
         self.publisher = Publisher(settings.store_url, settings.model_name, settings.min_utilisation)
         self.index = IndexHolder()
         self.metrics = WorkerMetrics(settings.levels, clock)
+        self.recovery = RecoveryMetrics(self.metrics.registry)
         self.outputs = outputs or KafkaOutputs(self.topics.dlq, self.topics.train, self.topics.updates)
+        self.testing = testing
         self.watermark: dict[str, int] = {}  # input the learner has trained on; written in the learner thread
+        self.resume: dict[str, int] = {}  # "topic:partition" -> first offset the warm-start snapshot has not learnt
+        self.warm_version: int | None = None
+        self.start_message = "warm start off: a fresh model"  # logged once the app runs (logging is set up then)
         self.last_gate: list[str] = []  # reasons the last snapshot was held back (empty: it passed)
         self.publish_lock = asyncio.Lock()
         self._published = (0, clock())  # (steps, time) of the last snapshot capture
         self._learner_pool = ThreadPoolExecutor(1, thread_name_prefix="sparc-learner")
         self._publisher_pool = ThreadPoolExecutor(1, thread_name_prefix="sparc-publisher")
+        self._processed = None
+        self._processed_lock = threading.Lock()
+        try:
+            if settings.warm_start:
+                self._warm_start()
+            self.recovery.warm_version.set(-1 if self.warm_version is None else self.warm_version)
+            if settings.processed_log is not None:
+                settings.processed_log.parent.mkdir(parents=True, exist_ok=True)
+                self._processed = settings.processed_log.open("a", encoding="utf-8")
+            self._log_processed({
+                "start": {"version": self.warm_version, "steps": self.learner.steps, "resume": dict(self.resume),
+                          "pid": os.getpid(), "at": clock()},
+            })
+        except BaseException:
+            self.close()
+            raise
         self.agents = agents.register(self)
         views.register(self)
+
+        @self.app.task
+        async def _log_start() -> None:
+            log.info("%s", self.start_message)
+
+    def _warm_start(self) -> None:
+        """Continue from the store's latest snapshot, if any (see the module doc); serve it at once."""
+        snapshot = self.publisher.warm_start(self.settings.sparc_config())
+        if snapshot is None:
+            self.start_message = f"warm start: no snapshot of {self.settings.model_name!r} in the store; a fresh model"
+            return
+        steps = int(snapshot.health.get("steps", 0))
+        self.learner.restore(snapshot.config, snapshot.weights, steps)
+        kafka = {k: int(v) for k, v in snapshot.watermark.get("kafka", {}).items()}
+        self.watermark = dict(kafka)
+        self.resume = dict(kafka)
+        self.warm_version = snapshot.version
+        self._published = (steps, self.clock())
+        index = build_index(self.learner.snapshot_state(), snapshot.version, snapshot.created_at,
+                            self.settings.top_codes)
+        self.index.swap(index)
+        self.metrics.served(index.version, index.created_at, index.num_items)
+        position = kafka.get(f"{self.settings.train_topic}:0", "none of this app: the committed one")
+        self.start_message = (f"warm start from {snapshot.model} v{snapshot.version} (step {steps}, "
+                              f"{self.learner.num_items} items, train position {position})")
+
+    def resume_offset(self, source: Source) -> int:
+        """The first offset of `source`'s topic-partition that the warm-start snapshot has not learnt."""
+        return self.resume.get(f"{source.topic}:{source.partition}", 0)
 
     # --- the learner thread: everything that reads or changes the model
     async def in_learner(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -67,12 +168,42 @@ class StreamWorker:
     async def in_publisher(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._publisher_pool, fn, *args)
 
-    def learn(self, inp: LearnerInput) -> dict:
+    def learn(self, inp: LearnerInput, read_at: Sequence[Source] = ()) -> dict:
+        """One micro-batch (in the learner thread); `read_at`: where its messages were read, for the log."""
         metrics = self.learner.learn(inp.events, inp.histories)
         watermark = dict(self.watermark)
         merge_watermarks(watermark, inp.watermark)
         self.watermark = watermark  # swapped whole: readers on the event loop never see it half-updated
+        self.recovery.learnt.inc(len(inp.events))
+        if self._processed is not None:
+            read: dict[str, list[int]] = {}  # "topic:partition" -> [first offset, last offset + 1]
+            for source in read_at:
+                span = read.setdefault(f"{source.topic}:{source.partition}", [source.offset, source.offset + 1])
+                span[0], span[1] = min(span[0], source.offset), max(span[1], source.offset + 1)
+            self._log_processed({"step": self.learner.steps, "read": read,
+                                 "event_ids": [e["event_id"] for e in inp.events]})
         return metrics
+
+    def _log_processed(self, record: dict) -> None:
+        if self._processed is None:
+            return
+        with self._processed_lock:
+            self._processed.write(json.dumps(record) + "\n")
+            self._processed.flush()
+
+    async def commit_position(self, watermark: dict[str, int]) -> None:
+        """Commit the train-topic position of a snapshot that became latest (the group resumes there). Best
+        effort: a failed commit only makes a restart read more, and skip it (resume_offset)."""
+        key = f"{self.settings.train_topic}:0"
+        if self.testing or key not in watermark:
+            return
+        tp = TP(self.settings.train_topic, 0)
+        try:
+            # Consumer.commit() commits acked offsets only, and the train topic is not acked (streams.app): the
+            # transport-level commit takes the offsets as given, for partitions this worker is assigned.
+            await self.app.consumer._commit({tp: int(watermark[key])})
+        except Exception as exc:  # a rebalance, a broker hiccup: the next snapshot commits again
+            log.warning("could not commit the train position %d: %r", watermark[key], exc)
 
     def capture(self) -> tuple[LearnerState, dict, dict[str, int]]:
         return self.learner.snapshot_state(), self.learner.health(), dict(self.watermark)
@@ -106,3 +237,7 @@ class StreamWorker:
         self._learner_pool.shutdown(wait=True)
         self._publisher_pool.shutdown(wait=True)
         self.publisher.close()
+        if self._processed is not None:
+            with self._processed_lock:
+                self._processed.close()
+                self._processed = None

@@ -119,7 +119,8 @@ def test_sampled_softmax_ce_matches_hand_computation_with_duplicates_masked():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"retrieval_loss": "sampled"}, {"interest": "marginal"},
-                                       {"tower_attention": False, "shuffle_bpr_weight": 1.0}])
+                                       {"tower_attention": False, "shuffle_bpr_weight": 1.0},
+                                       {"interest": "marginal", "conditioned_scope": "code"}])
 def test_loss_is_finite_and_backward_reaches_parameters(overrides):
     model = make_model(**overrides)
     model.train()
@@ -374,3 +375,94 @@ def test_popularity_ranks_by_training_count():
     assert scores[0, 1:].tolist() == [1.0, 1.0, 3.0, 0.0, 2.0, 0.0]
     assert torch.equal(scores[0], scores[1])
     assert scores[0].argsort(descending=True, stable=True)[:2].tolist() == [3, 5]
+
+
+# ----------------------------------------------------------------- factorised SPARC (conditioned_scope "code")
+
+
+def test_within_code_ce_equals_a_masked_full_softmax():
+    model = make_model(conditioned_scope="code")
+    model.train()
+    model.rq.update_(model.items()[1:], torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(25, ENC.dim, generator=g, requires_grad=True)
+    y = torch.randint(1, N_ITEMS + 1, (25,), generator=g)
+    cat = model.catalogue()
+    code1 = cat.codes[:, 0]
+    assert len(torch.unique(code1[y])) > 2, "targets must span several codes"
+    got = model._within_code_ce(u, cat.z, y, code1)
+    member = (code1[None, 1:] == code1[y][:, None])  # (M, N) items sharing the target's code
+    logits = (u @ cat.z[1:].T).masked_fill(~member, -math.inf)
+    expected = F.cross_entropy(logits, y - 1)
+    torch.testing.assert_close(got, expected)
+    (gu,) = torch.autograd.grad(got, u, retain_graph=True)
+    (eu,) = torch.autograd.grad(expected, u)
+    torch.testing.assert_close(gu, eu)
+
+
+@pytest.mark.parametrize("interest", ["marginal", "head"])
+def test_factorised_score_is_a_distribution_and_starts_as_the_single_vector_model(interest):
+    model = make_model(conditioned_scope="code", interest=interest)
+    warm(model)  # code_proj / attn_v start at zero: u_c = h for every code
+    with torch.no_grad():
+        model.code_proj.weight.zero_()
+        model.code_proj.bias.zero_()
+        model.attn_v.weight.zero_()
+        model.attn_v.bias.zero_()
+    b = batch(20)
+    with torch.no_grad():
+        cat, state, logits = explicit_pieces(model, b)
+        glob = torch.log_softmax(state.h @ cat.z[1:].T, dim=-1)  # (B, N)
+        code1 = cat.codes[1:, 0]
+        p_code = torch.zeros(b.size, CODES).index_add_(1, code1, glob.exp())
+        expected = torch.log_softmax(logits, dim=-1)[:, code1] + glob - p_code.log()[:, code1]
+    got = model.score(b.inputs, b.lengths, top_codes=3)
+    torch.testing.assert_close(got[:, 1:], expected, rtol=1e-4, atol=1e-5)
+    if interest == "marginal":  # p(c) is then h's own marginal: the product is h's softmax
+        torch.testing.assert_close(got[:, 1:], glob, rtol=1e-4, atol=1e-5)
+
+
+def test_factorised_score_uses_each_top_codes_own_vector_within_its_code(warm_model):
+    model = make_model(conditioned_scope="code")
+    model.load_state_dict(warm_model.state_dict())
+    model.eval()
+    b = batch(21)
+    k, temperature = 3, 0.7
+    with torch.no_grad():
+        cat, state, logits = explicit_pieces(model, b)
+        logq = torch.log_softmax(logits / temperature, dim=-1)
+        code1 = cat.codes[1:, 0]
+        glob = torch.log_softmax(state.h @ cat.z[1:].T, dim=-1)
+        p_code = torch.zeros(b.size, CODES).index_add_(1, code1, glob.exp())
+        expected = logq[:, code1] + glob - p_code.log()[:, code1]
+        top = logq.topk(k, dim=-1).indices
+        u = model.code_vectors(state, top)  # (B, K, D)
+        for row in range(b.size):
+            for j in range(k):
+                member = code1 == top[row, j]
+                within = torch.log_softmax(u[row, j] @ cat.z[1:][member].T, dim=0)
+                expected[row, member] = logq[row, top[row, j]] + within
+    got = model.score(b.inputs, b.lengths, top_codes=k, temperature=temperature)
+    torch.testing.assert_close(got[:, 1:], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[:, 1:].exp().sum(dim=1), torch.ones(b.size))
+    assert torch.isneginf(got[:, 0]).all()
+
+
+def test_factorised_hard_score_ranks_the_argmax_codes_items_first_by_their_code_vector(warm_model):
+    model = make_model(conditioned_scope="code")
+    model.load_state_dict(warm_model.state_dict())
+    model.eval()
+    b = batch(22)
+    with torch.no_grad():
+        cat, state, logits = explicit_pieces(model, b)
+        best = logits.argmax(dim=-1)
+        u = model.code_vectors(state, best[:, None])[:, 0]
+    got = model.score(b.inputs, b.lengths, search="hard")
+    code1 = cat.codes[1:, 0]
+    for row in range(b.size):
+        member = code1 == best[row]
+        order = got[row, 1:].argsort(descending=True)
+        n = int(member.sum())
+        assert member[order[:n]].all(), "the argmax code's items come first"
+        inside = order[:n]
+        assert torch.equal(inside, inside[(u[row] @ cat.z[1:][inside].T).argsort(descending=True)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from trainer.online import (
     advance_histories,
     append_history,
     batch_examples,
+    config_differences,
     load_model,
     next_item_batch,
 )
@@ -173,3 +175,66 @@ def test_micro_batches_can_split_a_user_anywhere(stream):
         pieces += batch_examples(events[a:b], histories, max_len=6)
         advance_histories(histories, events[a:b], 6)
     assert pieces == whole
+
+
+def test_restore_continues_from_a_snapshot_and_refuses_another_model(stream):
+    items, feedback = split(stream)
+    a = OnlineLearner(small_config(), TrainConfig(seed=0))
+    drive(a, items, feedback[:640])
+    state = a.snapshot_state()
+    b = OnlineLearner(small_config(), TrainConfig(seed=0))
+    b.restore(state.config, state.weights, steps=state.steps)
+    restored = b.snapshot_state()
+    assert b.steps == a.steps and b.num_items == a.num_items
+    assert all(torch.equal(restored.weights[k], state.weights[k]) for k in state.weights)
+    assert torch.equal(restored.item_codes, state.item_codes)
+    histories: dict = {}
+    advance_histories(histories, feedback[:640], b.max_len)
+    m = b.learn(feedback[640:672], histories)  # trains on: a fresh optimiser over the restored model
+    assert m["step"] == a.steps + 1 and torch.isfinite(torch.tensor(m["loss"]))
+    other = OnlineLearner(small_config(codes=16), TrainConfig(seed=0))
+    with pytest.raises(ValueError, match="codes"):
+        other.restore(state.config, state.weights, steps=3)
+    assert other.steps == 0  # unchanged
+    bad = {**state.weights, "items.id_embedding": state.weights["items.id_embedding"][:5]}
+    with pytest.raises(ValueError, match="do not fit"):
+        OnlineLearner(small_config(), TrainConfig(seed=0)).restore(state.config, bad)
+
+
+def test_config_differences_ignore_num_items_and_fill_missing_keys():
+    cfg = small_config()
+    stored = small_config(num_items=50).to_json()
+    assert config_differences(stored, cfg) == []
+    del stored["interest_weight"]  # an older snapshot without a newer key: its default
+    assert config_differences(stored, cfg) == []
+    assert config_differences(small_config(encoder=EncoderConfig(dim=8, max_len=6, layers=1)).to_json(), cfg) == [
+        "encoder.dim"
+    ]
+
+
+def test_models_built_in_another_thread_do_not_disturb_training(stream):
+    """The worker builds serving models (load_model) in a publisher thread while the learner trains: both use
+    torch's process-wide generator, which GLOBAL_RNG_LOCK serialises."""
+    items, feedback = split(stream)
+    alone = OnlineLearner(small_config(), TrainConfig(seed=4))
+    drive(alone, items, feedback[:480])
+    state = alone.snapshot_state()
+    busy = OnlineLearner(small_config(), TrainConfig(seed=4))
+    stop = threading.Event()
+
+    def build() -> None:
+        while not stop.is_set():
+            load_model(state.config, state.weights)
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    try:
+        drive(busy, items, feedback[:480])
+    finally:
+        stop.set()
+        builder.join()
+    after = busy.snapshot_state()
+    assert all(torch.equal(after.weights[k], state.weights[k]) for k in state.weights)
+    before = torch.get_rng_state()
+    load_model(state.config, state.weights)
+    assert torch.equal(torch.get_rng_state(), before)  # nor does building one move the process's generator

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 from cli.main import main
+from cli.replay import ALL_VARIANTS, register, settings_from_args
 from replay.sources import open_source
 
 SMALL = ["--codes", "8", "--dim", "16", "--max-len", "10", "--layers", "1", "--batch-size", "32", "--quiet"]
@@ -99,3 +101,33 @@ def test_help_explains_every_option(capsys):
                    "--freeze-at", "--retrain-every", "--retrain-epochs", "--eval-per-batch", "--reach", "--limit",
                    "--seed", "kafka://", "synthetic[:SEED]", "evolving", "frozen", "periodic"):
         assert option in out, option
+
+
+def test_soft_hard_comparison_and_exploration_sweep_as_variants(tmp_path, capsys):
+    out = tmp_path / "rep"
+    rc = main(["replay", "--events", SYNTHETIC, "--report", str(out), "--window", "320", "--retrain-epochs", "1",
+               "--variants", "evolving,frozen,evolving/hard,evolving/soft:t=2,evolving/soft:k=8", *SMALL])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    names = ["evolving/soft", "frozen/soft", "evolving/hard", "evolving/soft:t=2", "evolving/soft:k=8"]
+    assert list(report["variants"]) == names
+    assert report["settings"]["extra_variants"] == names[2:]
+    for name in names:  # new-item reach is reported for every variant, on the command line too
+        o = report["variants"][name]["overall"]
+        assert {"new_share@20", "new_items_reached@10", "tail_share@20", "coverage@20"} <= set(o)
+        assert f"{name} " in captured.out
+    assert "reached@10" in captured.out
+    md = (out / "report.md").read_text()
+    assert "## Score modes: soft vs hard search, exploration sweep" in md
+    assert "| evolving/soft:k=8 |" in md and "R@20 vs soft" in md
+
+
+def test_all_variants_preset(tmp_path):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["replay", "--events", SYNTHETIC, "--report", str(tmp_path), "--variants", "all"])
+    names = [n for n, _, _ in settings_from_args(args).variant_names()]
+    assert names == ["evolving/soft", "frozen/soft", "periodic/soft", "evolving/hard", "evolving/soft:t=2",
+                     "evolving/soft:k=8"]
+    assert ALL_VARIANTS.count(",") == len(names) - 1

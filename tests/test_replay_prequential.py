@@ -10,7 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from replay.prequential import Prequential, ReplaySettings, ScoreMode, replay, with_seed, worker_model_config
+from replay.prequential import (
+    CatalogueCache,
+    Prequential,
+    ReplaySettings,
+    ScoreMode,
+    parse_variants,
+    recovery,
+    replay,
+    windowed_recall,
+    with_seed,
+    worker_model_config,
+)
 from replay.sources import is_feedback, synthetic_source
 from trainer.config import EncoderConfig
 
@@ -243,3 +254,125 @@ def test_delay_in_seconds_and_windows_in_seconds():
     for w in windows[:-1]:
         assert w["end_ts"] - w["start_ts"] >= 6 * 3600.0
     assert sum(w["events"] for w in windows) == 800
+
+
+# ------------------------------------------------------------------ shared scoring (same results, less work)
+def test_extra_variants_and_their_names():
+    hard, hot = ScoreMode(search="hard"), ScoreMode(temperature=2.0)
+    s = small_settings(**parse_variants("evolving,frozen,evolving/hard,evolving/soft:t=2"))
+    assert [(n, r, m) for n, r, m in s.variant_names()] == [
+        ("evolving/soft", "evolving", ScoreMode()), ("frozen/soft", "frozen", ScoreMode()),
+        ("evolving/hard", "evolving", hard), ("evolving/soft:t=2", "evolving", hot)]
+    assert s.all_regimes == ("evolving", "frozen")
+    assert s.to_json()["extra_variants"] == ["evolving/hard", "evolving/soft:t=2"]
+    only = small_settings(**parse_variants("periodic/hard"))
+    assert [n for n, _, _ in only.variant_names()] == ["periodic"] and only.all_regimes == ("periodic",)
+    with pytest.raises(ValueError, match="duplicate variant"):
+        small_settings(**parse_variants("evolving,evolving/soft", (ScoreMode(), hard)))
+    with pytest.raises(ValueError, match="unknown regime"):
+        small_settings(**parse_variants("evolving,sometimes/hard"))
+    with pytest.raises(ValueError):
+        parse_variants("evolving/medium")
+
+
+def test_shared_scoring_gives_exactly_the_reference_results():
+    """One catalogue and one encoder pass per model and batch, catalogues kept between batches for fixed
+    models: every rank and top list equals scoring each (model, mode) on its own with a fresh catalogue."""
+    source = drifting_stream(events=1600)
+    records = list(source.records())
+    modes = (ScoreMode(), ScoreMode(search="hard"), ScoreMode(top_codes=2, temperature=2.0))
+    settings = small_settings(modes=modes, freeze_at=480, retrain_every=512, retrain_epochs=1,
+                              extra_variants=(("evolving", ScoreMode(top_codes=6)),))
+    seen = []
+    for share in (True, False):
+        got = {}
+
+        def observe(s, got=got):
+            for i, eid in enumerate(s.event_ids):
+                got[(s.variant, eid)] = (int(s.ranks[i]), tuple(s.top[i].tolist()))
+
+        engine = Prequential(settings, 1600)
+        engine.share_scoring = share
+        windows = [w for w in engine.run(records, observer=observe)]
+        seen.append((got, windows, engine.catalogues))
+    (a, wa, cache), (b, wb, _) = seen
+    assert len(a) == len(b) > 4000 and a == b
+    assert wa == wb
+    assert cache.partial > 10  # fixed models took new items into their kept catalogue
+
+
+def test_kept_catalogue_rows_equal_a_full_recomputation():
+    source = drifting_stream(events=640)
+    engine = Prequential(small_settings(regimes=("evolving",), freeze_at=10_000), 640)
+    for _ in engine.run(source.records()):
+        pass
+    learner = copy.deepcopy(engine.online)
+    learner.model.eval()
+    cache = CatalogueCache()
+    first = cache.get(learner)
+    assert cache.get(learner) is first and cache.full == 1  # nothing changed: the same object
+    n = learner.num_items
+    for items in ([{"item_id": n + 1, "attributes": [3, 40]}],  # one new row (the padded path)
+                  [{"item_id": 5, "attributes": [7]}, {"item_id": n + 90}],  # a changed row and a grown table
+                  [{"item_id": i, "attributes": [i % 9 + 1]} for i in range(1, 150)]):  # many rows
+        learner.observe_items(items)
+        cache.touched(r["item_id"] for r in items)
+        kept = cache.get(learner)
+        with torch.no_grad():
+            full = learner.model.catalogue()
+        assert torch.equal(kept.z, full.z) and torch.equal(kept.codes, full.codes)
+    assert first.z.shape[0] == n + 1  # a catalogue handed out before never changes
+    assert cache.full == 1 and cache.partial == 3
+    engine.online.learn([{"user_id": "1", "item_id": 3}, {"user_id": "1", "item_id": 4}], {"1": [2]})
+    assert cache.get(engine.online) is not None and cache.full == 2  # another model
+    steps = learner.steps
+    learner.learn([{"user_id": "1", "item_id": 3}, {"user_id": "1", "item_id": 4}], {"1": [2]})
+    assert learner.steps == steps + 1
+    cache.get(learner)
+    assert cache.full == 3  # a step invalidates it
+
+
+# ------------------------------------------------------------------ recall over windows, recovery after a shift
+def hand_made_curve():
+    """Events 0..15999, every one scored: a hit every 2nd event before the shift at 10000 (recall 0.5), every
+    10th for 1500 events after it (0.1), then every 2nd again (0.5); after 14000 every 10th (0.1) for good."""
+    positions = np.arange(16_000)
+    rate = np.where(positions < 10_000, 2, np.where(positions < 11_500, 10, np.where(positions < 14_000, 2, 10)))
+    ranks = np.where(positions % rate == 0, 3, 500)
+    return positions, ranks
+
+
+def test_windowed_recall_counts_scored_events_in_each_window():
+    positions, ranks = hand_made_curve()
+    recall, scored = windowed_recall(positions, ranks, [0, 10_000, 10_500, 20_000], 1000)
+    np.testing.assert_allclose(recall[:3], [0.5, 0.1, 0.1])
+    assert np.isnan(recall[3]) and scored.tolist() == [1000, 1000, 1000, 0]
+    shuffled = np.random.default_rng(0).permutation(len(positions))  # any order, k applies
+    recall, _ = windowed_recall(positions[shuffled], ranks[shuffled], [0], 1000, k=3)
+    assert recall[0] == 0.0
+
+
+def test_recovery_on_a_hand_made_recall_curve():
+    positions, ranks = hand_made_curve()
+    r = recovery(positions, ranks, 10_000, pre_events=2000, width=1000, step=250, until=14_000)
+    assert r["pre_recall"] == 0.5 and r["pre_scored"] == 2000 and r["target"] == pytest.approx(0.45)
+    # window [10000 + a, 11000 + a): 0.1 * (1500 - a) / 1000 + 0.5 * (a - 500) / 1000 >= 0.45 needs a >= 1375:
+    # the first such start on the 250-event grid is a = 1500, whose window ends 2500 events after the shift
+    assert r["recovered_after"] == 2500
+    assert r["dip"] == pytest.approx(0.1) and r["dip_at"] == 1000 and r["final"] == 0.5
+    ends = [c["end"] for c in r["curve"]]
+    assert ends[0] == 1000 and ends[-1] == 4000 and all(b - a == 250 for a, b in zip(ends, ends[1:], strict=False))
+    # the window starting 1000 after the shift: 500 events at 0.1, then 500 at 0.5
+    assert r["curve"][4] == {"end": 2000, "recall": pytest.approx(0.3), "scored": 1000}
+    # every 2nd event scored: the same levels, half the counts
+    half = positions % 2 == 1
+    h = recovery(positions[half], np.where(positions[half] % 4 == 1, 3, 500), 10_000,
+                 pre_events=2000, width=1000, step=250, until=14_000)
+    assert h["pre_scored"] == 1000 and h["pre_recall"] == 0.5
+    # a model that never comes back, and one measured against another's target
+    never = recovery(positions, ranks, 14_000, pre_events=2000, width=1000, step=250, until=16_000)
+    assert never["pre_recall"] == 0.5 and never["recovered_after"] is None and never["final"] == pytest.approx(0.1)
+    low = recovery(positions, ranks, 14_000, pre_events=2000, width=1000, step=250, until=16_000, target=0.09)
+    assert low["target"] == 0.09 and low["recovered_after"] == 1000
+    with pytest.raises(ValueError):
+        recovery(positions, ranks, 10_000, pre_events=0, width=1000, step=250, until=14_000)

@@ -1,4 +1,5 @@
-"""trainer.search: quotas, code choice, soft/hard search against brute-force references, serving a model."""
+"""trainer.search: quotas, code choice, per-code soft/hard search (faiss IVF lists = level-1 codes, brute force)
+against the brute-force reference of the same definition, exact LSE, serving a model."""
 
 from __future__ import annotations
 
@@ -11,17 +12,30 @@ from trainer.config import EncoderConfig, SparcConfig, TrainConfig
 from trainer.model import SparcModel
 from trainer.search import (
     BruteForce,
-    FaissFlat,
+    CodeIndex,
     allocate_quotas,
     choose_codes,
     hard_search,
+    hard_search_reference,
+    logsumexp,
     retrieve,
     soft_search,
     soft_search_reference,
+    top_order,
 )
 from trainer.step import Trainer
 
-RETRIEVERS = [BruteForce, FaissFlat]
+
+def scan_index(z, codes, num_codes):
+    return CodeIndex.build(z, codes, num_codes, method="scan")
+
+
+def faiss_index(z, codes, num_codes):
+    return CodeIndex.build(z, codes, num_codes, method="faiss")
+
+
+RETRIEVERS = [scan_index, faiss_index, BruteForce]
+IDS = ["ivf-scan", "ivf-faiss", "brute"]
 
 
 # ----------------------------------------------------------------- quotas and codes
@@ -94,73 +108,179 @@ def test_choose_codes_rejects_bad_explore(explore):
         choose_codes(PROBS, 2, explore=explore)
 
 
-# ----------------------------------------------------------------- retrievers and search
+# ----------------------------------------------------------------- selection helpers
+
+
+def test_top_order_breaks_ties_by_id_even_at_the_cut():
+    dots = np.array([1.0, 3.0, 2.0, 3.0, 2.0, 2.0], dtype=np.float32)
+    ids = np.array([10, 7, 5, 3, 9, 1])
+    assert ids[top_order(dots, ids, 4)].tolist() == [3, 7, 1, 5]  # 3.0 (ids 3, 7), then 2.0 ties: ids 1, 5
+    assert ids[top_order(dots, ids, 10)].tolist() == [3, 7, 1, 5, 9, 10]
+    assert top_order(dots, ids, 0).tolist() == [] and top_order(dots[:0], ids[:0], 3).tolist() == []
+
+
+def test_top_order_on_long_lists_equals_a_full_sort():
+    rng = np.random.default_rng(0)
+    for n, m in ((2000, 50), (5000, 7), (900, 200), (3000, 1)):
+        dots = rng.integers(0, 40, size=n).astype(np.float32)  # hundreds of ties at every value
+        ids = rng.permutation(n) + 1
+        expected = np.lexsort((ids, -dots))[:m]
+        np.testing.assert_array_equal(top_order(dots, ids, m), expected)
+        real = rng.normal(size=n).astype(np.float32)
+        np.testing.assert_array_equal(top_order(real, ids, m), np.lexsort((ids, -real))[:m])
+
+
+def test_logsumexp_is_exact_and_stable():
+    x = np.array([1000.0, 1000.0, 999.0], dtype=np.float32)
+    assert logsumexp(x) == pytest.approx(1000 + np.log(2 + np.exp(-1.0)), rel=1e-12)
+    assert logsumexp(np.zeros(0, np.float32)) == -np.inf
+    assert logsumexp(np.array([-np.inf, -np.inf])) == -np.inf
+
+
+# ----------------------------------------------------------------- per-code search vs the reference
 
 
 def random_case(seed: int):
+    """Items with random level-1 codes (some codes have no items), distinct chosen codes, k of any size."""
     rng = np.random.default_rng(seed)
-    n_items, dim = int(rng.integers(20, 80)), int(rng.integers(4, 12))
-    n_codes = int(rng.integers(1, 5))
-    k = int(rng.integers(n_codes, 25))
+    n_items, dim = int(rng.integers(20, 200)), int(rng.integers(4, 12))
+    num_codes = int(rng.integers(2, 16))
+    used = rng.choice(num_codes, size=int(rng.integers(1, num_codes + 1)), replace=False)  # others stay empty
+    item_codes = rng.choice(used, size=n_items + 1)
     items = rng.normal(size=(n_items + 1, dim)).astype(np.float32)
+    n_codes = int(rng.integers(1, min(5, num_codes) + 1))
+    codes = rng.choice(num_codes, size=n_codes, replace=False)
     users = rng.normal(size=(n_codes, dim)).astype(np.float32)
     weights = rng.dirichlet(np.ones(n_codes))
-    codes = rng.choice(16, size=n_codes, replace=False)
-    return items, users, weights, codes, k
+    k = int(rng.integers(n_codes, 60))
+    return items, item_codes, num_codes, users, weights, codes, k
 
 
-@pytest.mark.parametrize("make", RETRIEVERS, ids=["brute", "faiss"])
-def test_retriever_is_exact_top_k_and_never_returns_padding(make):
-    rng = np.random.default_rng(0)
-    items = rng.normal(size=(41, 6)).astype(np.float32)
-    items[0] = 100.0  # padding row would win every query
-    queries = rng.normal(size=(5, 6)).astype(np.float32)
-    scores, ids = make(items).search(queries, 10)
-    assert ids.shape == scores.shape == (5, 10)
-    for q, row_ids, row_scores in zip(queries, ids, scores, strict=True):
-        exact = items[1:] @ q
-        expected = np.argsort(-exact, kind="stable")[:10] + 1
-        np.testing.assert_array_equal(row_ids, expected)
-        np.testing.assert_allclose(row_scores, exact[expected - 1], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("make", RETRIEVERS, ids=["brute", "faiss"])
+@pytest.mark.parametrize("make", RETRIEVERS, ids=IDS)
 def test_soft_search_equals_reference(make):
-    for seed in range(40):
-        items, users, weights, codes, k = random_case(seed)
-        got = soft_search(users, weights, codes, make(items), k)
-        ref = soft_search_reference(users, weights, items, k)
-        np.testing.assert_array_equal(got.items, ref, err_msg=f"seed {seed}")
-        assert len(got.items) == k and len(set(got.items.tolist())) == k and (got.items > 0).all()
+    for seed in range(60):
+        items, item_codes, num_codes, users, weights, codes, k = random_case(seed)
+        got = soft_search(users, weights, codes, make(items, item_codes, num_codes), k)
+        ref = soft_search_reference(users, weights, codes, items, item_codes, k)
+        np.testing.assert_array_equal(got.items, ref.items, err_msg=f"seed {seed}")
+        np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5, atol=1e-5)
+        members = np.isin(item_codes[1:], codes).sum()
+        assert len(got.items) == min(k, members) and len(set(got.items.tolist())) == len(got.items)
+        assert (got.items > 0).all() and np.isin(item_codes[got.items], codes).all()  # only the chosen lists
         assert got.quotas.sum() == k
         np.testing.assert_array_equal(got.codes, codes)
-        merged = (weights[:, None] * (users @ items[got.items].T)).sum(0)
-        np.testing.assert_allclose(got.scores, merged, rtol=1e-5, atol=1e-5)
         assert (np.diff(got.scores) <= 1e-6).all()  # best first
+        for code, quota in zip(codes, got.quotas, strict=True):  # every code fills its quota when it can
+            size = int((item_codes[1:] == code).sum())
+            assert (item_codes[got.items] == code).sum() >= min(quota, size)
 
 
-def test_soft_search_takes_each_codes_quota_from_its_own_best():
-    # two codes pointing at disjoint halves of the catalogue: each must contribute its quota
-    items = np.zeros((9, 2), dtype=np.float32)
-    items[1:5] = [[4, 0], [3, 0], [2, 0], [1, 0]]
-    items[5:9] = [[0, 4], [0, 3], [0, 2], [0, 1]]
-    users = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
-    result = soft_search(users, np.array([0.75, 0.25]), np.array([0, 1]), BruteForce(items), 4)
-    assert result.quotas.tolist() == [3, 1]
-    assert result.items.tolist() == [1, 2, 3, 5]  # merged: 3.0, 2.25, 1.5 from code 0; 1.0 from code 1
-    np.testing.assert_allclose(result.scores, [3.0, 2.25, 1.5, 1.0])
-
-
-@pytest.mark.parametrize("make", RETRIEVERS, ids=["brute", "faiss"])
-def test_hard_search_equals_brute_force_top_k(make):
+@pytest.mark.parametrize("make", RETRIEVERS, ids=IDS)
+def test_soft_scores_are_log_mixture_probabilities_with_exact_lse(make):
     for seed in range(10):
-        items, users, _, _, k = random_case(seed)
-        result = hard_search(users[0], 7, make(items), k)
-        exact = items[1:] @ users[0]
-        expected = np.argsort(-exact, kind="stable")[:k] + 1
+        items, item_codes, num_codes, users, weights, codes, k = random_case(seed)
+        retriever = make(items, item_codes, num_codes)
+        result = soft_search(users, weights, codes, retriever, k)
+        for item, score in zip(result.items, result.scores, strict=True):
+            j = int(np.flatnonzero(codes == item_codes[item])[0])
+            members = np.flatnonzero(item_codes == codes[j])
+            members = members[members > 0]
+            logits = (items[members] @ users[j]).astype(np.float64)
+            softmax = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            expected = weights[j] * softmax[members == item][0]
+            assert np.exp(score) == pytest.approx(expected, rel=1e-4)
+        sizes = retriever.list_sizes(codes)
+        for scan, code, u, size in zip(retriever.scan(users, codes, sizes), codes, users, sizes, strict=True):
+            members = np.flatnonzero(item_codes == code)
+            members = members[members > 0]
+            assert len(scan.ids) == size and sorted(scan.ids.tolist()) == members.tolist()
+            exact = np.log(np.exp((items[members] @ u).astype(np.float64)).sum()) if size else -np.inf
+            assert scan.lse == pytest.approx(exact, rel=1e-6, abs=1e-6)
+
+
+def disjoint_codes(sizes: list[int]):
+    """Code c holds sizes[c] items along axis c with u.z = size, size-1, ..., 1; the user vectors are the axes."""
+    rows, item_codes = [np.zeros(len(sizes))], [0]
+    for c, n in enumerate(sizes):
+        for v in range(n, 0, -1):
+            rows.append(np.eye(len(sizes))[c] * v)
+            item_codes.append(c)
+    return np.array(rows, dtype=np.float32), np.array(item_codes), np.eye(len(sizes), dtype=np.float32)
+
+
+@pytest.mark.parametrize("make", RETRIEVERS, ids=IDS)
+def test_each_code_fills_its_quota_from_its_own_list(make):
+    items, item_codes, users = disjoint_codes([4, 4])  # code 0: items 1..4, code 1: items 5..8
+    result = soft_search(users, np.array([0.75, 0.25]), np.array([0, 1]), make(items, item_codes, 2), 4)
+    assert result.quotas.tolist() == [3, 1]
+    lse = np.log(np.exp([4.0, 3.0, 2.0, 1.0]).sum())  # the same for both lists
+    # code 0 gives 1, 2, 3 and code 1 gives 5; log .75 - 1 > log .25, so item 2 (code 0) ranks above item 5
+    assert result.items.tolist() == [1, 2, 5, 3]
+    np.testing.assert_allclose(result.scores, np.log([0.75, 0.75, 0.25, 0.75]) + [4, 3, 4, 2] - lse, rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", RETRIEVERS, ids=IDS)
+def test_free_slots_of_short_lists_go_to_the_best_remaining_candidates(make):
+    items, item_codes, users = disjoint_codes([1, 6, 6])  # code 0 holds a single item (1)
+    weights = np.array([0.5, 0.3, 0.2])
+    result = soft_search(users, weights, np.array([0, 1, 2]), make(items, item_codes, 3), 8)
+    assert result.quotas.tolist() == [4, 2, 2]  # code 0 can use 1 slot: 3 are free
+    ref = soft_search_reference(users, weights, np.array([0, 1, 2]), items, item_codes, 8)
+    np.testing.assert_array_equal(result.items, ref.items)
+    assert len(result.items) == 8
+    # after the quotas (1 | 2, 3 | 8, 9), the free slots take the best remaining by score: code 1 (p .3) beats
+    # code 2 (p .2) at equal u.z, so 4 then 10 (log .2 + 5 > log .3 + 3), then 5
+    assert sorted(result.items.tolist()) == [1, 2, 3, 4, 5, 8, 9, 10]
+
+
+@pytest.mark.parametrize("make", RETRIEVERS, ids=IDS)
+def test_empty_lists_and_k_larger_than_the_lists(make):
+    items, item_codes, users = disjoint_codes([3, 0, 2])  # code 1 is empty
+    retriever = make(items, item_codes, 3)
+    both = soft_search(users[1:], np.array([0.6, 0.4]), np.array([1, 2]), retriever, 5)  # the empty code's slots
+    assert sorted(both.items.tolist()) == [4, 5]  # only code 2's items exist among the chosen lists
+    everything = soft_search(users, np.full(3, 1 / 3), np.array([0, 1, 2]), retriever, 40)
+    assert sorted(everything.items.tolist()) == [1, 2, 3, 4, 5]
+    empty = soft_search(users[1:2], np.ones(1), np.array([1]), retriever, 10)
+    assert empty.items.tolist() == [] and empty.scores.tolist() == []
+    assert hard_search(users[1], 1, retriever, 10).items.tolist() == []
+    assert hard_search(users[0], 0, retriever, 10).items.tolist() == [1, 2, 3]  # fewer than k
+
+
+@pytest.mark.parametrize("make", [scan_index, BruteForce], ids=["ivf-scan", "brute"])
+def test_ties_are_broken_by_id_like_the_reference(make):
+    rng = np.random.default_rng(0)
+    items = rng.integers(-2, 3, size=(120, 3)).astype(np.float32)  # many identical vectors: exact ties
+    item_codes = rng.integers(0, 3, size=120)
+    users = rng.integers(-2, 3, size=(2, 3)).astype(np.float32)
+    retriever = make(items, item_codes, 3)
+    for k in (2, 7, 15, 30):
+        got = soft_search(users, np.array([0.7, 0.3]), np.array([0, 2]), retriever, k)
+        ref = soft_search_reference(users, np.array([0.7, 0.3]), np.array([0, 2]), items, item_codes, k)
+        np.testing.assert_array_equal(got.items, ref.items)
+        hard = hard_search(users[0], 1, retriever, k)
+        np.testing.assert_array_equal(hard.items, hard_search_reference(users[0], 1, items, item_codes, k))
+
+
+@pytest.mark.parametrize("make", RETRIEVERS, ids=IDS)
+def test_hard_search_is_the_codes_list_top_k(make):
+    for seed in range(20):
+        items, item_codes, num_codes, users, _, codes, k = random_case(seed)
+        result = hard_search(users[0], int(codes[0]), make(items, item_codes, num_codes), k)
+        expected = hard_search_reference(users[0], int(codes[0]), items, item_codes, k)
         np.testing.assert_array_equal(result.items, expected)
-        np.testing.assert_allclose(result.scores, exact[expected - 1], rtol=1e-5, atol=1e-5)
-        assert result.codes.tolist() == [7] and result.quotas.tolist() == [k]
+        np.testing.assert_allclose(result.scores, items[expected] @ users[0], rtol=1e-5, atol=1e-5)
+        assert result.codes.tolist() == [codes[0]] and result.quotas.tolist() == [k]
+
+
+def test_search_rejects_repeated_codes_and_codes_out_of_range():
+    items, item_codes, users = disjoint_codes([2, 2])
+    with pytest.raises(ValueError, match="distinct"):
+        soft_search(users, np.array([0.5, 0.5]), np.array([1, 1]), BruteForce(items, item_codes, 2), 4)
+    with pytest.raises(ValueError, match="codes must lie"):
+        CodeIndex.build(items, item_codes, 1)
+    with pytest.raises(ValueError, match="method"):
+        CodeIndex.build(items, item_codes, 2, method="hnsw")
 
 
 # ----------------------------------------------------------------- serving a trained model
@@ -181,47 +301,76 @@ def model() -> SparcModel:
     return m
 
 
-def item_vectors(m: SparcModel) -> np.ndarray:
+def catalogue_arrays(m: SparcModel) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
-        return m.catalogue().z.numpy()
+        cat = m.catalogue()
+        return cat.z.numpy(), cat.codes[:, 0].numpy()
 
 
 HISTORY = np.array([3, 17, 5, 22])
 
 
-def test_retrieve_soft_matches_the_reference_on_the_models_vectors(model):
-    z = item_vectors(model)
-    result = retrieve(model, HISTORY, BruteForce(z), k=12, top_codes=3)
-    assert len(result.items) == 12 and len(set(result.items.tolist())) == 12
-    assert ((result.items >= 1) & (result.items <= N_ITEMS)).all()
-    assert len(result.codes) == 3 and result.weights.sum() == pytest.approx(1.0)
-    assert result.quotas.sum() == 12
-    with torch.no_grad():  # recompute the pieces by hand from the model
-        inputs, lengths = pad_histories([HISTORY], ENC.max_len)
+def by_hand(model: SparcModel, history: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The interest distribution and the user vectors of `codes`, recomputed from the model's pieces."""
+    with torch.no_grad():
+        inputs, lengths = pad_histories([history], ENC.max_len)
         cat = model.catalogue()
         state = model.encode(inputs, lengths, cat.z)
         probs = torch.softmax(model.interest_logits(state.h, cat.z, cat.codes)[0], dim=-1).numpy()
-        top = np.argsort(-probs, kind="stable")[:3]
-        u = model.code_vectors(state, torch.from_numpy(top)[None])[0].numpy()
+        u = model.code_vectors(state, torch.from_numpy(np.asarray(codes))[None])[0].numpy()
+    return probs, u
+
+
+@pytest.mark.parametrize("make", RETRIEVERS, ids=IDS)
+def test_retrieve_soft_matches_the_reference_on_the_models_catalogue(model, make):
+    z, item_codes = catalogue_arrays(model)
+    result = retrieve(model, HISTORY, make(z, item_codes, CODES), k=12, top_codes=3)
+    probs, _ = by_hand(model, HISTORY, np.zeros(1, np.int64))
+    top = np.argsort(-probs, kind="stable")[:3]
     np.testing.assert_array_equal(result.codes, top)
     np.testing.assert_allclose(result.weights, probs[top] / probs[top].sum(), rtol=1e-5)
-    np.testing.assert_array_equal(result.items, soft_search_reference(u, result.weights, z, 12))
-    faiss_result = retrieve(model, HISTORY, FaissFlat(z), k=12, top_codes=3)
-    np.testing.assert_array_equal(faiss_result.items, result.items)
+    _, u = by_hand(model, HISTORY, top)
+    ref = soft_search_reference(u, result.weights, top, z, item_codes, 12)
+    np.testing.assert_array_equal(result.items, ref.items)
+    np.testing.assert_allclose(result.scores, ref.scores, rtol=1e-5, atol=1e-5)
+    assert len(result.items) == min(12, np.isin(item_codes[1:], top).sum())
+    assert ((result.items >= 1) & (result.items <= N_ITEMS)).all()
 
 
-def test_retrieve_hard_is_the_models_hard_score(model):
-    z = item_vectors(model)
-    result = retrieve(model, HISTORY, BruteForce(z), k=10, hard=True)
-    scores = model.score(torch.from_numpy(HISTORY)[None], torch.tensor([len(HISTORY)]), search="hard")[0]
-    expected = np.argsort(-scores[1:].numpy(), kind="stable")[:10] + 1
-    np.testing.assert_array_equal(result.items, expected)
-    assert len(result.codes) == 1
+@pytest.mark.parametrize("explore", [0.3, 1.0])
+def test_retrieve_with_exploration_matches_the_reference_with_the_same_rng(model, explore):
+    z, item_codes = catalogue_arrays(model)
+    index = CodeIndex.build(z, item_codes, CODES)
+    for seed in range(5):
+        got = retrieve(model, HISTORY, index, k=10, top_codes=3, explore=explore, rng=np.random.default_rng(seed))
+        probs, _ = by_hand(model, HISTORY, np.zeros(1, np.int64))
+        codes, weights = choose_codes(probs, 3, explore, np.random.default_rng(seed))
+        _, u = by_hand(model, HISTORY, codes)
+        np.testing.assert_array_equal(got.codes, codes)
+        np.testing.assert_array_equal(got.items, soft_search_reference(u, weights, codes, z, item_codes, 10).items)
+        again = retrieve(model, HISTORY, index, k=10, top_codes=3, explore=explore, rng=np.random.default_rng(seed))
+        np.testing.assert_array_equal(again.items, got.items)
 
 
-def test_retrieve_with_exploration_is_reproducible(model):
-    z = BruteForce(item_vectors(model))
-    a = retrieve(model, HISTORY, z, k=10, top_codes=3, explore=0.5, rng=np.random.default_rng(1))
-    b = retrieve(model, HISTORY, z, k=10, top_codes=3, explore=0.5, rng=np.random.default_rng(1))
+def test_retrieve_hard_is_the_argmax_codes_list(model):
+    z, item_codes = catalogue_arrays(model)
+    result = retrieve(model, HISTORY, CodeIndex.build(z, item_codes, CODES), k=10, hard=True)
+    probs, _ = by_hand(model, HISTORY, np.zeros(1, np.int64))
+    code = int(probs.argmax())
+    _, u = by_hand(model, HISTORY, np.array([code]))
+    assert result.codes.tolist() == [code]
+    np.testing.assert_array_equal(result.items, hard_search_reference(u[0], code, z, item_codes, 10))
+    assert (item_codes[result.items] == code).all()
+
+
+def test_retrieve_with_a_precomputed_catalogue_is_the_same(model):
+    z, item_codes = catalogue_arrays(model)
+    index = CodeIndex.build(z, item_codes, CODES)
+    with torch.no_grad():
+        cat = model.catalogue()
+    a = retrieve(model, HISTORY, index, k=10, top_codes=3)
+    b = retrieve(model, HISTORY, index, k=10, top_codes=3, catalogue=cat)
     np.testing.assert_array_equal(a.items, b.items)
-    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    with pytest.raises(ValueError, match="rebuild it"):
+        retrieve(model, HISTORY, CodeIndex.build(z[:-1], item_codes[:-1], CODES), k=10)

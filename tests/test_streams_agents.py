@@ -1,5 +1,6 @@
 """The worker's agents and views without a broker: Faust's agent.test_context() with memory:// tables, and an
-Outputs object that records what would have been sent.
+Outputs object that records what would have been sent. Also the recovery path without a broker: re-delivery
+(streams.history), warm start from a file:// store, resume positions and the processed log (streams.worker).
 
 Inside test_context each put waits until its event is processed, so the batching of the train agent is tested
 as plain functions (test_streams_batching.py) and here through handle_train_batch; the batched agent itself
@@ -13,10 +14,12 @@ import json
 import uuid
 
 import pytest
+import torch
 
-from codebook_store import Reassembler
+from codebook_store import IncompatibleSnapshotError, Reassembler, Snapshot, open_store
 from replay.synthetic import SyntheticConfig, generate
 from streams.agents import handle_train_batch, publish
+from streams.history import apply_feedback
 from streams.records import Invalid, Source, TrainExample
 from streams.settings import WorkerSettings
 from streams.views import health_payload, latest_payload, retrieve_payload
@@ -107,8 +110,8 @@ def test_ingest_routes_invalid_to_the_dlq_dedups_and_updates_history(tmp_path):
     assert out.dead[0][3].topic == w.settings.feedback_topic and out.dead[1][3].offset == 4
     assert [(e.event.event_id, e.history) for e in out.examples] == [("a", []), ("b", [3]), ("d", [])]
     assert [e.source.offset for e in out.examples] == [1, 2, 5]
-    assert seven == {"items": [3, 4], "recent": ["a", "b"]}
-    assert eight == {"items": [4], "recent": ["d"]}
+    assert seven == {"items": [3, 4], "recent": ["a", "b"], "offsets": [1, 2], "partition": 0}
+    assert eight == {"items": [4], "recent": ["d"], "offsets": [5], "partition": 0}
     text = w.metrics.render().decode()
     assert 'sparc_dlq_messages_total{reason="bad_json",topic="' + w.settings.feedback_topic in text
     assert "sparc_duplicate_events_total 1.0" in text
@@ -126,7 +129,8 @@ def test_history_keeps_max_len_items_and_a_window_of_event_ids(tmp_path):
         return w.history.get("1")
 
     state = run(w, scenario)
-    assert state == {"items": [5, 6, 7, 8, 1], "recent": ["e5", "e6", "e7", "e0"]}
+    assert state == {"items": [5, 6, 7, 8, 1], "recent": ["e5", "e6", "e7", "e0"], "offsets": [5, 6, 7, 8],
+                     "partition": 0}
 
 
 def test_catalog_grows_the_item_table_and_rejects_bad_items(tmp_path):
@@ -235,3 +239,126 @@ def test_a_snapshot_the_gate_rejects_is_not_served(tmp_path):
     assert status == 503 and "below the floor" in body["last_gate"][0]
     assert health["status"] == "starting" and w.outputs.announced == []
     assert 'sparc_snapshots_total{outcome="rejected"} 1.0' in w.metrics.render().decode()
+
+
+# --- recovery: re-delivery (streams.history), warm start and the processed log (streams.worker)
+
+
+def test_a_message_read_again_at_its_offset_is_forwarded_again_without_touching_the_history():
+    state = None
+    for n, item in enumerate([3, 4, 5]):
+        state = apply_feedback(state, f"e{n}", item, 5, 8, partition=1, offset=10 + n).state
+    assert state == {"items": [3, 4, 5], "recent": ["e0", "e1", "e2"], "offsets": [10, 11, 12], "partition": 1}
+    again = apply_feedback(state, "e1", 4, 5, 8, partition=1, offset=11)  # the crash re-read the message
+    assert again.redelivered and again.history == [3] and again.state == state
+    assert apply_feedback(state, "e1", 4, 5, 8, partition=1, offset=40) is None  # sent twice: a duplicate
+    assert apply_feedback(state, "e1", 4, 5, 8, partition=0, offset=11) is None
+    assert apply_feedback(state, "e1", 4, 5, 8) is None  # replay passes no offsets: plain de-duplication
+    old = {"items": [3, 4], "recent": ["e0", "e1"]}  # a value written before offsets were kept
+    assert apply_feedback(old, "e1", 4, 5, 8, partition=1, offset=11) is None
+    assert apply_feedback(old, "e2", 5, 5, 8, partition=1, offset=12).state["offsets"] == [None, None, 12]
+    short = apply_feedback(state, "e3", 6, 2, 8, partition=1, offset=13).state  # max_len 2 keeps [5, 6]
+    assert apply_feedback(short, "e0", 3, 2, 8, partition=1, offset=10).history == []  # older than max_len
+
+
+def train_messages(w: StreamWorker, events: list[dict], first_offset: int = 0) -> list[list[tuple[bytes, Source]]]:
+    """The synthetic stream's feedback as train-topic micro-batches (ingest done by hand, as the agent would)."""
+    table: dict = {}
+    raws = []
+    for n, e in enumerate(x for x in events if "event_id" in x):
+        user = str(e["user_id"])
+        applied = apply_feedback(table.get(user), e["event_id"], e["item_id"], w.settings.max_len, 256)
+        table[user] = applied.state
+        ex = TrainExample.model_validate({"event": {**e, "user_id": user, "event_type": "view"},
+                                          "history": applied.history,
+                                          "source": {"topic": "fb", "partition": 0, "offset": n}})
+        raws.append(ex.model_dump_json().encode())
+    b = w.settings.batch_size
+    return [[(raw, Source(topic="train", partition=0, offset=first_offset + start + i))
+             for i, raw in enumerate(raws[start : start + b])] for start in range(0, len(raws), b)]
+
+
+def test_warm_start_continues_weights_steps_versions_and_position(tmp_path, stream):
+    url, log = f"file://{tmp_path}/store", tmp_path / "processed.jsonl"
+    events = list(stream.iter_events())
+    first = make_worker(tmp_path, store_url=url, processed_log=log)
+    batches = train_messages(first, events)
+
+    async def train(w, chosen):
+        for batch in chosen:
+            await handle_train_batch(w, batch)
+        return w.learner.steps
+
+    steps = run(first, lambda: train(first, batches[:12]))
+    assert first.warm_version is None and steps >= 10
+    with open_store(url, read_only=True) as store:
+        latest = store.latest_version()
+        snap = store.get(latest)
+    assert latest == 1 and snap.health["steps"] == 10 and snap.watermark["kafka"]["train:0"] == 10 * 16
+
+    second = make_worker(tmp_path, store_url=url, processed_log=log)  # warm start is the default
+    assert second.warm_version == latest and second.learner.steps == 10
+    state = second.learner.snapshot_state()
+    assert all(torch.equal(state.weights[k], snap.weights[k]) for k in snap.weights)
+    assert torch.equal(state.item_codes, snap.item_codes)
+    assert second.resume["train:0"] == 160 and second.watermark == snap.watermark["kafka"]
+    assert second.index.current.version == latest  # served at once
+    assert health_payload(second)["served_version"] == latest
+    assert "sparc_warm_start_version 1.0" in second.metrics.render().decode()
+
+    # batches 10 and 11 were learnt after the snapshot: read again, they are learnt again; 0-9 are skipped
+    steps = run(second, lambda: train(second, batches[8:16]))
+    assert steps == 10 + 6
+    text = second.metrics.render().decode()
+    assert "sparc_resume_skipped_messages_total 32.0" in text
+    with open_store(url, read_only=True) as store:
+        assert store.versions() == [0, 1, 2] and store.manifest(2).parent == latest
+        assert store.manifest(2).health["steps"] == 15
+
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    starts = [n for n, line in enumerate(lines) if "start" in line]
+    assert [lines[n]["start"]["version"] for n in starts] == [None, latest]
+    assert lines[starts[1]]["start"]["resume"]["train:0"] == 160
+    resumed = [line for line in lines[starts[1] + 1 :]]
+    assert [line["read"]["train:0"] for line in resumed] == [[o, o + 16] for o in range(160, 256, 16)]
+    assert all(len(line["event_ids"]) == 16 for line in lines if "read" in line)
+
+    fresh = make_worker(tmp_path, store_url=url, warm_start=False)  # explicit: a fresh model
+    assert fresh.warm_version is None and fresh.learner.steps == 0 and fresh.index.current is None
+    steps = run(fresh, lambda: train(fresh, batches[:5]))
+    with open_store(url, read_only=True) as store:
+        assert store.versions() == [0, 1, 2, 3] and store.manifest(3).parent is None  # never a repeated version
+
+
+def test_warm_start_refuses_a_snapshot_of_another_shape_and_starts_fresh_on_an_empty_store(tmp_path, stream):
+    url = f"file://{tmp_path}/store"
+    empty = make_worker(tmp_path, store_url=url)
+    assert empty.warm_version is None and empty.index.current is None
+    batches = train_messages(empty, list(stream.iter_events()))[:7]
+
+    async def train():
+        for batch in batches:
+            await handle_train_batch(empty, batch)
+
+    run(empty, train)
+    assert empty.outputs.announced  # a snapshot is latest
+    with pytest.raises(IncompatibleSnapshotError, match=r"encoder\.dim"):
+        make_worker(tmp_path, store_url=url, dim=8)
+    assert make_worker(tmp_path, store_url=url, dim=8, warm_start=False).warm_version is None
+
+
+def test_warm_start_from_an_offline_snapshot_reads_the_train_topic_from_its_start(tmp_path):
+    """`sparc train` stores a snapshot with watermark {"offline": name}: nothing is skipped after it."""
+    url = f"file://{tmp_path}/store"
+    w = make_worker(tmp_path, store_url=url)
+    w.learner.observe_items([{"item_id": 30}])
+    state = w.learner.snapshot_state()
+    w.close()
+    with open_store(url) as store:
+        store.put(Snapshot(model="sparc", version=4, parent=None, created_at=1.7e9, watermark={"offline": "beauty"},
+                           config=state.config, codebooks=state.codebooks, item_codes=state.item_codes,
+                           weights=state.weights, health={"finite": True}))
+    warm = make_worker(tmp_path, store_url=url)
+    assert warm.warm_version == 4 and warm.learner.steps == 0 and warm.learner.num_items == 30
+    assert warm.resume == {} and warm.resume_offset(Source(topic="train", partition=0, offset=0)) == 0
+    warm.close()

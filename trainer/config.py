@@ -44,6 +44,9 @@ class SparcConfig:
     # code-conditioned user tower: u_c = h + W e_c (+ target attention over the sequence with e_c as query)
     tower_attention: bool = True
     global_weight: float = 1.0  # weight of the unconditioned (single-vector) CE term h . z
+    # what u_c is trained to rank: "code" = only the items whose level-1 code is c (a factorised likelihood
+    # p(i) = p(c(i)) * p(i | c(i), u_c), the per-code retrieval of soft search); "catalogue" = every item
+    conditioned_scope: Literal["code", "catalogue"] = "catalogue"
     shuffle_bpr_weight: float = 0.0  # "shuffle BPR" of the paper (u from the true code must beat u from another)
     use_attributes: bool = True
     # main retrieval loss: exact softmax over the catalogue, or in-batch sampled softmax with logQ correction

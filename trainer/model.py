@@ -21,6 +21,9 @@ from trainer.rq import ResidualQuantizer
 from trainer.towers import CausalEncoder, ItemTower
 
 
+HARD_EPS = 1e-30  # hard search: probability left to the codes other than the argmax (they rank below its items)
+
+
 @dataclass
 class Catalogue:
     """The whole item space at one moment: z (N+1, D) with grad, codes (N+1, L), row 0 = padding."""
@@ -114,6 +117,29 @@ class SparcModel(nn.Module):
         log_q = torch.log((counts[y] + 1.0) / (counts.sum() + counts.shape[0]))
         return sampled_softmax_ce(users, z[y], y, log_q)
 
+    def _within_code_ce(self, u: torch.Tensor, z: torch.Tensor, y: torch.Tensor, code1: torch.Tensor) -> torch.Tensor:
+        """Mean CE of y among the items that share its level-1 code: -log softmax_{j: c(j)=c(y)}(u . z_j)[y].
+
+        u (M, D) user vectors (each conditioned on its target's code), z (N+1, D), y (M,) in 1..N, code1 (N+1,).
+        One small matmul per code present in the batch: ~C times cheaper than a full softmax.
+        """
+        if u.shape[0] == 0:
+            return u.sum() * 0.0
+        item_codes = code1[1:]
+        order = torch.argsort(item_codes, stable=True) + 1  # item ids grouped by code
+        ends = torch.bincount(item_codes, minlength=self.cfg.codes).cumsum(0)
+        rank = torch.empty_like(order)
+        rank[order - 1] = torch.arange(order.shape[0])  # item id - 1 -> its place in `order`
+        target_code = code1[y]
+        total = u.new_zeros(())
+        for c in torch.unique(target_code).tolist():
+            start = int(ends[c - 1]) if c > 0 else 0
+            rows = (target_code == c).nonzero(as_tuple=True)[0]
+            members = order[start : int(ends[c])]
+            logits = u[rows] @ z[members].T  # (M_c, N_c)
+            total = total + F.cross_entropy(logits, rank[y[rows] - 1] - start, reduction="sum")
+        return total / u.shape[0]
+
     @staticmethod
     def _mask_padding(logits: torch.Tensor) -> torch.Tensor:
         logits = logits.clone()
@@ -133,7 +159,10 @@ class SparcModel(nn.Module):
         u = self._positional_code_vectors(state.H, e)[valid]  # (M, D)
         h = state.H[valid]  # (M, D)
 
-        conditioned = self._retrieval_loss(u, cat.z, y)
+        if self.cfg.conditioned_scope == "code":
+            conditioned = self._within_code_ce(u, cat.z, y, cat.codes[:, 0])
+        else:
+            conditioned = self._retrieval_loss(u, cat.z, y)
         total = conditioned
         metrics = {"loss_conditioned": float(conditioned.detach())}
         if self.cfg.global_weight > 0:
@@ -188,26 +217,59 @@ class SparcModel(nn.Module):
     ) -> torch.Tensor:
         """Full-catalogue scores (B, N+1) (higher is better; column 0 is padding and -inf).
 
-        soft: log of the mixture  global_mix * softmax(h.Z) + (1 - global_mix) * sum_k p_k softmax(u_k.Z)
-              over the `top_codes` most probable level-1 codes (p renormalised over them, at `temperature`).
-        hard: u_c.Z for the single most probable code c (SPARC-Hard).
+        soft: log of the mixture  global_mix * softmax(h.Z) + (1 - global_mix) * P_codes, where P_codes is
+              with conditioned_scope "catalogue": sum_k p_k softmax(u_k.Z) over the `top_codes` most probable
+              level-1 codes (p renormalised over them, at `temperature`);
+              with conditioned_scope "code": the factorised p(c(i)) p(i | c(i)) of `_factorised_scores`.
+        hard: SPARC-Hard, the single most probable code c: u_c.Z ("catalogue"), or ("code") the items of c
+              ranked by u_c, then the other items in the factorised order with p(c) ~ 1 - HARD_EPS.
         """
         cat = self.catalogue()
         state = self.encode(inputs, lengths, cat.z)
         logits_c = self.interest_logits(state.h, cat.z, cat.codes) / temperature  # (B, C)
         if search == "hard":
+            if self.cfg.conditioned_scope == "code":  # the argmax code's items first (by u_c), then the rest
+                best = logits_c.argmax(-1, keepdim=True)
+                hard = torch.log_softmax(logits_c, dim=-1) + math.log(HARD_EPS)
+                hard = hard.scatter(1, best, 0.0)  # p(argmax) ~ 1: other codes only break ties below it
+                return self._factorised_scores(state, cat, hard, top_codes=1)
             u = self.code_vectors(state, logits_c.argmax(-1, keepdim=True))[:, 0]
             return self._mask_padding(u @ cat.z.T)
         if search != "soft":
             raise ValueError(f"unknown search {search!r}; expected 'soft' or 'hard'")
-        top_logit, top = logits_c.topk(min(top_codes, self.cfg.codes), dim=-1)  # (B, K)
-        logp_k = torch.log_softmax(top_logit, dim=-1)
-        u = self.code_vectors(state, top)  # (B, K, D)
-        per_code = torch.log_softmax(self._mask_padding(u @ cat.z.T), dim=-1)  # (B, K, N+1)
-        mixture = torch.logsumexp(per_code + logp_k[..., None], dim=1)  # (B, N+1)
+        if self.cfg.conditioned_scope == "code":
+            mixture = self._factorised_scores(state, cat, logits_c, top_codes)
+        else:
+            top_logit, top = logits_c.topk(min(top_codes, self.cfg.codes), dim=-1)  # (B, K)
+            logp_k = torch.log_softmax(top_logit, dim=-1)
+            u = self.code_vectors(state, top)  # (B, K, D)
+            per_code = torch.log_softmax(self._mask_padding(u @ cat.z.T), dim=-1)  # (B, K, N+1)
+            mixture = torch.logsumexp(per_code + logp_k[..., None], dim=1)  # (B, N+1)
         if global_mix > 0:
             glob = torch.log_softmax(self._mask_padding(state.h @ cat.z.T), dim=-1)
             if global_mix >= 1:
                 return glob
             mixture = torch.logaddexp(glob + math.log(global_mix), mixture + math.log1p(-global_mix))
         return mixture
+
+    def _factorised_scores(self, state: UserState, cat: Catalogue, logits_c: torch.Tensor, top_codes: int):
+        """log p(i) = log p(c(i)) + log p(i | c(i)) for the factorised model (conditioned_scope "code").
+
+        p(c) is the interest distribution (logits_c, already at its temperature). Within the `top_codes` most
+        probable codes, p(i | c) = softmax over code c's items of u_c . z; within the other codes it is the
+        single-vector model's, softmax of h . z (with u_c = h, as at initialisation, this is exactly h's softmax).
+        """
+        code1 = cat.codes[:, 0].clone()  # (N+1,)
+        code1[0] = -1  # padding belongs to no code
+        glob = torch.log_softmax(self._mask_padding(state.h @ cat.z.T), dim=-1)  # (B, N+1)
+        p_code = torch.zeros(glob.shape[0], self.cfg.codes).index_add_(1, code1[1:], glob[:, 1:].exp())
+        within = glob - p_code.clamp(min=1e-30).log()[:, code1.clamp(min=0)]  # log p_h(i | c(i))
+        _, top = logits_c.topk(min(top_codes, self.cfg.codes), dim=-1)  # (B, K)
+        u = self.code_vectors(state, top)  # (B, K, D)
+        for k in range(top.shape[1]):
+            member = code1[None, :] == top[:, k, None]  # (B, N+1)
+            s = (u[:, k] @ cat.z.T).masked_fill(~member, -math.inf)
+            s = s - torch.logsumexp(s, dim=-1, keepdim=True)
+            within = torch.where(member, s, within)
+        scores = torch.log_softmax(logits_c, dim=-1)[:, code1.clamp(min=0)] + within
+        return self._mask_padding(scores)

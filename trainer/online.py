@@ -7,17 +7,25 @@ passes them in; the learner owns the model, its optimiser and its random state.
     learner.observe_items([{"item_id": 7, "attributes": [3, 12]}])       # new items -> grown item table
     metrics = learner.learn(events, histories)                            # one Trainer.step
     advance_histories(histories, events, learner.max_len)                 # the caller moves histories on
+    learner.restore(snapshot.config, snapshot.weights, steps=120)         # warm start from a snapshot
 
 Events are mappings with at least "user_id" and "item_id". `histories[user]` is the user's items (oldest
 first) as of the START of the batch; an event's training input is that history followed by the items of the
 same user's earlier events in the batch, and its target is the event's item (next-item prediction at the last
 position only: earlier positions were trained when their own events arrived). A user's first event has no
 history and gives no example. Same seed + same batches in the same order -> the same weights and snapshots.
+
+Random state: the learner draws dropout from a torch RNG state of its own (seeded by TrainConfig.seed), swapped
+into torch's process-wide generator only for the length of a step. Every use of that generator here (building a
+model, a step, `load_model`) holds GLOBAL_RNG_LOCK, so a serving model built in another thread (the worker
+rebuilds its index in a publisher thread) neither draws from nor disturbs a step that runs meanwhile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, MutableMapping, Sequence
+import threading
+from collections.abc import Hashable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -28,6 +36,36 @@ from trainer.config import SparcConfig, TrainConfig
 from trainer.model import SparcModel
 from trainer.rq import code_health
 from trainer.step import Trainer
+
+GLOBAL_RNG_LOCK = threading.Lock()  # held by everything here that touches torch's process-wide generator
+
+
+class RngState:
+    """What `private_rng` leaves behind: the private generator's state when the block ended."""
+
+    state: torch.Tensor | None = None
+
+
+@contextmanager
+def private_rng(state: torch.Tensor | None = None, seed: int | None = None) -> Iterator[RngState]:
+    """Run a block on a private torch RNG: `state` (or a fresh one seeded with `seed`) is swapped into the
+    process-wide generator under GLOBAL_RNG_LOCK, and the process's own state is put back afterwards. The
+    yielded RngState holds the private state as the block left it (also when it raised)."""
+    out = RngState()
+    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        if state is not None:
+            torch.set_rng_state(state)
+        elif seed is not None:
+            torch.manual_seed(seed)
+        try:
+            yield out
+        finally:
+            out.state = torch.get_rng_state()
+
+
+def restart_seed(seed: int, steps: int) -> int:
+    """The seed of a learner restored at `steps` (a restart must not replay the random numbers of step 0)."""
+    return (seed * 1_000_003 + steps) % (2**63)
 
 
 def append_history(history: Sequence[int], item: int, max_len: int) -> list[int]:
@@ -103,11 +141,26 @@ class OnlineLearner:
 
     def __init__(self, model_cfg: SparcConfig, train_cfg: TrainConfig):
         self.train_cfg = train_cfg
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(train_cfg.seed)
+        with private_rng(seed=train_cfg.seed) as rng:
             self.model = SparcModel(model_cfg)
-            self._rng_state = torch.get_rng_state()  # dropout etc. draw from this, not the process's RNG
+        self._rng_state = rng.state  # dropout etc. draw from this, not the process's RNG
         self.trainer = Trainer(self.model, train_cfg)
+
+    def restore(self, config: Mapping, weights: Mapping[str, torch.Tensor], steps: int = 0) -> None:
+        """Continue from a snapshot (a warm start): its model (config and weights; the item table has the
+        snapshot's size), `steps` as the step count. A snapshot carries no optimiser state, so Adam starts
+        afresh; the random state is seeded from (TrainConfig.seed, steps). Raises ValueError when the config
+        differs from this learner's in anything but num_items, or the weights do not fit it (nothing changes)."""
+        differ = config_differences(config, self.model.cfg)
+        if differ:
+            raise ValueError(f"the snapshot's model differs from this learner's in {', '.join(differ)}")
+        with private_rng(seed=restart_seed(self.train_cfg.seed, steps)) as rng:
+            model = _build_model(config, weights)
+        model.train()
+        trainer = Trainer(model, self.train_cfg)
+        trainer.steps = int(steps)
+        trainer.generator.manual_seed(restart_seed(self.train_cfg.seed, steps))
+        self.model, self.trainer, self._rng_state = model, trainer, rng.state
 
     @property
     def max_len(self) -> int:
@@ -152,10 +205,9 @@ class OnlineLearner:
         if grow_to > self.num_items:  # histories given by the caller may name items we were never told of
             self.trainer.grow_items(grow_to)
         batch = next_item_batch(examples, self.max_len)
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self._rng_state)
+        with private_rng(self._rng_state) as rng:
             metrics = self.trainer.step(batch)
-            self._rng_state = torch.get_rng_state()
+        self._rng_state = rng.state
         return {**metrics, **out}
 
     @torch.no_grad()
@@ -169,12 +221,34 @@ class OnlineLearner:
         return capture_state(self.model, self.steps)
 
 
+def config_differences(config: Mapping, cfg: SparcConfig) -> list[str]:
+    """The SparcConfig fields (encoder fields as "encoder.<name>") in which a snapshot's config differs from
+    `cfg`, num_items aside (the item table grows on a stream). Keys the snapshot lacks take their defaults."""
+    a, b = _flat(SparcConfig.from_json(dict(config)).to_json()), _flat(cfg.to_json())
+    return sorted(k for k in a.keys() | b.keys() if k != "num_items" and a.get(k) != b.get(k))
+
+
+def _flat(cfg: dict) -> dict:
+    encoder = {f"encoder.{k}": v for k, v in cfg["encoder"].items()}
+    return {**{k: v for k, v in cfg.items() if k != "encoder"}, **encoder}
+
+
 def load_model(config: Mapping, weights: Mapping[str, torch.Tensor]) -> SparcModel:
-    """A SparcModel in eval mode from a snapshot's config and weights (strict: every weight must fit)."""
+    """A SparcModel in eval mode from a snapshot's config and weights (strict: every weight must fit; ValueError
+    otherwise). Building it does not touch torch's process-wide random state (see the module doc)."""
+    with private_rng(seed=0):
+        model = _build_model(config, weights)
+    return model.eval()
+
+
+def _build_model(config: Mapping, weights: Mapping[str, torch.Tensor]) -> SparcModel:
     cfg = SparcConfig.from_json(dict(config))
     model = SparcModel(cfg, attributes=weights.get("items.attributes"))
-    model.load_state_dict(dict(weights), strict=True)
-    return model.eval()
+    try:
+        model.load_state_dict(dict(weights), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"the weights do not fit the config: {exc}") from None
+    return model
 
 
 @torch.no_grad()

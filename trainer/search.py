@@ -1,69 +1,363 @@
-"""Soft search (SPARC) and hard search (SPARC-Hard) for serving, with a brute-force reference.
+"""Soft search (SPARC) and hard search (SPARC-Hard) for serving: per-code retrieval over a code -> item index,
+with a brute-force reference of the same definition.
 
-soft_search for one user:
-  1. choose K level-1 codes from the interest distribution p: the top-K, or, with explore > 0, K codes drawn
-     without replacement (Gumbel top-K) from (1 - explore) * p + explore * uniform;
-  2. quota per chosen code proportional to its (renormalised) probability, at least one slot each;
-  3. retrieve each code's candidates with its own user vector u_k (any `Retriever`: brute force or faiss);
-  4. merge: every candidate's score is sum_k p_k * (u_k . z); each code contributes its best `quota_k` unseen
-     candidates, and the final list is sorted by the merged score.
-hard_search: the argmax code alone, its user vector, top-k by u . z.
+Every item i >= 1 sits in exactly one list: the list of its level-1 code c(i) (row 0 is padding, never returned).
+
+soft_search for one user, given chosen codes c_1..c_K (distinct), renormalised weights p_k and user vectors u_k:
+  1. code k's candidates come ONLY from list c_k; a candidate's score is
+         score_k(i) = log p_k + u_k . z_i - LSE_k,     LSE_k = logsumexp_{j in list c_k} u_k . z_j   (exact)
+     so exp(score) = p_k * softmax-within-code: the item's probability under the mixture of the chosen codes;
+  2. quotas: allocate_quotas(p, k) (proportional to p_k, at least one slot each); code k contributes its best
+     min(quota_k, |list c_k|) items ("best" = u_k . z descending, then id ascending);
+  3. free slots: when lists are shorter than their quotas, the slots left over go to the best remaining items
+     of ALL chosen lists (those beyond their code's quota) by the same score (score descending, then id
+     ascending); fewer than k items come back only when the chosen lists hold fewer than k items together;
+  4. the answer is sorted by score descending, ties by id ascending.
+hard_search: the argmax code's list only, top-k by u . z (fewer than k when the list is smaller).
+
+Retrievers (the `CodeRetriever` protocol: per-list scans with exact LSE):
+  CodeIndex   faiss IndexIVFFlat (inner product) whose inverted lists ARE the level-1 codes (items added with
+              their preassigned list ids); each code's list is scanned through zero-copy numpy views of the
+              list's vectors (method "scan": one pass gives the top candidates and LSE, ties broken by id), or
+              searched with faiss search_preassigned (method "faiss"; LSE from the same views). `update` moves
+              only the items whose code or vector changed, into a copy: the old index stays valid for readers.
+  BruteForce  numpy over ALL items (U @ Z^T), then per-code masks: the slow baseline.
+soft_search_reference is an independent, plain implementation of the definition over all items (tests, recall).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
+NO_CODE = -1  # the code of row 0 (padding): in no list
+Method = Literal["scan", "faiss"]
 
-class Retriever(Protocol):
-    vectors: np.ndarray  # (N+1, D) the item vectors searched; row 0 is padding
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries (Q, D) float32 -> (scores (Q, k), ids (Q, k)) by inner product, best first."""
+# ----------------------------------------------------------------- selection helpers
+
+
+def top_order(dots: np.ndarray, ids: np.ndarray, m: int) -> np.ndarray:
+    """Positions of the best min(m, n) entries by dot descending, then id ascending (exact under ties)."""
+    n = len(dots)
+    if m <= 0 or n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if n <= 512 or 4 * m >= n:  # small: one full sort is cheaper than partitioning first
+        return np.lexsort((ids, -dots))[:m]
+    cut = dots[np.argpartition(-dots, m - 1)[:m]].min()  # the m-th best value
+    above = np.flatnonzero(dots > cut)
+    tied = np.flatnonzero(dots == cut)
+    tied = tied[np.argsort(ids[tied], kind="stable")[: m - len(above)]]  # a tie at the cut: lowest ids win
+    sel = np.concatenate([above, tied])
+    return sel[np.lexsort((ids[sel], -dots[sel]))]
+
+
+def logsumexp(values: np.ndarray) -> float:
+    """log sum exp(values) in float64 (-inf for an empty array)."""
+    if len(values) == 0:
+        return -np.inf
+    top = float(values.max())
+    if not np.isfinite(top):
+        return top
+    return top + float(np.log(np.exp(values.astype(np.float64) - top).sum()))
+
+
+# ----------------------------------------------------------------- retrievers
+
+
+@dataclass(frozen=True)
+class ListScan:
+    """One code's list scanned with one user vector."""
+
+    ids: np.ndarray  # (m,) item ids, best first (u . z descending, then id ascending)
+    dots: np.ndarray  # (m,) their u . z
+    lse: float  # logsumexp of u . z over the WHOLE list (-inf for an empty list)
+
+
+class CodeRetriever(Protocol):
+    vectors: np.ndarray  # (N+1, D) float32 the item vectors indexed; row 0 is padding
+    codes: np.ndarray  # (N+1,) int64 level-1 code of every item; row 0 is NO_CODE
+    num_codes: int
+
+    def list_sizes(self, codes: np.ndarray) -> np.ndarray:
+        """(K,) codes -> (K,) number of items in each code's list."""
+
+    def scan(self, user_vectors: np.ndarray, codes: np.ndarray, m: np.ndarray) -> list[ListScan]:
+        """user_vectors (K, D), codes (K,), m (K,): the best m[k] items of list codes[k] by user_vectors[k] . z,
+        and the exact logsumexp over that whole list."""
+
+
+def _check_catalogue(vectors: np.ndarray, codes: np.ndarray, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    codes = np.asarray(codes, dtype=np.int64).copy()
+    if vectors.ndim != 2 or codes.shape != (vectors.shape[0],) or len(codes) < 1:
+        raise ValueError(f"vectors (N+1, D) and codes (N+1,) expected, got {vectors.shape} and {codes.shape}")
+    codes[0] = NO_CODE
+    if len(codes) > 1 and (codes[1:].min() < 0 or codes[1:].max() >= num_codes):
+        raise ValueError(f"item codes must lie in [0, {num_codes})")
+    vectors = vectors.view()
+    vectors.flags.writeable = False
+    codes.flags.writeable = False
+    return vectors, codes
 
 
 class BruteForce:
-    """Exact inner-product top-k over item vectors (N+1, D); row 0 (padding) is never returned."""
+    """The baseline: u . z for ALL items with numpy (U @ Z^T), then each code's members picked by mask."""
 
-    def __init__(self, item_vectors: np.ndarray):
-        self.vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
+    def __init__(self, item_vectors: np.ndarray, item_codes: np.ndarray, num_codes: int):
+        self.vectors, self.codes = _check_catalogue(item_vectors, item_codes, num_codes)
+        self.num_codes = num_codes
+        self._sizes = np.bincount(self.codes[1:], minlength=num_codes)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores = queries.astype(np.float32) @ self.vectors.T  # (Q, N+1)
-        scores[:, 0] = -np.inf
-        k = min(k, self.vectors.shape[0] - 1)
-        ids = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        part = np.take_along_axis(scores, ids, axis=1)
-        order = np.lexsort((ids, -part), axis=1)  # score descending, then id ascending: deterministic ties
-        ids = np.take_along_axis(ids, order, axis=1)
-        return np.take_along_axis(scores, ids, axis=1), ids
+    def list_sizes(self, codes: np.ndarray) -> np.ndarray:
+        return self._sizes[np.asarray(codes, dtype=np.int64)]
+
+    def scan(self, user_vectors: np.ndarray, codes: np.ndarray, m: np.ndarray) -> list[ListScan]:
+        dots = np.asarray(user_vectors, dtype=np.float32) @ self.vectors.T  # (K, N+1): the whole catalogue
+        out = []
+        for row, code, want in zip(dots, np.asarray(codes).tolist(), np.asarray(m).tolist(), strict=True):
+            ids = np.flatnonzero(self.codes == code)
+            s = row[ids]
+            order = top_order(s, ids, want)
+            out.append(ListScan(ids=ids[order], dots=s[order], lse=logsumexp(s)))
+        return out
 
 
-class FaissFlat:
-    """The same search through faiss (exact inner product); ids are the row numbers of item_vectors."""
+@dataclass(frozen=True)
+class IndexUpdate:
+    """What CodeIndex.update did."""
 
-    def __init__(self, item_vectors: np.ndarray):
+    moved: int  # items removed and re-added (code or vector changed)
+    code_changed: int  # of which the level-1 code changed
+    added: int  # new items (beyond the old catalogue)
+    removed: int  # items gone (the new catalogue is shorter)
+    rebuilt: bool  # too much changed: a full build was cheaper
+    written: int  # items written into the index (moved + added, or the whole catalogue when rebuilt)
+    seconds: dict  # phases: detect, copy, remove, add, views, total
+
+    @property
+    def changed(self) -> int:
+        return self.moved + self.added + self.removed
+
+
+class CodeIndex:
+    """A faiss IndexIVFFlat (inner product) whose list c holds exactly the items with level-1 code c.
+
+    Faiss ids are item ids. The object is immutable once built (its faiss index is never modified after the
+    constructor), so readers may use it while `update` prepares its successor; swap the reference to publish.
+    method: "scan" (numpy over each list's zero-copy view: one pass for the candidates and LSE, exact ties) or
+    "faiss" (search_preassigned for the candidates, LSE from the view; ties at the cut follow list order).
+    """
+
+    def __init__(self, index, item_vectors: np.ndarray, item_codes: np.ndarray, method: Method = "scan"):
+        if method not in ("scan", "faiss"):
+            raise ValueError(f"unknown method {method!r}; expected 'scan' or 'faiss'")
+        self.index = index
+        self.num_codes = int(index.nlist)
+        self.vectors, self.codes = _check_catalogue(item_vectors, item_codes, self.num_codes)
+        self.method = method
+        index.nprobe = 1
+        self._views()
+
+    # ------------------------------------------------------------- construction
+    @staticmethod
+    def _empty(dim: int, num_codes: int, centroids: np.ndarray | None):
         import faiss
 
-        self.vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
-        self.index = faiss.IndexFlatIP(self.vectors.shape[1])
-        self.index.add(self.vectors[1:])
+        quantizer = faiss.IndexFlatIP(dim)  # never used to assign: lists are preassigned (it only has to exist)
+        cent = np.zeros((num_codes, dim), np.float32) if centroids is None else centroids
+        quantizer.add(np.ascontiguousarray(cent, dtype=np.float32))
+        index = faiss.IndexIVFFlat(quantizer, dim, num_codes, faiss.METRIC_INNER_PRODUCT)
+        index.is_trained = True
+        return index
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return scores, ids + 1
+    @staticmethod
+    def _add(index, vectors: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> None:
+        import faiss
+
+        if len(ids) == 0:
+            return
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        lists = np.ascontiguousarray(codes, dtype=np.int64)
+        index.add_core(len(ids), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+
+    @classmethod
+    def build(
+        cls,
+        item_vectors: np.ndarray,
+        item_codes: np.ndarray,
+        num_codes: int,
+        *,
+        centroids: np.ndarray | None = None,
+        method: Method = "scan",
+    ) -> CodeIndex:
+        """item_vectors (N+1, D), item_codes (N+1,) level-1 codes (row 0 ignored). Lists hold ids ascending.
+        centroids (C, D): optional level-1 codebook for the (unused) coarse quantiser. item_vectors is kept by
+        reference (a read-only view, compared by `update`): the caller must not modify it afterwards."""
+        vectors, codes = _check_catalogue(item_vectors, item_codes, num_codes)
+        index = cls._empty(vectors.shape[1], num_codes, centroids)
+        order = np.argsort(codes[1:], kind="stable") + 1  # by list, ids ascending inside each list
+        cls._add(index, vectors[order], order, codes[order])
+        return cls(index, vectors, codes, method)
+
+    def _views(self) -> None:
+        """Zero-copy read-only numpy views of every list's vectors and ids (each keeps the faiss index alive)."""
+        import faiss
+
+        inv = self.index.invlists
+        d = self.vectors.shape[1]
+        self._list_vectors, self._list_ids = [], []
+        sizes = np.zeros(self.num_codes, dtype=np.int64)
+        for c in range(self.num_codes):
+            n = int(inv.list_size(c))
+            sizes[c] = n
+            if n == 0:
+                v, i = np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+            else:
+                v = _Memory.view(self.index, faiss.rev_swig_ptr(inv.get_codes(c), n * d * 4), (n, d), "<f4")
+                i = _Memory.view(self.index, faiss.rev_swig_ptr(inv.get_ids(c), n), (n,), "<i8")
+            v.flags.writeable = False
+            i.flags.writeable = False
+            self._list_vectors.append(v)
+            self._list_ids.append(i)
+        self._sizes = sizes
+
+    # ------------------------------------------------------------- reading
+    @property
+    def num_items(self) -> int:
+        return len(self.codes) - 1
+
+    def list_sizes(self, codes: np.ndarray) -> np.ndarray:
+        return self._sizes[np.asarray(codes, dtype=np.int64)]
+
+    def list_members(self, code: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (n,), vectors (n, D)) of one list: read-only zero-copy views, in the index's own order."""
+        return self._list_ids[code], self._list_vectors[code]
+
+    def scan(self, user_vectors: np.ndarray, codes: np.ndarray, m: np.ndarray) -> list[ListScan]:
+        user_vectors = np.ascontiguousarray(user_vectors, dtype=np.float32)
+        codes = np.asarray(codes, dtype=np.int64)
+        wants = np.asarray(m, dtype=np.int64).tolist()
+        if self.method == "faiss":
+            return self._scan_faiss(user_vectors, codes, wants)
+        out = []
+        for u, code, want in zip(user_vectors, codes.tolist(), wants, strict=True):
+            ids, vecs = self._list_ids[code], self._list_vectors[code]
+            s = vecs @ u
+            order = top_order(s, ids, want)
+            out.append(ListScan(ids=ids[order], dots=s[order], lse=logsumexp(s)))
+        return out
+
+    def _scan_faiss(self, user_vectors: np.ndarray, codes: np.ndarray, wants: list[int]) -> list[ListScan]:
+        top = max(wants, default=0)
+        if top > 0:
+            dots, ids = self.index.search_preassigned(user_vectors, top, codes[:, None], None)
+        out = []
+        for k, (u, code, want) in enumerate(zip(user_vectors, codes.tolist(), wants, strict=True)):
+            lse = logsumexp(self._list_vectors[code] @ u)
+            if want <= 0:
+                out.append(ListScan(ids=np.zeros(0, np.int64), dots=np.zeros(0, np.float32), lse=lse))
+                continue
+            got_ids, got = ids[k, :want], dots[k, :want]
+            keep = got_ids >= 0
+            got_ids, got = got_ids[keep], got[keep]
+            order = np.lexsort((got_ids, -got))
+            out.append(ListScan(ids=got_ids[order], dots=got[order], lse=lse))
+        return out
+
+    # ------------------------------------------------------------- updating
+    def update(
+        self, item_vectors: np.ndarray, item_codes: np.ndarray, *, rebuild_fraction: float = 0.5
+    ) -> tuple[CodeIndex, IndexUpdate]:
+        """A new CodeIndex for a new snapshot's item vectors (N'+1, D) and level-1 codes (N'+1,).
+
+        Only items whose code changed or whose vector changed (bitwise) are moved (removed, then re-added to
+        their new list); items beyond the old catalogue are added, items beyond the new one removed. The work
+        happens on a copy of the faiss index, so `self` keeps answering unchanged until the caller swaps the
+        reference. When more than `rebuild_fraction` of the catalogue would move, a full build is done instead
+        (IndexUpdate.rebuilt). The result answers exactly like CodeIndex.build on the new arrays.
+        """
+        import faiss
+
+        t0 = time.perf_counter()
+        vectors, codes = _check_catalogue(item_vectors, item_codes, self.num_codes)
+        if vectors.shape[1] != self.vectors.shape[1]:
+            raise ValueError(f"dimension changed ({self.vectors.shape[1]} -> {vectors.shape[1]}): rebuild")
+        n_old, n_new = self.num_items, len(codes) - 1
+        common = min(n_old, n_new)
+        code_changed = self.codes[1 : common + 1] != codes[1 : common + 1]
+        changed = code_changed | _rows_differ(self.vectors[1 : common + 1], vectors[1 : common + 1])
+        moved = np.flatnonzero(changed) + 1
+        added = np.arange(common + 1, n_new + 1, dtype=np.int64)
+        removed = np.arange(common + 1, n_old + 1, dtype=np.int64)
+        t_detect = time.perf_counter()
+        counts = {"moved": len(moved), "code_changed": int(code_changed.sum()), "added": len(added),
+                  "removed": len(removed)}
+        if len(moved) + len(added) + len(removed) > rebuild_fraction * max(n_new, 1):
+            new = CodeIndex.build(vectors, codes, self.num_codes, method=self.method)
+            t_end = time.perf_counter()
+            seconds = {"detect": t_detect - t0, "build": t_end - t_detect, "total": t_end - t0}
+            return new, IndexUpdate(**counts, rebuilt=True, written=n_new, seconds=seconds)
+        index = faiss.clone_index(self.index)  # the served index is never touched
+        t_copy = time.perf_counter()
+        gone = np.concatenate([moved, removed])
+        if len(gone):
+            n_gone = index.remove_ids(faiss.IDSelectorBatch(len(gone), faiss.swig_ptr(gone)))
+            if n_gone != len(gone):
+                raise RuntimeError(f"index out of sync: removed {n_gone} of {len(gone)} ids")
+        t_remove = time.perf_counter()
+        put = np.concatenate([moved, added])
+        self._add(index, vectors[put], put, codes[put])
+        t_add = time.perf_counter()
+        new = CodeIndex(index, vectors, codes, self.method)
+        t_end = time.perf_counter()
+        seconds = {
+            "detect": t_detect - t0, "copy": t_copy - t_detect, "remove": t_remove - t_copy,
+            "add": t_add - t_remove, "views": t_end - t_add, "total": t_end - t0,
+        }
+        return new, IndexUpdate(**counts, rebuilt=False, written=len(put), seconds=seconds)
+
+
+class _Memory:
+    """A numpy view of memory owned by a faiss object, holding a reference to that object (the view's base)."""
+
+    def __init__(self, owner, address: int, shape: tuple[int, ...], typestr: str):
+        self.owner = owner
+        self.__array_interface__ = {"shape": shape, "typestr": typestr, "data": (address, False), "version": 3}
+
+    @classmethod
+    def view(cls, owner, raw: np.ndarray, shape: tuple[int, ...], typestr: str) -> np.ndarray:
+        """raw: faiss.rev_swig_ptr's (non-owning) array over the memory."""
+        return np.asarray(cls(owner, raw.__array_interface__["data"][0], shape, typestr))
+
+
+def _rows_differ(a: np.ndarray, b: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """(n,) True where rows of a and b differ bitwise (in chunks: no n x D temporary)."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    out = np.zeros(a.shape[0], dtype=bool)
+    if a.shape[0] == 0:
+        return out
+    ia, ib = a.view(np.uint32), b.view(np.uint32)
+    for start in range(0, a.shape[0], chunk):
+        out[start : start + chunk] = (ia[start : start + chunk] != ib[start : start + chunk]).any(axis=1)
+    return out
+
+
+# ----------------------------------------------------------------- search
 
 
 @dataclass
 class SearchResult:
-    items: np.ndarray  # (k,) item ids, best first
-    scores: np.ndarray  # (k,) merged scores
+    items: np.ndarray  # (n,) item ids, best first; n <= k
+    scores: np.ndarray  # (n,) soft: log p_k + u_k.z - LSE_k (log mixture probability); hard: u.z
     codes: np.ndarray  # (K,) the level-1 codes searched
     weights: np.ndarray  # (K,) their renormalised probabilities
-    quotas: np.ndarray  # (K,) slots given to each code
+    quotas: np.ndarray  # (K,) slots given to each code before free slots were redistributed
 
 
 def allocate_quotas(weights: np.ndarray, k: int) -> np.ndarray:
@@ -93,59 +387,107 @@ def choose_codes(
     return codes, p[codes] / p[codes].sum()
 
 
+def _log(weights: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(weights, dtype=np.float64))
+
+
+def _sorted_by_score(items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((items, -scores))
+    return items[order], scores[order]
+
+
 def soft_search(
-    user_vectors: np.ndarray, weights: np.ndarray, codes: np.ndarray, retriever: Retriever, k: int
+    user_vectors: np.ndarray, weights: np.ndarray, codes: np.ndarray, retriever: CodeRetriever, k: int
 ) -> SearchResult:
-    """user_vectors (K, D): one per chosen code; weights (K,) sum to 1. Returns the merged top-k."""
+    """user_vectors (K, D): one per chosen code; weights (K,) sum to 1; codes (K,) distinct. The merged top-k
+    (module docstring: per-code lists, exact LSE, quotas, free slots to the best remaining candidates)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if len(np.unique(codes)) != len(codes):
+        raise ValueError(f"codes searched must be distinct, got {codes.tolist()}")
+    if len(user_vectors) != len(codes) or len(weights) != len(codes):
+        raise ValueError(f"one user vector and one weight per code: {len(user_vectors)}, {len(weights)}, "
+                         f"{len(codes)}")
     quotas = allocate_quotas(weights, k)
-    _, cand = retriever.search(user_vectors.astype(np.float32), k)  # (K, k) each code's own best
-    pool = np.unique(cand[cand > 0])
-    # merged score of every candidate: sum_k p_k u_k . z   (exact dot products on the candidate pool)
-    z = retriever.vectors[pool]  # (P, D)
-    merged = (weights[:, None] * (user_vectors @ z.T)).sum(0)  # (P,)
-    merged_of = dict(zip(pool.tolist(), merged.tolist(), strict=True))
-    taken: list[int] = []
-    seen: set[int] = set()
-    for row, quota in zip(cand, quotas, strict=True):
-        got = 0
-        for item in row.tolist():
-            if got == quota:
-                break
-            if item > 0 and item not in seen:
-                seen.add(item)
-                taken.append(item)
-                got += 1
-    items = np.array(sorted(taken, key=lambda i: (-merged_of[i], i)), dtype=np.int64)
-    scores = np.array([merged_of[i] for i in items], dtype=np.float32)
-    return SearchResult(items=items, scores=scores, codes=codes, weights=weights, quotas=quotas)
+    sizes = retriever.list_sizes(codes)
+    free = int(k - np.minimum(quotas, sizes).sum())  # slots short lists cannot fill
+    scans = retriever.scan(user_vectors, codes, np.minimum(sizes, quotas + free))
+    logw = _log(weights)
+    items, scores, rest_items, rest_scores = [], [], [], []
+    for scan, quota, lw in zip(scans, quotas.tolist(), logw.tolist(), strict=True):
+        s = lw + scan.dots.astype(np.float64) - scan.lse
+        items.append(scan.ids[:quota])
+        scores.append(s[:quota])
+        rest_items.append(scan.ids[quota:])
+        rest_scores.append(s[quota:])
+    if free > 0:
+        pool_items, pool_scores = _sorted_by_score(np.concatenate(rest_items), np.concatenate(rest_scores))
+        items.append(pool_items[:free])
+        scores.append(pool_scores[:free])
+    items, merged = _sorted_by_score(np.concatenate(items).astype(np.int64), np.concatenate(scores))
+    return SearchResult(items=items, scores=merged.astype(np.float32), codes=codes, weights=weights, quotas=quotas)
 
 
-def hard_search(user_vector: np.ndarray, code: int, retriever: Retriever, k: int) -> SearchResult:
-    scores, ids = retriever.search(user_vector[None].astype(np.float32), k)
-    return SearchResult(items=ids[0], scores=scores[0], codes=np.array([code]), weights=np.ones(1),
-                        quotas=np.array([k]))
+def hard_search(user_vector: np.ndarray, code: int, retriever: CodeRetriever, k: int) -> SearchResult:
+    """The list of `code` only: its top-k by u . z (fewer when the list is smaller)."""
+    (scan,) = retriever.scan(np.asarray(user_vector, dtype=np.float32)[None], np.array([code]), np.array([k]))
+    return SearchResult(items=scan.ids, scores=scan.dots.astype(np.float32), codes=np.array([code]),
+                        weights=np.ones(1), quotas=np.array([k]))
 
 
 def soft_search_reference(
-    user_vectors: np.ndarray, weights: np.ndarray, item_vectors: np.ndarray, k: int
-) -> np.ndarray:
-    """The definition above, computed by brute force over the whole catalogue with full sorts (for tests)."""
+    user_vectors: np.ndarray,
+    weights: np.ndarray,
+    codes: np.ndarray,
+    item_vectors: np.ndarray,
+    item_codes: np.ndarray,
+    k: int,
+) -> SearchResult:
+    """The definition (module docstring) by brute force with numpy over ALL items and full sorts: u_k . z for
+    every item, members of each list by mask. Independent of the retrievers (tests; recall in the benchmark)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    item_codes = np.asarray(item_codes, dtype=np.int64)
     quotas = allocate_quotas(weights, k)
-    scores = user_vectors @ item_vectors.T  # (K, N+1)
-    scores[:, 0] = -np.inf
-    merged = (weights[:, None] * (user_vectors @ item_vectors.T)).sum(0)
-    seen: list[int] = []
-    for row, quota in zip(scores, quotas, strict=True):
-        order = sorted(range(1, len(row)), key=lambda i: (-row[i], i))
-        fresh = [i for i in order if i not in seen][:quota]
-        seen.extend(fresh)
-    return np.array(sorted(seen, key=lambda i: (-merged[i], i)), dtype=np.int64)
+    dots = np.asarray(user_vectors, dtype=np.float32) @ np.asarray(item_vectors, dtype=np.float32).T  # (K, N+1)
+    all_ids = np.arange(len(item_codes))
+    chosen, rest = [], []  # (ids, scores) per code: within quota / beyond it
+    for row, code, quota, lw in zip(dots, codes.tolist(), quotas.tolist(), _log(weights).tolist(), strict=True):
+        member = all_ids[1:][item_codes[1:] == code]
+        s = row[member]
+        order = np.lexsort((member, -s))  # full sort of the list: u.z descending, id ascending
+        score = lw + s[order].astype(np.float64) - logsumexp(s)
+        chosen.append((member[order][:quota], score[:quota]))
+        rest.append((member[order][quota:], score[quota:]))
+    items = np.concatenate([c[0] for c in chosen])
+    scores = np.concatenate([c[1] for c in chosen])
+    free = k - len(items)
+    if free > 0:
+        pool_items, pool_scores = _sorted_by_score(np.concatenate([r[0] for r in rest]),
+                                                   np.concatenate([r[1] for r in rest]))
+        items = np.concatenate([items, pool_items[:free]])
+        scores = np.concatenate([scores, pool_scores[:free]])
+    items, scores = _sorted_by_score(items.astype(np.int64), scores)
+    return SearchResult(items=items, scores=scores.astype(np.float32), codes=codes, weights=weights, quotas=quotas)
+
+
+def hard_search_reference(
+    user_vector: np.ndarray, code: int, item_vectors: np.ndarray, item_codes: np.ndarray, k: int
+) -> np.ndarray:
+    """Brute-force hard search: the items of `code`, by u . z descending then id, first k."""
+    item_codes = np.asarray(item_codes, dtype=np.int64)
+    member = np.flatnonzero(item_codes == code)
+    member = member[member > 0]
+    s = np.asarray(item_vectors, dtype=np.float32)[member] @ np.asarray(user_vector, dtype=np.float32)
+    return member[np.lexsort((member, -s))][:k]
+
+
+# ----------------------------------------------------------------- serving a model
 
 
 def retrieve(
     model,
     history: np.ndarray,
-    retriever: Retriever,
+    retriever: CodeRetriever,
     k: int = 50,
     *,
     top_codes: int = 4,
@@ -153,19 +495,26 @@ def retrieve(
     temperature: float = 1.0,
     hard: bool = False,
     rng: np.random.Generator | None = None,
+    catalogue=None,
 ) -> SearchResult:
-    """Serve one user with a trained SparcModel: interest distribution -> codes -> user vectors -> search.
+    """Serve one user with a SparcModel: interest distribution -> codes -> user vectors -> per-code search.
 
-    history: the user's items, oldest first. The retriever must index the model's current item vectors.
+    history: the user's items, oldest first. The retriever must index the model's current item vectors and
+    level-1 codes (model.catalogue()); `catalogue` passes that catalogue in, computed once (a frozen model's
+    catalogue does not change), instead of recomputing it for every request.
     """
     import torch
 
     from trainer.batches import pad_histories
 
-    model.eval()
+    if model.training:
+        model.eval()
     with torch.no_grad():
         inputs, lengths = pad_histories([np.asarray(history, dtype=np.int64)], model.cfg.encoder.max_len)
-        cat = model.catalogue()
+        cat = catalogue if catalogue is not None else model.catalogue()
+        if cat.z.shape[0] != retriever.vectors.shape[0]:
+            raise ValueError(f"the retriever indexes {retriever.vectors.shape[0] - 1} items, the model "
+                             f"{cat.z.shape[0] - 1}: rebuild it from model.catalogue()")
         state = model.encode(inputs, lengths, cat.z)
         probs = torch.softmax(model.interest_logits(state.h, cat.z, cat.codes)[0] / temperature, dim=-1).numpy()
         if hard:
