@@ -91,6 +91,47 @@ def plot_health(report: dict, path: str | Path, markers: Sequence[tuple[int, str
     return Path(path)
 
 
+def plot_recovery(curves: dict, shifts: Sequence[int], freeze: int | None, results: Sequence[dict], path: str | Path,
+                  *, k: int = 20, width: int, fraction: float = 0.9) -> Path:
+    """Recall@k over event time around shifts (benchmarks/drift_bench.py): one line per variant from
+    curves {variant: (window ends, recall)}, the shifts and the freeze point as vertical lines, and per shift
+    (results: replay.prequential.recovery per variant, keyed by variant, plus "shift" and "until") evolving's
+    target level (dashed) and the point where it recovered (circle)."""
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, (xs, ys) in curves.items():
+        ax.plot(xs, ys, color=COLORS.get(name, "tab:gray"), label=f"{name} (Recall@{k}, last {width} events)")
+    if freeze is not None:
+        ax.axvline(freeze, color="black", linewidth=1, alpha=0.7)
+        ax.annotate("freeze", (freeze, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8)
+    for i, (shift, r) in enumerate(zip(shifts, results, strict=True)):
+        ax.axvline(shift, color="tab:red", linestyle=":", linewidth=1)
+        ax.annotate(f"shift {i + 1}", (shift, 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                    textcoords="offset points", fontsize=8, color="tab:red")
+        e = r.get("evolving")
+        if e is None:
+            continue
+        if e["target"] is not None:
+            ax.hlines(e["target"], shift, r["until"], color=COLORS["evolving"], linestyle="--", linewidth=0.8,
+                      alpha=0.6)
+        if e["recovered_after"] is not None:
+            x = shift + e["recovered_after"]
+            y = next(c["recall"] for c in e["curve"] if c["end"] == e["recovered_after"])
+            ax.plot([x], [y], marker="o", color=COLORS["evolving"], markersize=7, markerfacecolor="none")
+            ax.annotate(f"+{e['recovered_after']}", (x, y), xytext=(4, 6), textcoords="offset points", fontsize=8,
+                        color=COLORS["evolving"])
+    ax.set_xlabel("feedback events replayed (window end)")
+    ax.set_ylabel(f"Recall@{k}")
+    ax.set_title(f"Recall@{k} over event time; dashed: evolving's {fraction:.0%} of its pre-shift level, circle: "
+                 "back at it", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=9)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 # ------------------------------------------------------------------ Markdown
 def _cell(value) -> str:
     if value is None:

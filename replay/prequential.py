@@ -248,15 +248,16 @@ class CatalogueCache:
     Scoring needs the whole catalogue; recomputing it (the item tower and residual quantisation of every item) on
     every scoring call was most of a replay's scoring time. A model's catalogue stays valid until its optimiser
     takes a step (OnlineLearner.steps moves) or it is replaced (the frozen copy, a periodic retrain: another
-    object). Item events only touch their own rows (z_i depends on item i's ID row and attributes alone; codes
-    on z_i and the codebooks), so `touched(items)` marks those rows and `get` recomputes just them and the rows
-    of a grown table -- row for row the same numbers as a full recomputation (tests/test_replay_prequential.py).
+    learner; a restored snapshot: another model). Item events only touch their own rows (z_i depends on item i's
+    ID row and attributes alone; its codes on z_i and the codebooks), so `touched(items)` marks those rows and
+    `get` recomputes just them and the rows of a grown table -- row for row the same numbers as a full
+    recomputation (tests/test_replay_prequential.py checks it).
     """
 
     MIN_ROWS = 64
 
     def __init__(self) -> None:
-        self._entries: dict[int, list] = {}  # id(learner) -> [learner, steps, Catalogue, dirty rows]
+        self._entries: dict[int, list] = {}  # id(learner) -> [learner, steps, Catalogue, dirty rows, model]
         self.full = 0  # full computations and incremental updates so far (for the benchmarks)
         self.partial = 0
 
@@ -264,9 +265,9 @@ class CatalogueCache:
     def get(self, learner: OnlineLearner):
         model = learner.model
         entry = self._entries.get(id(learner))
-        if entry is None or entry[0] is not learner or entry[1] != learner.steps:
+        if entry is None or entry[0] is not learner or entry[4] is not model or entry[1] != learner.steps:
             cat = model.catalogue()
-            self._entries[id(learner)] = [learner, learner.steps, cat, set()]
+            self._entries[id(learner)] = [learner, learner.steps, cat, set(), model]
             self.full += 1
             return cat
         cat, dirty = entry[2], entry[3]

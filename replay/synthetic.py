@@ -227,14 +227,25 @@ def _event_users(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(np.repeat(np.arange(1, cfg.n_users + 1, dtype=np.int64), counts))
 
 
+def topic_opens(cfg: SyntheticConfig) -> np.ndarray:
+    """(T,) the period from which each topic may be held or explored: 0, or k + 1 for a dormant topic that drift
+    point k opens (dormant topics are the last `dormant_topics`, given to the drift points round robin)."""
+    opens = np.zeros(cfg.n_topics, dtype=np.int64)
+    dormant = np.arange(cfg.dormant_topics)
+    opens[cfg.n_topics - cfg.dormant_topics :] = dormant % max(cfg.n_drifts, 1) + 1
+    return opens
+
+
 def _user_interests(cfg: SyntheticConfig, rng: np.random.Generator, drift_at: np.ndarray):
     """Interest slots per period (a swapped-in topic keeps the slot's weight), the cumulative slot weights
     per user, and the drift ground truth."""
     U, T, K = cfg.n_users, cfg.n_topics, cfg.max_interests
+    opens = topic_opens(cfg)
     n_held = rng.integers(cfg.min_interests, cfg.max_interests + 1, U)
     # Distinct topics per user, drawn with topic weights w (Gumbel top-k: a draw without replacement).
     log_w = -cfg.topic_skew * np.log(np.arange(1, T + 1))
     keys = log_w[None, :] - np.log(-np.log(rng.random((U, T))))
+    keys[:, opens > 0] = -np.inf  # dormant topics are not held before their drift point
     slots = np.argsort(-keys, axis=1)[:, :K].astype(np.int64)
     slots[np.arange(K)[None, :] >= n_held[:, None]] = -1
     weights = rng.gamma(cfg.interest_concentration, 1.0, (U, K)) * (slots >= 0)
@@ -244,7 +255,7 @@ def _user_interests(cfg: SyntheticConfig, rng: np.random.Generator, drift_at: np
     periods = [slots.copy()]
     swaps = []
     n_swap = int(round(cfg.drift_fraction * U))
-    for _ in drift_at:
+    for d in range(len(drift_at)):
         cur = periods[-1].copy()
         rows = np.sort(rng.choice(U, n_swap, replace=False))
         slot = np.floor(rng.random(n_swap) * n_held[rows]).astype(np.int64)
@@ -252,6 +263,8 @@ def _user_interests(cfg: SyntheticConfig, rng: np.random.Generator, drift_at: np
         for k in range(K):
             valid = cur[rows, k] >= 0
             held[np.nonzero(valid)[0], cur[rows[valid], k]] = True
+        if cfg.dormant_topics:  # drift point d moves users into the dormant topics it opens
+            held |= (opens != d + 1)[None, :]
         keys = np.where(held, -np.inf, log_w[None, :] - np.log(-np.log(rng.random((n_swap, T)))))
         new = np.argmax(keys, axis=1).astype(np.int64)
         old = cur[rows, slot]
@@ -325,6 +338,8 @@ def generate(config: SyntheticConfig | None = None) -> SyntheticStream:
     slot_cdfs = slot_cdf.tolist()
     period_interests = [p.tolist() for p in user_interests]
     period_of = np.searchsorted(drift_at, np.arange(E), side="right").tolist()
+    opens = topic_opens(cfg)
+    explorable = [np.nonzero(opens <= p)[0].tolist() for p in range(len(drift_at) + 1)]  # open topics per period
     head_phase = ((cfg.popularity_rotations * np.arange(E) / E) % 1.0).tolist()
     users_l = users.tolist()
     prng = random.Random(int(rng.integers(0, 2**63)))
@@ -334,9 +349,11 @@ def generate(config: SyntheticConfig | None = None) -> SyntheticStream:
     items_out = [0] * E
     for e in range(E):
         u = users_l[e]
-        held = period_interests[period_of[e]][u]
+        period = period_of[e]
+        held = period_interests[period][u]
         if rnd() < cfg.p_explore:
-            t = prng.randrange(T)
+            topics = explorable[period]
+            t = topics[prng.randrange(len(topics))]
         elif current[u] >= 0 and current[u] in held and rnd() < cfg.p_stay:
             t = current[u]
         else:

@@ -22,7 +22,9 @@ ENC = EncoderConfig(dim=16, max_len=8, layers=1, heads=1, ffn_mult=2, dropout=0.
 
 
 def sparc_config(**overrides) -> SparcConfig:
-    base = {"num_items": N_ITEMS, "num_attributes": N_ATTRS, "encoder": ENC, "levels": 2, "codes": CODES}
+    # the interest head and catalogue-wide code vectors unless a test asks for the (default) factorised model
+    base = {"num_items": N_ITEMS, "num_attributes": N_ATTRS, "encoder": ENC, "levels": 2, "codes": CODES,
+            "interest": "head", "conditioned_scope": "catalogue"}
     return SparcConfig(**{**base, **overrides})
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from replay.datasets import leave_one_out
-from replay.synthetic import SyntheticConfig, SyntheticStream, generate
+from replay.synthetic import SyntheticConfig, SyntheticStream, generate, topic_opens
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +217,38 @@ def test_edge_configs():
     assert s.active_interests(1, s.num_events - 1) == s.active_interests(1, 0)
 
 
+def test_the_small_stream_is_pinned():
+    """The generator's draws for a fixed config (measured before `dormant_topics` existed): a change that moves
+    any draw of the existing streams shows here."""
+    s = generate(SMALL)
+    assert s.item_id[:12].tolist() == [225, 176, 382, 35, 172, 283, 176, 176, 128, 101, 280, 172]
+    assert s.user_id[:12].tolist() == [60, 4, 18, 78, 79, 195, 188, 23, 49, 46, 187, 88]
+    assert int((s.item_id * np.arange(s.num_events)).sum()) == 1862993777
+    assert int(s.user_interests.sum()) == 8284
+
+
+def test_dormant_topics_open_at_their_drift_points():
+    """Nobody holds or explores a dormant topic before its drift point; there, every drifting user takes it up."""
+    cfg = replace(SMALL, dormant_topics=3, drift_fraction=1.0)
+    s = generate(cfg)
+    opens = topic_opens(cfg)
+    assert opens.tolist() == [0] * 13 + [1, 2, 3]
+    topic = s.item_topic[s.item_id]
+    bounds = [0, *s.drift_event_indices.tolist(), s.num_events]
+    held0 = s.user_interests[0, 1:]
+    assert not np.isin(held0, [13, 14, 15]).any()
+    for period in range(4):
+        seg = topic[bounds[period] : bounds[period + 1]]
+        assert (opens[seg] <= period).all(), period  # no event in a topic that is still dormant
+        if period:
+            share = (seg == 12 + period).mean()  # the topic this drift point opened
+            # measured: 0.38 / 0.36 / 0.31 of the events after drift points 1 / 2 / 3
+            assert share > 0.2, (period, share)
+    for k, d in enumerate(s.drift_points):
+        assert len(d.users) == cfg.n_users and (d.new_topic == 13 + k).all()
+        assert (opens[d.old_topic] <= k).all()
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -225,6 +257,9 @@ def test_edge_configs():
         {"min_interests": 3, "max_interests": 2},
         {"drift_fraction": 1.5},
         {"n_users": 0},
+        {"dormant_topics": 2},  # three drift points need three
+        {"dormant_topics": 13},  # 3 topics left: not enough for 3 interests and a free one
+        {"dormant_topics": -1},
     ],
 )
 def test_config_rejects_bad_values(bad):

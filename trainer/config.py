@@ -39,14 +39,14 @@ class SparcConfig:
     dead_code_threshold: float = 0.5  # EMA cluster size under which a codeword is revived
     # interest module: "head" = a tower trained with CE on the target's level-1 code;
     # "marginal" = p(c|u) = sum of the global softmax over the items whose level-1 code is c
-    interest: Literal["head", "marginal"] = "head"
+    interest: Literal["head", "marginal"] = "marginal"
     interest_weight: float = 1.0
     # code-conditioned user tower: u_c = h + W e_c (+ target attention over the sequence with e_c as query)
     tower_attention: bool = True
     global_weight: float = 1.0  # weight of the unconditioned (single-vector) CE term h . z
     # what u_c is trained to rank: "code" = only the items whose level-1 code is c (a factorised likelihood
     # p(i) = p(c(i)) * p(i | c(i), u_c), the per-code retrieval of soft search); "catalogue" = every item
-    conditioned_scope: Literal["code", "catalogue"] = "catalogue"
+    conditioned_scope: Literal["code", "catalogue"] = "code"
     shuffle_bpr_weight: float = 0.0  # "shuffle BPR" of the paper (u from the true code must beat u from another)
     use_attributes: bool = True
     # main retrieval loss: exact softmax over the catalogue, or in-batch sampled softmax with logQ correction

@@ -20,7 +20,6 @@ from trainer.losses import full_softmax_ce, sampled_softmax_ce
 from trainer.rq import ResidualQuantizer
 from trainer.towers import CausalEncoder, ItemTower
 
-
 HARD_EPS = 1e-30  # hard search: probability left to the codes other than the argmax (they rank below its items)
 
 
