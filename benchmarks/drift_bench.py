@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     frozen_ok = [r["frozen"]["recovered_after"] is not None for r in results]
     result = {
         "benchmark": "recovery after interest shifts (synthetic stream)",
-        "command": "python -m benchmarks.drift_bench " + " ".join(argv if argv is not None else []),
+        "command": " ".join(["python -m benchmarks.drift_bench", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "torch_threads": 1},
         "stream": asdict(cfg),

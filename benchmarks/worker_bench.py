@@ -1,24 +1,32 @@
 """Benchmark the streaming worker end to end through a real Kafka broker, with the in-process learner beside it.
 
-    python -m benchmarks.worker_bench --out runs/worker_bench.json                       # backlog drain
-    python -m benchmarks.worker_bench --rate 1000 --limit 60000 --out runs/worker_bench_paced.json   # freshness
-    python -m benchmarks.worker_bench --profile-only --out runs/learner_profile.json     # no broker
+    python -m benchmarks.worker_bench --out runs/worker_bench.json                        # backlog drain
+    python -m benchmarks.worker_bench --rate 800 --limit 32000 --out runs/worker_bench_paced.json   # freshness
+    python -m benchmarks.worker_bench --profile-only --out runs/learner_profile.json      # no broker
+    # the settings that came closest here: Faust's producer linger, the proposed online step, sampled softmax
+    python -m benchmarks.worker_bench --limit 60000 --env PRODUCER_LINGER=0.005 \
+        --prototype online-last-position --set retrieval_loss=sampled --out runs/worker_bench_best.json
 
 One run = unique topics, consumer group, store and table directory (nothing is shared with another run):
   1. baseline: the same Beauty events (time order, as `sparc produce` sends them) through
-     trainer.online.OnlineLearner in this process, no broker, the worker's model and batch size, one torch
-     thread: events/s (wall and per CPU-second), and what one snapshot publication costs (capture + store put +
+     trainer.online.OnlineLearner in this process, no broker, the worker's model, batch size and torch threads:
+     events/s (wall and per CPU-second), and what one snapshot publication costs (capture + store put +
      codebook-updates encoding + serving index) in a memory:// store.
-  2. the worker: `sparc worker` in a subprocess, Beauty-size model (SPARC_INITIAL_ITEMS=12101, dims as default).
-     Backlog mode (default, --rate 0): the catalogue and `--limit` feedback events are produced BEFORE the
-     worker starts, and the worker drains them. Paced mode (--rate R): the worker starts first, the catalogue
-     is produced, then the feedback at R events/s while the worker runs.
+  2. the worker: `sparc worker` in a subprocess, Beauty-size model (SPARC_INITIAL_ITEMS=12101, dims as default),
+     micro-batch --batch-size (default 1024) / --batch-seconds, a snapshot every --snapshot-every-seconds
+     (default 2) and never by step count. Backlog mode (default, --rate 0): the catalogue and `--limit`
+     feedback events are produced BEFORE the worker starts, and the worker drains them. Paced mode (--rate R):
+     the worker starts first, the catalogue is produced, then the feedback at R events/s (from a thread of this
+     process, which therefore competes for the CPU) while the worker runs. The worker is stopped after
+     --max-seconds even if it has not finished: rates are then over what it did.
   3. measured from the worker's own counters, polled every --poll seconds: /health's watermark (the feedback
      offsets the learner has trained on; all events are valid, so their sum is the events trained), /metrics'
-     sparc_events_total (events ingested), steps and snapshots. Throughput = events trained per second over the
-     steady middle of the run (10% -> 90% of the events) and over the whole run from the first trained event.
-     Process CPU (from /proc, per thread: the event loop thread vs the rest) gives CPU-seconds per event, which
-     is what to compare when the machine is shared (other people's jobs slow the wall clock, not the CPU count).
+     sparc_events_total (events ingested), steps and snapshots. Rates: trained per second over the steady
+     middle (10% -> 90% of the events), from the first trained event, and end to end (from the first ingested
+     to the last trained event: in a backlog drain the worker ingests and trains one after the other, see
+     the timeline). CPU from /proc per thread (the event loop = the main thread; the learner = the busiest
+     other thread while training), per event in the ingest and in the train phase: the figure to compare when
+     the machine is shared (other people's jobs stretch the wall clock far more than the CPU count).
   4. freshness, exact: every snapshot on codebook-updates carries its manifest, whose watermark names the
      feedback offsets it has trained on; the harness knows when each (partition, offset) was produced. Per
      snapshot: announce time (the Kafka timestamp of its last record) minus the production time of the newest
@@ -27,11 +35,13 @@ One run = unique topics, consumer group, store and table directory (nothing is s
      time the event waited in the backlog, so it is only meaningful with --rate.
 
 Extra worker settings: --set FIELD=VALUE (any streams.settings.WorkerSettings field, e.g. retrieval_loss=sampled,
-dropout=0); they apply to the worker (as SPARC_<FIELD>) and to the baseline alike. --profile adds a per-phase
-breakdown of the in-process learner (thread CPU per event in catalogue, encoder, retrieval loss, backward, Adam,
-codebook update) at a few batch sizes. --prototype bucketed-encoder patches trainer.towers.CausalEncoder (in
-the baseline, the profile and the worker subprocess) to run the encoder per length bucket instead of padding
-every row to the batch's longest history: an experiment to size a proposed change, not the shipped code path.
+dropout=0) applies to the worker (as SPARC_<FIELD>) and to the baseline alike; --env NAME=VALUE only to the
+worker's environment (Faust reads its own settings there, e.g. PRODUCER_LINGER in seconds). --profile adds a
+per-phase breakdown of the in-process learner (thread CPU per event in catalogue, encoder, retrieval loss,
+backward, Adam, codebook update) at a few batch sizes. --prototype NAME[,NAME] patches in a proposed change (in
+this process and in the worker subprocess; see enable_prototypes): an experiment that sizes a change to files
+this harness does not own, not the shipped code path; tests/test_worker_bench.py checks that each gives the
+unpatched model's loss and gradients.
 """
 
 from __future__ import annotations
@@ -217,6 +227,16 @@ def rates(timeline: Sequence[Mapping[str, float]], total: int, key: str = "train
     if lo and hi and hi[0] > lo[0]:
         out["steady"] = (hi[1] - lo[1]) / (hi[0] - lo[0])
     return out
+
+
+def drain_rate(timeline: Sequence[Mapping[str, float]], total: int) -> float | None:
+    """End to end: `total` events / (first sample with all of them trained - last sample before any was
+    ingested). What a backlog drain costs, ingest and training together."""
+    start = max((r["t"] for r in timeline if r.get("ingested", 0) <= 0), default=None)
+    done = next((r["t"] for r in timeline if r.get("trained", 0) >= total), None)
+    if start is None or done is None or done <= start:
+        return None
+    return total / (done - start)
 
 
 def phase_cpu(timeline: Sequence[Mapping[str, float]], total: int, key: str, cpu_keys: Sequence[str],
@@ -606,12 +626,14 @@ def sample(w: WorkerRun, topic: str) -> dict[str, Any] | None:
     }
 
 
-def latest_covers(w: WorkerRun, topic: str, total: int) -> bool:
-    """Whether the store's latest snapshot has trained on `total` events of `topic`."""
+def latest_covers(w: WorkerRun, topic: str, total: int) -> int | None:
+    """The version of the store's latest snapshot if it has trained on `total` events of `topic`, else None."""
     status, body = http_get(w.port, "/snapshots/latest")
     if status != 200:
-        return False
-    return sum(feedback_offsets(json.loads(body).get("watermark", {}).get("kafka", {}), topic).values()) >= total
+        return None
+    latest = json.loads(body)
+    seen = sum(feedback_offsets(latest.get("watermark", {}).get("kafka", {}), topic).values())
+    return int(latest["version"]) if seen >= total else None
 
 
 def stop_worker(w: WorkerRun) -> int | str:
@@ -677,7 +699,7 @@ def kafka_run(args, items: list[dict], feedback: list[dict], overrides: Mapping[
             out["feedback_started_at_s"] = time.time() - w.started
             producer_thread.start()
         total = len(feedback_records)
-        grace_until = None
+        grace_until = covered = None
         while time.time() < deadline and w.process.poll() is None:
             s = sample(w, topics["feedback"])
             if s is not None:
@@ -685,8 +707,12 @@ def kafka_run(args, items: list[dict], feedback: list[dict], overrides: Mapping[
                 if s["trained"] >= total and grace_until is None:
                     # then wait (a while) for a served snapshot that includes every event
                     grace_until = time.time() + settings.snapshot_every_seconds + 10
-                if grace_until and (time.time() >= grace_until or latest_covers(w, topics["feedback"], total)):
+                if grace_until and (time.time() >= grace_until or covered is not None
+                                    and (s["served_version"] or -1) >= covered):
+                    time.sleep(1.0)  # the announcement follows the index swap
                     break
+                if grace_until and covered is None:
+                    covered = latest_covers(w, topics["feedback"], total)
             time.sleep(args.poll)
         stop_producing.set()
         if producer_thread is not None:
@@ -700,6 +726,7 @@ def kafka_run(args, items: list[dict], feedback: list[dict], overrides: Mapping[
     out["timeline"] = timeline
     out["trained"] = rates(timeline, total, "trained")
     out["ingested"] = rates(timeline, total, "ingested")
+    out["end_to_end_events_per_second"] = drain_rate(timeline, total)
     last = timeline[-1] if timeline else {}
     trained = last.get("trained", 0)
     out["cpu"] = {
@@ -750,7 +777,8 @@ def _fmt(x: Any, spec: str = ".0f") -> str:
 def print_table(result: dict[str, Any]) -> None:
     base, k = result.get("baseline"), result.get("kafka")
     print()
-    print(f"{'path':<40} {'events':>8} {'events/s':>9} {'ev/CPU-s':>9} {'steps':>6} {'snapshots':>9}")
+    print(f"{'path':<40} {'events':>8} {'events/s':>9} {'ev/CPU-s':>9} {'steps':>6} {'snapshots':>9}"
+          "   (worker ev/CPU-s: whole process, whole run)")
     if base:
         print(f"{'in-process OnlineLearner (no broker)':<40} {base['events']:>8} {_fmt(base['events_per_second']):>9} "
               f"{_fmt(base['events_per_cpu_second']):>9} {base['steps']:>6} {'-':>9}")
@@ -759,7 +787,9 @@ def print_table(result: dict[str, Any]) -> None:
         cpu_us = k["cpu"]["worker_cpu_us_per_trained_event"]
         print(f"{'worker, trained (steady 10-90%)':<40} {tr['reached']:>8} {_fmt(tr['steady']):>9} "
               f"{_fmt(1e6 / cpu_us if cpu_us else None):>9} {_fmt(k['steps'], 'd'):>6} {k['snapshots_published']:>9}")
-        print(f"{'worker, trained (whole run)':<40} {tr['reached']:>8} {_fmt(tr['whole']):>9}")
+        print(f"{'worker, trained (from first trained)':<40} {tr['reached']:>8} {_fmt(tr['whole']):>9}")
+        print(f"{'worker, end to end (first ingest -> all)':<40} {tr['reached']:>8} "
+              f"{_fmt(k['end_to_end_events_per_second']):>9}")
         print(f"{'worker, ingested (ingest agent)':<40} {k['ingested']['reached']:>8} "
               f"{_fmt(k['ingested']['steady']):>9}")
         f = k["freshness"]
@@ -797,7 +827,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=1024, help="worker micro-batch (SPARC_BATCH_SIZE)")
     p.add_argument("--batch-seconds", type=float, default=1.0, help="SPARC_BATCH_SECONDS")
     p.add_argument("--snapshot-every-steps", type=int, default=1_000_000, help="SPARC_SNAPSHOT_EVERY_STEPS")
-    p.add_argument("--snapshot-every-seconds", type=float, default=5.0, help="SPARC_SNAPSHOT_EVERY_SECONDS")
+    p.add_argument("--snapshot-every-seconds", type=float, default=2.0,
+                   help="SPARC_SNAPSHOT_EVERY_SECONDS (default 2: p99 freshness under 10 s needs it at ~800/s here)")
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="another WorkerSettings field for the worker and the baseline (repeatable)")

@@ -4,6 +4,7 @@ adapts to drift better than frozen. Small seeded streams and a small model."""
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -376,3 +377,26 @@ def test_recovery_on_a_hand_made_recall_curve():
     assert low["target"] == 0.09 and low["recovered_after"] == 1000
     with pytest.raises(ValueError):
         recovery(positions, ranks, 10_000, pre_events=0, width=1000, step=250, until=14_000)
+
+
+def test_drift_benchmark_end_to_end(tmp_path):
+    """benchmarks/drift_bench.py on a tiny stream: JSON with per-shift results, a PNG, the table."""
+    from benchmarks import drift_bench
+
+    out = tmp_path / "drift.json"
+    stream = ["n_users=100", "n_events=2400", "n_initial_items=160", "n_topics=8", "max_interests=3"]
+    rc = drift_bench.main(["--out", str(out), "--pre", "300", "--width", "300", "--step", "100", "--dim", "16",
+                           "--codes", "8", "--layers", "1", "--stream", *stream])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["stream"]["n_events"] == 2400 and result["stream"]["dormant_topics"] == 3
+    assert result["settings"]["freeze_event"] >= 600 - 300
+    assert [s["shift"] for s in result["shifts"]] == [600, 1200, 1800]
+    for shift in result["shifts"]:
+        for v in ("evolving", "frozen"):
+            r = shift[v]
+            assert r["pre_scored"] > 0 and r["curve"] and r["curve"][0]["end"] == 300
+            assert r["recovered_after"] is None or r["recovered_after"] % 100 == 0
+        assert "reaches_evolving_target_after" in shift["frozen"]
+    assert [g["swapped_in_topics_never_seen_before_freeze"] for g in result["ground_truth"]] == [100, 100, 100]
+    assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
