@@ -17,6 +17,12 @@ writes the JSON (stream parameters, settings, per-shift results with curves), a 
 with the shifts and the freeze point marked (`--plot`, default: the JSON's path with .png), and prints a table.
 The freeze point is `--pre` events before the first shift, so frozen's pre-shift level is its own, frozen.
 Stream parameters: STREAM below (the benchmark's, not the generator's defaults), `--stream key=value` overrides.
+
+Measured on this 2-core machine (worker model: dim 64, 2 layers, 3 x 64 codes; every event scored; 90-100 s a
+run), windows of 2,000 events every 500: evolving is back at 90% of its pre-shift Recall@20 5,500 / 4,000 /
+4,500 events after the three shifts (seed 0; seed 1: 4,000 / 3,500 / 6,000; seed 2: 4,000 / 4,500 / 4,000),
+after dipping ~30%; frozen never recovers (seed 0: 0.437 -> 0.27, 0.265 -> 0.14, 0.137 -> 0.08 by the next
+shift), nor reaches evolving's level.
 """
 
 from __future__ import annotations
