@@ -3,9 +3,7 @@
     python -m benchmarks.worker_bench --out runs/worker_bench.json                        # backlog drain
     python -m benchmarks.worker_bench --rate 800 --limit 32000 --out runs/worker_bench_paced.json   # freshness
     python -m benchmarks.worker_bench --profile-only --out runs/learner_profile.json      # no broker
-    # the settings that came closest here: Faust's producer linger, the proposed online step, sampled softmax
-    python -m benchmarks.worker_bench --limit 60000 --env PRODUCER_LINGER=0.005 \
-        --prototype online-last-position --set retrieval_loss=sampled --out runs/worker_bench_best.json
+    python -m benchmarks.worker_bench --limit 60000 --set retrieval_loss=sampled --out runs/worker_bench_sampled.json
 
 One run = unique topics, consumer group, store and table directory (nothing is shared with another run):
   1. baseline: the same Beauty events (time order, as `sparc produce` sends them) through
@@ -23,8 +21,8 @@ One run = unique topics, consumer group, store and table directory (nothing is s
      offsets the learner has trained on; all events are valid, so their sum is the events trained), /metrics'
      sparc_events_total (events ingested), steps and snapshots. Rates: trained per second over the steady
      middle (10% -> 90% of the events), from the first trained event, and end to end (from the first ingested
-     to the last trained event: in a backlog drain the worker ingests and trains one after the other, see
-     the timeline). CPU from /proc per thread (the event loop = the main thread; the learner = the busiest
+     to the last trained event: in a backlog drain the worker ingests and trains mostly one after the other,
+     see the timeline). CPU from /proc per thread (the event loop = the main thread; the learner = the busiest
      other thread while training), per event in the ingest and in the train phase: the figure to compare when
      the machine is shared (other people's jobs stretch the wall clock far more than the CPU count).
   4. freshness, exact: every snapshot on codebook-updates carries its manifest, whose watermark names the
@@ -36,12 +34,9 @@ One run = unique topics, consumer group, store and table directory (nothing is s
 
 Extra worker settings: --set FIELD=VALUE (any streams.settings.WorkerSettings field, e.g. retrieval_loss=sampled,
 dropout=0) applies to the worker (as SPARC_<FIELD>) and to the baseline alike; --env NAME=VALUE only to the
-worker's environment (Faust reads its own settings there, e.g. PRODUCER_LINGER in seconds). --profile adds a
+worker's environment (Faust reads its own settings there, e.g. CONSUMER_MAX_FETCH_SIZE). --profile adds a
 per-phase breakdown of the in-process learner (thread CPU per event in catalogue, encoder, retrieval loss,
-backward, Adam, codebook update) at a few batch sizes. --prototype NAME[,NAME] patches in a proposed change (in
-this process and in the worker subprocess; see enable_prototypes): an experiment that sizes a change to files
-this harness does not own, not the shipped code path; tests/test_worker_bench.py checks that each gives the
-unpatched model's loss and gradients.
+backward, Adam, codebook update) at a few batch sizes.
 """
 
 from __future__ import annotations
@@ -72,7 +67,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 BEAUTY = Path("/work/shared/datasets/amazon_beauty")
 BEAUTY_ITEMS = 12_101
-PROTOTYPES = ("bucketed-encoder", "online-last-position")
 
 
 # ---------------------------------------------------------------------------------------------- pure parts
@@ -274,89 +268,6 @@ def beauty_events(data: Path, limit: int) -> tuple[list[dict], list[dict]]:
                 break
             feedback.append(value)
     return items, feedback
-
-
-# ---------------------------------------------------------------------------------------------- prototypes
-def enable_prototypes(names: Sequence[str]) -> Callable[[], None]:
-    """Patch this process for proposed changes (module doc); returns a function that undoes the patches.
-
-    bucketed-encoder      CausalEncoder.forward runs rows in length buckets (<=2, <=4, ..., <=32, longer), each
-                          padded to its own longest row instead of the batch's. Exact: with right padding, causal
-                          attention and positions counted from each row's end, H at a row's real positions does
-                          not depend on the padding.
-    online-last-position  (implies bucketed-encoder) SparcModel._positional_code_vectors computes the code-
-                          conditioned user vector only at each row's LAST position (the one target an online
-                          batch has: trainer.online.next_item_batch) instead of at every padded position. Exact
-                          for such batches only; loss() keeps its code path.
-    """
-    unknown = set(names) - set(PROTOTYPES)
-    if unknown:
-        raise ValueError(f"unknown prototype(s) {sorted(unknown)}; expected some of {PROTOTYPES}")
-    import torch
-    import torch.nn.functional as F
-
-    import trainer.towers as towers
-    from trainer.model import SparcModel
-
-    undo: list[tuple[Any, str, Any]] = []
-
-    def patch(owner: Any, attr: str, fn: Any) -> None:
-        undo.append((owner, attr, owner.__dict__[attr]))
-        setattr(owner, attr, fn)
-
-    if {"bucketed-encoder", "online-last-position"} & set(names):
-        plain = towers.CausalEncoder.forward
-
-        def bucketed(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            b, t, d = x.shape
-            if b < 64:
-                return plain(self, x, lengths)
-            out = x.new_zeros(b, t, d)
-            lo = 0
-            for hi in [e for e in (2, 4, 8, 16, 32) if e < t] + [t]:
-                rows = ((lengths > lo) & (lengths <= hi)).nonzero().squeeze(1)
-                lo = hi
-                if rows.numel():
-                    width = max(int(lengths[rows].max()), 1)
-                    out[rows, :width] = plain(self, x[rows, :width], lengths[rows])
-            return out
-
-        patch(towers.CausalEncoder, "forward", bucketed)
-
-    if "online-last-position" in names:
-        plain_encode, plain_positional = SparcModel.encode, SparcModel._positional_code_vectors
-
-        def encode(self, inputs, lengths, z=None):
-            self._bench_lengths = lengths
-            return plain_encode(self, inputs, lengths, z)
-
-        def positional(self, H: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-            lengths = getattr(self, "_bench_lengths", None)
-            if lengths is None or lengths.shape[0] != H.shape[0] or H.shape[0] < 64:
-                return plain_positional(self, H, e)
-            b, t, d = H.shape
-            rows, last = torch.arange(b), (lengths - 1).clamp(min=0)
-            e_last = e[rows, last]  # (B, D)
-            u = H[rows, last] + self.code_proj(e_last)
-            if self.cfg.tower_attention:
-                pad = torch.arange(t)[None, :] >= lengths[:, None].clamp(min=1)  # (B, T)
-                a = F.scaled_dot_product_attention(
-                    self.attn_q(e_last)[:, None, None], self.attn_k(H)[:, None], self.attn_v(H)[:, None],
-                    attn_mask=~pad[:, None, None, :],
-                )  # (B, 1, 1, D)
-                u = u + a[:, 0, 0]
-            out = H.new_zeros(b, t, d)
-            out[rows, last] = u
-            return out
-
-        patch(SparcModel, "encode", encode)
-        patch(SparcModel, "_positional_code_vectors", positional)
-
-    def restore() -> None:
-        for owner, attr, fn in reversed(undo):
-            setattr(owner, attr, fn)
-
-    return restore
 
 
 # ---------------------------------------------------------------------------------------------- baseline
@@ -585,7 +496,7 @@ def start_worker(args, run: str, topics: Mapping[str, str], workdir: Path, overr
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPARC_")}  # only what this run says
     env.update({f"SPARC_{k.upper()}": str(v) for k, v in overrides.items()})
-    env.update(args.worker_env)  # e.g. Faust's own PRODUCER_LINGER (seconds), read from the environment
+    env.update(args.worker_env)  # e.g. Faust's own CONSUMER_MAX_FETCH_SIZE, read from the environment
     env.update({
         "SPARC_BROKER": args.broker, "SPARC_APP_ID": f"wbench-{run}", "SPARC_PARTITIONS": str(args.partitions),
         "SPARC_FEEDBACK_TOPIC": topics["feedback"], "SPARC_ITEM_TOPIC": topics["item"],
@@ -594,8 +505,6 @@ def start_worker(args, run: str, topics: Mapping[str, str], workdir: Path, overr
         "SPARC_DATA_DIR": str(workdir / "faust"), "SPARC_WEB_PORT": str(port),
     })
     launch = "from cli.main import main; import sys; sys.exit(main(['worker']))"
-    if args.prototype:
-        launch = f"import benchmarks.worker_bench as b; b.enable_prototypes({args.prototype!r}); " + launch
     log = workdir / "worker.log"
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-c", launch], env=env, cwd=ROOT, stdout=out,
@@ -833,7 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="another WorkerSettings field for the worker and the baseline (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra environment of the worker process, e.g. Faust's PRODUCER_LINGER=0.005 (repeatable)")
+                   help="extra environment of the worker process, e.g. Faust's CONSUMER_MAX_FETCH_SIZE=65536 "
+                   "(repeatable)")
     p.add_argument("--store", help="codebook store URL (default rocksdb:// in the run's temp dir)")
     p.add_argument("--max-seconds", type=float, default=150.0, help="stop the worker after this long")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between counter samples")
@@ -842,7 +752,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="", help="batch sizes for the per-phase learner profile, e.g. 64,256,1024")
     p.add_argument("--profile-events", type=int, default=8192, help="events per profiled batch size")
     p.add_argument("--profile-only", action="store_true", help="no broker: baseline and --profile only")
-    p.add_argument("--prototype", default="", help=f"comma-separated proposed changes to patch in: {PROTOTYPES}")
     p.add_argument("--keep", action="store_true", help="keep the run's topics and temp dir")
     args = p.parse_args(argv)
     if args.profile_only and not args.profile:
@@ -863,8 +772,6 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             p.error(f"--env wants NAME=VALUE, got {item!r}")
         args.worker_env[key.strip()] = value.strip()
-    args.prototype = [x.strip() for x in args.prototype.split(",") if x.strip()]
-    enable_prototypes(args.prototype)
 
     load0 = os.getloadavg()
     items, feedback = beauty_events(args.data, args.limit)

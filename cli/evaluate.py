@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=None, help="training time budget per model")
     p.add_argument("--codes", type=int, default=None, help="codes per RQ level for SPARC (default 64)")
     p.add_argument("--top-codes", type=int, default=None, help="codes soft search draws (default 4)")
+    p.add_argument("--set", dest="sparc_set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a SparcConfig field for sparc/sparc-hard, VALUE as JSON or a bare word "
+                        "(repeatable), e.g. --set tower_attention=false --set interest=head")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -48,6 +51,25 @@ def parse_models(text: str) -> list[str]:
     return models
 
 
+def parse_sparc_set(items: list[str]) -> dict:
+    """["tower_attention=false", ...] -> {"tower_attention": False, ...}, checked against SparcConfig's fields."""
+    from dataclasses import fields
+
+    from trainer.config import SparcConfig
+
+    known = {f.name for f in fields(SparcConfig)} - {"num_items", "num_attributes", "encoder"}
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in known:
+            raise UserError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(known))}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw  # a bare word: a string value (e.g. interest=head)
+    return out
+
+
 def settings_from_args(args: argparse.Namespace):
     from replay.evaluate import EvalSettings
 
@@ -58,6 +80,7 @@ def settings_from_args(args: argparse.Namespace):
     if args.max_seconds is not None:
         train = replace(train, max_seconds=args.max_seconds)
     sparc = {"codes": args.codes} if args.codes else {}
+    sparc.update(parse_sparc_set(args.sparc_set))
     return replace(s, train=train, sparc=sparc, top_codes=args.top_codes or s.top_codes)
 
 

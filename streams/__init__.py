@@ -3,7 +3,7 @@
 settings.py  WorkerSettings (pydantic-settings, SPARC_* environment): the only module reading the environment
 records.py   message schemas and validation (Feedback, ItemEvent, TrainExample; validate_* -> record | Invalid)
 history.py   the per-user table value: last items + recent event ids (de-duplication)
-batching.py  a train-topic micro-batch -> OnlineLearner.learn's inputs + the input watermark
+batching.py  feedback micro-batch -> one train-topic message (TrainBatch) -> OnlineLearner.learn's inputs
 app.py       the Faust app factory and its topics;  topics.py  creating them with the right partition counts
 agents.py    ingest / train / catalog agents and the publishing timer (thin: they call the modules here and
              trainer.online, which holds the learning step that replay shares)

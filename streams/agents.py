@@ -1,21 +1,24 @@
 """The worker's agents: thin adapters between topics and plain functions (no math here).
 
-ingest    feedback-events -> validate -> invalid: DLQ (original bytes, reason in headers)
-                                      -> valid: de-duplicate by event id, forward (event + history before it)
-                                         to the train topic, then update the user's history in the table
-train     train topic -> micro-batches (stream.take_events) -> OnlineLearner.learn in the learner thread
+ingest    feedback-events -> micro-batches of up to batch_size messages (stream.take_events, batch_seconds) ->
+          invalid: DLQ (original bytes, reason in headers); valid: de-duplicate by event id -> ONE train-topic
+          message per micro-batch (streams.batching.TrainBatch: the events and their users' histories), then
+          the batch's users' new histories into the table
+train     train topic -> one message = one micro-batch -> OnlineLearner.learn in the learner thread
 catalog   item-events -> validate -> observe_items in the learner thread (new items grow the item table)
 publisher a timer and the train agent: every N steps or T seconds -> health gate -> store -> announce ->
           rebuild the serving index -> swap it in -> commit the train topic's position of that snapshot
 
 The learner runs in ONE thread (training steps, item growth and snapshot capture are serialised there), so the
-event loop stays free for Kafka heartbeats and web requests.
+event loop stays free for Kafka heartbeats and web requests. The event loop's work is per message only where it
+must be (validation, the table); the train topic carries one message per micro-batch.
 
 Delivery (at least once; streams.worker's module doc has the whole recovery story):
-- feedback: Faust commits a feedback offset only after the producer has flushed, so every event below a
-  committed offset has its training example in the train topic. Forwarding before the table update makes a
-  crash between the two re-deliver the event; a crash after the (local, RocksDB) table write but before Kafka
-  took the example is caught by streams.history's re-delivery rule (same event id at the same offset: forward
+- feedback: take_events acks a micro-batch's messages only after the agent has handled all of them, and Faust
+  commits a feedback offset only after the producer has flushed, so every event below a committed offset has
+  its training example in the train topic. Forwarding before the table update makes a crash between the two
+  re-deliver the batch; a crash after (some of) the (local, RocksDB) table writes but before Kafka took the
+  train message is caught by streams.history's re-delivery rule (same event id at the same offset: forward
   again). Either way the event is trained at least once, and the user's history holds it once.
 - train topic: its offsets are never committed by Faust (the topic is declared without acks). The learner's
   durable state is the latest snapshot; once a snapshot is latest, the train position it has seen (its
@@ -26,16 +29,17 @@ Delivery (at least once; streams.worker's module doc has the whole recovery stor
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from streams.batching import split_examples
+from streams.batching import encode_train_batches, learner_input, read_train_batch
 from streams.history import apply_feedback
 from streams.index import build_index
-from streams.records import Invalid, Source, TrainExample, read_train_example, validate_feedback, validate_item
+from streams.records import Invalid, Source, TrainExample, validate_feedback, validate_item
 
 if TYPE_CHECKING:
     from streams.worker import StreamWorker
@@ -44,38 +48,58 @@ log = logging.getLogger(__name__)
 
 
 def source_of(event: Any) -> Source:
-    """Where a Faust event was read."""
+    """Where a Faust event was read (Faust's own fields: not validated again)."""
     m = event.message
-    return Source(topic=m.topic, partition=m.partition, offset=m.offset)
+    return Source.model_construct(topic=m.topic, partition=m.partition, offset=m.offset)
 
 
-async def handle_feedback(w: StreamWorker, raw: bytes, key: bytes | None, source: Source) -> str:
-    """One feedback message. Returns what happened: "dlq", "duplicate", "redelivered" (forwarded again, the
-    history unchanged: see streams.history) or "forwarded"."""
+async def handle_feedback(w: StreamWorker, events: Sequence[Any]) -> Counter:
+    """A micro-batch of feedback messages (Faust events), in order. Counts what happened to them: "dlq",
+    "duplicate", "redelivered" (forwarded again, the history unchanged: see streams.history) and "forwarded".
+
+    The valid, new events leave as one train message (more if it would be too large) before the table is
+    updated (the module doc's delivery rules); a user's later events in the batch see its earlier ones."""
     s = w.settings
-    result = validate_feedback(raw, max_bytes=s.max_event_bytes, max_item_id=s.max_item_id, now=w.clock())
-    if isinstance(result, Invalid):
-        await dead_letter(w, raw, key, result, source)
-        return "dlq"
-    applied = apply_feedback(
-        w.history.get(result.user_id),
-        result.event_id,
-        result.item_id,
-        s.max_len,
-        s.dedup_window,
-        partition=source.partition,
-        offset=source.offset,
-    )
-    if applied is None:
-        w.metrics.duplicates.inc()
-        return "duplicate"
-    await w.outputs.train(TrainExample(event=result, history=applied.history, source=source))
-    if applied.redelivered:
-        w.recovery.redelivered.inc()
-        return "redelivered"
-    w.history[result.user_id] = applied.state
-    w.metrics.event()
-    return "forwarded"
+    now = w.clock()
+    outcomes: Counter = Counter()
+    examples: list[TrainExample] = []
+    updated: dict[str, tuple[dict, Any]] = {}  # user -> (table value after the batch, the event that made it)
+    for event in events:
+        raw, key, source = event.value, event.key, source_of(event)
+        result = validate_feedback(raw, max_bytes=s.max_event_bytes, max_item_id=s.max_item_id, now=now)
+        if isinstance(result, Invalid):
+            await dead_letter(w, raw, key, result, source)
+            outcomes["dlq"] += 1
+            continue
+        user = result.user_id
+        applied = apply_feedback(
+            updated[user][0] if user in updated else w.history.get(user),
+            result.event_id,
+            result.item_id,
+            s.max_len,
+            s.dedup_window,
+            partition=source.partition,
+            offset=source.offset,
+        )
+        if applied is None:
+            outcomes["duplicate"] += 1
+            continue
+        examples.append(TrainExample.model_construct(event=result, history=applied.history, source=source))
+        if applied.redelivered:
+            outcomes["redelivered"] += 1
+        else:
+            updated[user] = (applied.state, event)
+            outcomes["forwarded"] += 1
+    if examples:
+        for message in encode_train_batches(examples, s.train_message_bytes):
+            await w.outputs.train(message)
+    for user, (state, event) in updated.items():
+        w.set_history(user, state, event)
+    w.metrics.duplicates.inc(outcomes["duplicate"])
+    w.recovery.redelivered.inc(outcomes["redelivered"])
+    for _ in range(outcomes["forwarded"]):
+        w.metrics.event()
+    return outcomes
 
 
 async def handle_items(w: StreamWorker, messages: Sequence[tuple[bytes, bytes | None, Source]]) -> int:
@@ -94,26 +118,25 @@ async def handle_items(w: StreamWorker, messages: Sequence[tuple[bytes, bytes | 
     return len(valid)
 
 
-async def handle_train_batch(w: StreamWorker, messages: Sequence[tuple[bytes, Source]]) -> dict | None:
-    """One micro-batch from the train topic: learn, then publish if a snapshot is due. Returns the metrics.
-    Messages below the warm-start snapshot's watermark are skipped: that snapshot has learnt them already."""
-    fresh = [(raw, source) for raw, source in messages if source.offset >= w.resume_offset(source)]
-    if len(fresh) < len(messages):
-        w.recovery.skipped.inc(len(messages) - len(fresh))
-    examples, read_at = [], []
-    for raw, source in fresh:
-        read_at.append(source)
-        try:
-            examples.append(read_train_example(raw, w.settings.max_item_id))
-        except ValidationError as exc:  # our own topic: a bug or a foreign writer, never a reason to stop
-            log.error("skipping a malformed train example at %s: %s", source, exc.errors(include_url=False)[0]["msg"])
-    if not examples:
+async def handle_train_message(w: StreamWorker, raw: bytes, source: Source) -> dict | None:
+    """One train-topic message (a micro-batch): learn it, then publish if a snapshot is due. Returns the
+    metrics (None when nothing was learnt). A message below the warm-start snapshot's watermark is skipped:
+    that snapshot has learnt it already."""
+    if source.offset < w.resume_offset(source):
+        w.recovery.skipped.inc()
         return None
     try:
-        metrics = await w.in_learner(w.learn, split_examples(examples, read_at), read_at)
+        batch = read_train_batch(raw, w.settings.max_item_id)
+    except ValidationError as exc:  # our own topic: a bug or a foreign writer, never a reason to stop
+        log.error("skipping a malformed train message at %s: %s", source, exc.errors(include_url=False)[0]["msg"])
+        return None
+    if not batch.events:
+        return None
+    try:
+        metrics = await w.in_learner(w.learn, learner_input(batch, [source]), [source])
     except FloatingPointError as exc:
         w.metrics.train_errors.inc()
-        log.error("skipped a micro-batch of %d examples: %s", len(examples), exc)
+        log.error("skipped a micro-batch of %d events: %s", len(batch.events), exc)
         return None
     w.metrics.trained(metrics)
     if w.publish_due():
@@ -173,15 +196,15 @@ class Agents:
 def register(w: StreamWorker) -> Agents:
     app, s = w.app, w.settings
 
-    @app.agent(w.topics.feedback, name="ingest")
+    @app.agent(w.topics.feedback, name="ingest", concurrency=1)
     async def ingest(stream):
-        async for event in stream.events():
-            await handle_feedback(w, event.value, event.key, source_of(event))
+        async for events in stream.take_events(s.batch_size, within=s.batch_seconds):
+            await handle_feedback(w, events)
 
     @app.agent(w.topics.train, name="train", concurrency=1)
     async def train(stream):
-        async for events in stream.take_events(s.batch_size, within=s.batch_seconds):
-            await handle_train_batch(w, [(e.value, source_of(e)) for e in events])
+        async for event in stream.events():
+            await handle_train_message(w, event.value, source_of(event))
 
     @app.agent(w.topics.items, name="catalog", concurrency=1)
     async def catalog(stream):

@@ -27,6 +27,7 @@ def create_app(settings: WorkerSettings, *, testing: bool = False) -> faust.App:
         web_host=settings.web_host,
         web_port=settings.web_port,
         consumer_auto_offset_reset="earliest",
+        producer_linger=settings.producer_linger,
         broker_session_timeout=settings.session_timeout,
         broker_heartbeat_interval=min(3.0, settings.session_timeout / 3),
         autodiscover=False,

@@ -1,9 +1,14 @@
-"""A micro-batch of train-topic examples -> what OnlineLearner.learn takes, plus the input watermark.
+"""Micro-batches between the ingest agent, the train topic and the learner.
 
-Each example carries the history its user had before the event (the ingest agent read it from the table).
-The learner wants histories as of the START of the batch and derives the rest from the batch's own earlier
-events, so the history of a user's FIRST example in the batch is the one passed on. Both views agree because
-one user's examples arrive in order (one feedback partition per user, one train partition).
+The ingest agent reads up to `batch_size` feedback messages at a time and forwards the valid, de-duplicated ones
+as ONE train-topic message, a TrainBatch: the events in arrival order, each user's history before its first
+event in the batch, and the feedback positions the batch covers. That is what OnlineLearner.learn takes (it
+derives a user's later inputs from the batch's own earlier events), so the train agent learns one message as one
+step. Both views of a user's history agree because one user's events arrive in order (one feedback partition
+per user, and ingest keeps the table's value of the batch's users until the batch is forwarded).
+
+A micro-batch whose message would exceed `max_bytes` (Kafka refuses large messages: about 1 MB by default) is
+split into consecutive messages, each learnt as a step of its own.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from streams.records import Source, TrainExample
+from pydantic import BaseModel, ConfigDict
+
+from streams.records import DEFAULT_MAX_ITEM_ID, Feedback, Source, TrainExample
 
 
 @dataclass(frozen=True)
@@ -21,17 +28,66 @@ class LearnerInput:
     watermark: dict[str, int]  # "topic:partition" -> next offset to read (last offset in the batch + 1)
 
 
+class TrainBatch(BaseModel):
+    """One message of the internal train topic: a micro-batch of valid, de-duplicated feedback events.
+
+    events     : in arrival order
+    histories  : user -> the user's items before its first event in the batch, oldest first (at most max_len)
+    watermark  : feedback "topic:partition" -> next offset (the batch's last offset there + 1)
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    events: list[Feedback]
+    histories: dict[str, list[int]]
+    watermark: dict[str, int]
+
+
 def split_examples(examples: Sequence[TrainExample], read_at: Sequence[Source] = ()) -> LearnerInput:
-    """`read_at`: where the examples themselves were read (the train topic); it joins the watermark, which
-    then names both the feedback positions the examples came from and the train-topic position."""
-    events, histories, watermark = [], {}, {}
+    """Examples (each event with the history before it) -> what the learner takes. `read_at`: where the
+    examples themselves were read, if anywhere; it joins the watermark."""
+    batch = train_batch(examples)
+    return learner_input(batch, read_at)
+
+
+def train_batch(examples: Sequence[TrainExample]) -> TrainBatch:
+    """The train message of some examples: the history of each user's first example is the one kept."""
+    histories: dict[str, list[int]] = {}
+    last: dict[tuple[str, int], int] = {}  # (topic, partition) -> highest offset
     for ex in examples:
-        events.append(ex.event.model_dump())
         histories.setdefault(ex.event.user_id, list(ex.history))
-        _advance(watermark, ex.source)
+        where = (ex.source.topic, ex.source.partition)
+        last[where] = max(last.get(where, -1), ex.source.offset)
+    watermark = {f"{topic}:{partition}": offset + 1 for (topic, partition), offset in last.items()}
+    return TrainBatch.model_construct(events=[ex.event for ex in examples], histories=histories, watermark=watermark)
+
+
+def encode_train_batches(examples: Sequence[TrainExample], max_bytes: int) -> list[bytes]:
+    """The train message(s) of a micro-batch: one, unless its encoding exceeds `max_bytes`; then the examples are
+    halved (in order) until every part fits, or is a single example."""
+    raw = train_batch(examples).model_dump_json().encode()
+    if len(raw) <= max_bytes or len(examples) <= 1:
+        return [raw]
+    half = len(examples) // 2
+    return [*encode_train_batches(examples[:half], max_bytes), *encode_train_batches(examples[half:], max_bytes)]
+
+
+def read_train_batch(raw: bytes, max_item_id: int = DEFAULT_MAX_ITEM_ID) -> TrainBatch:
+    """Parse a train-topic message, with the same item-id limit ingest applied; raises ValidationError."""
+    return TrainBatch.model_validate_json(raw, context={"max_item_id": max_item_id})
+
+
+def learner_input(batch: TrainBatch, read_at: Sequence[Source] = ()) -> LearnerInput:
+    """What OnlineLearner.learn takes; `read_at` (where the batch was read: the train topic) joins the
+    watermark, which then names both the feedback positions the events came from and the train position."""
+    watermark = dict(batch.watermark)
     for source in read_at:
         _advance(watermark, source)
-    return LearnerInput(events=events, histories=histories, watermark=watermark)
+    return LearnerInput(
+        events=[event.model_dump() for event in batch.events],
+        histories={user: list(items) for user, items in batch.histories.items()},
+        watermark=watermark,
+    )
 
 
 def _advance(watermark: dict[str, int], source: Source) -> None:

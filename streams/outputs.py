@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from streams.records import Invalid, Source, TrainExample
+from streams.records import Invalid, Source
 
 Record = tuple[bytes, bytes, list[tuple[str, bytes]]]  # (key, value, headers), as codebook_store.messages makes
 
@@ -29,8 +29,8 @@ class Outputs(Protocol):
     async def dead_letter(self, raw: bytes, key: bytes | None, invalid: Invalid, source: Source) -> None:
         """Send the original bytes, unchanged, with the reason in headers."""
 
-    async def train(self, example: TrainExample) -> None:
-        """Forward a valid, de-duplicated event (with the history before it) to the trainer."""
+    async def train(self, message: bytes) -> None:
+        """Send one train-topic message (an encoded streams.batching.TrainBatch) to the trainer."""
 
     async def announce(self, version: int, records: Sequence[Record]) -> None:
         """Publish the codebook-updates records of a snapshot that became latest, in order."""
@@ -43,8 +43,8 @@ class KafkaOutputs:
     async def dead_letter(self, raw: bytes, key: bytes | None, invalid: Invalid, source: Source) -> None:
         await self._dlq.send(key=key, value=raw, headers=dlq_headers(invalid, source))
 
-    async def train(self, example: TrainExample) -> None:
-        await self._train.send(key=example.event.user_id.encode(), value=example.model_dump_json().encode())
+    async def train(self, message: bytes) -> None:
+        await self._train.send(key=None, value=message)
 
     async def announce(self, version: int, records: Sequence[Record]) -> None:
         for key, value, headers in records:  # one producer, awaited in turn: the chunks stay in order

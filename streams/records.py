@@ -5,8 +5,9 @@ feedback-events (key = user id, value = JSON):
      "event_type": str, "weight": float >= 0 (optional, default 1.0)}      (other keys are ignored)
 item-events (key = item id, value = JSON):
     {"item_id": int >= 1, "attributes": [int >= 1, ...], "timestamp": unix seconds}
-<app_id>-train-examples (internal, one partition): TrainExample, a valid feedback event with the user's
-    history before it and where it was read from (for the snapshot's watermark).
+<app_id>-train-examples (internal, one partition): streams.batching.TrainBatch, a micro-batch of valid
+    feedback events with their users' histories and the feedback positions it covers (for the snapshot's
+    watermark), built from TrainExamples (one event, the user's history before it, where it was read).
 
 `validate_feedback(raw)` / `validate_item(raw)` never raise: they return the parsed record or an `Invalid`
 with a short reason (the DLQ counter's label) and a one-line detail.
@@ -133,7 +134,8 @@ class Source(BaseModel):
 
 
 class TrainExample(BaseModel):
-    """One message of the internal train topic."""
+    """One valid feedback event as ingest forwards it: the user's history before it and where it was read
+    (streams.batching.TrainBatch, the train topic's message, carries a micro-batch of them)."""
 
     model_config = ConfigDict(frozen=True)
 

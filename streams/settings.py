@@ -54,8 +54,22 @@ class WorkerSettings(BaseSettings):
     dedup_window: int = Field(256, ge=1, description="recent event ids remembered per user")
 
     # --- training and publishing
-    batch_size: int = Field(64, ge=1, description="micro-batch size of the train agent")
-    batch_seconds: float = Field(1.0, gt=0, description="a smaller micro-batch is trained after this long")
+    batch_size: int = Field(
+        64, ge=1, description="micro-batch: feedback messages the ingest agent forwards as one train message (a step)"
+    )
+    batch_seconds: float = Field(1.0, gt=0, description="a smaller micro-batch is forwarded after this long")
+    train_message_bytes: int = Field(
+        900_000,
+        ge=1024,
+        description="a micro-batch whose train message would be larger is sent (and learnt) in parts; Kafka's "
+        "message size limits (about 1 MB by default, the producer's and the broker's) must allow this much",
+    )
+    producer_linger: float = Field(
+        0.005,
+        ge=0,
+        description="seconds Faust's producer waits to fill a request (fewer, larger sends: less event-loop CPU "
+        "per message, at most this much later)",
+    )
     snapshot_every_steps: int = Field(200, ge=1)
     snapshot_every_seconds: float = Field(
         60.0, gt=0, description="publish after this long if steps were taken"

@@ -32,12 +32,14 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
 import torch
+from faust.streams import _current_event  # the "current event" Faust's tables read (see set_history)
 from faust.types import TP
 from prometheus_client import Counter, Gauge
 
@@ -156,6 +158,18 @@ class StreamWorker:
         position = kafka.get(f"{self.settings.train_topic}:0", "none of this app: the committed one")
         self.start_message = (f"warm start from {snapshot.model} v{snapshot.version} (step {steps}, "
                               f"{self.learner.num_items} items, train position {position})")
+
+    def set_history(self, user: str, state: dict, event: Any) -> None:
+        """Write a user's history-table value (streams.history) that feedback `event` (a Faust event) produced.
+
+        Faust's table takes the partition of a write (its changelog partition, and with RocksDB its store) from
+        the stream's current event, which the body of a take_events micro-batch does not have: the write is
+        made as if `event` were being processed, as a per-event agent would have made it."""
+        token = _current_event.set(weakref.ref(event))
+        try:
+            self.history[user] = state
+        finally:
+            _current_event.reset(token)
 
     def resume_offset(self, source: Source) -> int:
         """The first offset of `source`'s topic-partition that the warm-start snapshot has not learnt."""

@@ -117,3 +117,19 @@ def test_help_exits_zero(argv, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: sparc")
     assert ("evaluate" in out) if argv == ["--help"] else ("--data" in out and "--models" in out)
+
+
+def test_set_overrides_sparc_config_fields():
+    from cli.evaluate import parse_sparc_set
+
+    got = parse_sparc_set(["tower_attention=false", "interest=head", "codes=16", "global_weight=0.5"])
+    assert got == {"tower_attention": False, "interest": "head", "codes": 16, "global_weight": 0.5}
+
+
+@pytest.mark.parametrize("bad", ["tower_attention", "no_such_field=1", "encoder=3"])
+def test_set_with_an_unknown_field_is_a_one_line_error(tmp_path, capsys, bad):
+    data = write_dataset(tmp_path / "tiny")
+    rc = main(["evaluate", "--data", str(data), "--models", "sparc", "--set", bad, "--quiet"])
+    assert rc == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--set" in line and "tower_attention" in line  # names the option and the valid fields

@@ -468,3 +468,128 @@ def test_factorised_hard_score_ranks_the_argmax_codes_items_first_by_their_code_
         assert member[order[:n]].all(), "the argmax code's items come first"
         inside = order[:n]
         assert torch.equal(inside, inside[(u[row] @ cat.z[1:][inside].T).argsort(descending=True)])
+
+
+# ----------------------------------------------------------------- the conditioned tower at target positions only
+
+
+def grid_code_vectors(model: SparcModel, H, rows, cols, e):
+    """The reference: the conditioned tower over the whole (B, T) grid (causal attention at every position, the
+    query code at the targets' positions), kept at the targets: what loss() computed before it was restricted."""
+    grid = torch.zeros_like(H).index_put((rows, cols), e)
+    u = H + model.code_proj(grid)
+    if model.cfg.tower_attention:
+        u = u + F.scaled_dot_product_attention(
+            model.attn_q(grid)[:, None], model.attn_k(H)[:, None], model.attn_v(H)[:, None], is_causal=True
+        )[:, 0]
+    return u[rows, cols]
+
+
+def loss_and_grads(model: SparcModel, b: Batch, seed: int = 0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # shuffle BPR's permutation
+    loss, metrics = model.loss(b)
+    loss.backward()
+    return metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def reference_loss_and_grads(model: SparcModel, b: Batch, monkeypatch, seed: int = 0):
+    with monkeypatch.context() as m:
+        m.setattr(SparcModel, "_target_code_vectors", grid_code_vectors)
+        m.setattr(type(model.encoder), "forward_in_buckets", type(model.encoder).forward)
+        return loss_and_grads(model, b, seed)
+
+
+def online_batch(seed: int, rows: int = 40) -> Batch:
+    from trainer.online import next_item_batch
+
+    rng = np.random.default_rng(seed)
+    examples = [(list(rng.integers(1, N_ITEMS + 1, size=int(rng.integers(1, ENC.max_len + 1)))),
+                 int(rng.integers(1, N_ITEMS + 1))) for _ in range(rows)]
+    return next_item_batch(examples, ENC.max_len)
+
+
+def sparse_batch(seed: int) -> Batch:
+    """Targets at a random subset of each row's real positions (a row may have none): any batch must work."""
+    b = batch(seed, users=12)
+    rng = np.random.default_rng(seed)
+    keep = torch.from_numpy(rng.random(b.targets.shape) < 0.4)
+    return Batch(inputs=b.inputs, targets=b.targets * keep, lengths=b.lengths)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tower_attention": False}, {"shuffle_bpr_weight": 1.0},
+                                       {"interest": "marginal", "conditioned_scope": "code"}])
+@pytest.mark.parametrize("make", [lambda: batch(3, users=10), lambda: online_batch(4), lambda: sparse_batch(5)],
+                         ids=["offline", "online", "sparse"])
+def test_loss_at_target_positions_equals_the_whole_grid(overrides, make, monkeypatch):
+    model = make_model(**overrides)
+    model.train()
+    model.rq.update_(model.items()[1:], torch.Generator().manual_seed(0))  # initialise the codebooks
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # code-dependent weights, so that the tower's attention matters
+        for name in ("code_proj", "attn_v", "attn_q"):
+            if hasattr(model, name):
+                getattr(model, name).weight.copy_(torch.randn(getattr(model, name).weight.shape, generator=g))
+    model.eval()  # no dropout: both computations must agree
+    b = make()
+    assert (b.targets > 0).any()
+    metrics, grads = loss_and_grads(model, b)
+    ref_metrics, ref_grads = reference_loss_and_grads(model, b, monkeypatch)
+    assert metrics.keys() == ref_metrics.keys()
+    for key, value in ref_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_encoder_in_length_buckets_gives_the_same_states_at_real_positions():
+    model = make_model()
+    model.eval()
+    b = online_batch(6, rows=50)
+    x = model.items(b.inputs)
+    plain = model.encoder(x, b.lengths)
+    bucketed = model.encoder.forward_in_buckets(x, b.lengths)
+    real = torch.arange(b.inputs.shape[1])[None, :] < b.lengths[:, None]
+    torch.testing.assert_close(bucketed[real], plain[real], atol=1e-6, rtol=1e-5)
+    assert b.length_buckets and not batch(0).length_buckets  # online batches ask for buckets, offline do not
+
+
+def test_offline_batches_keep_the_plain_encoder_bit_for_bit():
+    model = make_model()
+    model.train()
+    b = batch(7)
+    torch.manual_seed(3)
+    state = model.encode(b.inputs, b.lengths, model.items())
+    torch.manual_seed(3)
+    assert torch.equal(state.H, model.encoder(model.items()[b.inputs], b.lengths))  # same dropout draws too
+
+
+def test_length_buckets_double_up_to_the_longest():
+    from trainer.towers import length_buckets
+
+    assert length_buckets(50) == [1, 2, 4, 8, 16, 32, 50]
+    assert length_buckets(8) == [1, 2, 4, 8]
+    assert length_buckets(1) == [1] and length_buckets(0) == [1]
+
+
+def test_conditioned_detach_keeps_the_conditioned_loss_out_of_h_and_z():
+    def grads(detach: bool) -> dict[str, torch.Tensor]:
+        model = make_model(conditioned_scope="code", interest="marginal", conditioned_detach=detach,
+                           global_weight=0.0, commitment=0.0)  # the conditioned loss alone
+        model.train()
+        model.rq.update_(model.items()[1:], torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model.code_proj.weight.normal_()
+        torch.manual_seed(5)
+        loss, _ = model.loss(batch(0))
+        loss.backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    free, detached = grads(False), grads(True)
+    assert free["items.id_embedding"].abs().sum() > 0
+    assert any(g is not None and g.abs().sum() > 0 for k, g in free.items() if k.startswith("encoder."))
+    for name, g in detached.items():
+        if name.startswith(("items.", "encoder.")):
+            assert g is None or g.abs().sum() == 0, name
+    assert detached["code_proj.weight"].abs().sum() > 0

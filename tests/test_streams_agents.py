@@ -2,9 +2,10 @@
 Outputs object that records what would have been sent. Also the recovery path without a broker: re-delivery
 (streams.history), warm start from a file:// store, resume positions and the processed log (streams.worker).
 
-Inside test_context each put waits until its event is processed, so the batching of the train agent is tested
-as plain functions (test_streams_batching.py) and here through handle_train_batch; the batched agent itself
-runs against the real broker in test_worker_kafka.py.
+Inside test_context a put returns once its event is in the agent's stream, and the ingest agent's micro-batches
+are handled when full, after batch_seconds, or when the context ends; what reaches the train topic is checked
+through the messages it would have sent, and the train agent's handler (handle_train_message) is called
+directly. Both agents run against the real broker in test_worker_kafka.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from codebook_store import IncompatibleSnapshotError, Reassembler, Snapshot, open_store
 from replay.synthetic import SyntheticConfig, generate
-from streams.agents import handle_train_batch, publish
+from streams.agents import handle_train_message, publish
+from streams.batching import encode_train_batches, read_train_batch
 from streams.history import apply_feedback
 from streams.records import Invalid, Source, TrainExample
 from streams.settings import WorkerSettings
@@ -29,15 +31,27 @@ from streams.worker import StreamWorker
 class RecordingOutputs:
     def __init__(self) -> None:
         self.dead: list[tuple[bytes, bytes | None, Invalid, Source]] = []
-        self.examples: list[TrainExample] = []
+        self.messages: list[bytes] = []  # train-topic messages (encoded TrainBatch)
         self.announced: list = []  # codebook_store.CodebookUpdate, verified
         self._reassembler = Reassembler()
 
     async def dead_letter(self, raw, key, invalid, source) -> None:
         self.dead.append((raw, key, invalid, source))
 
-    async def train(self, example) -> None:
-        self.examples.append(example)
+    async def train(self, message) -> None:
+        self.messages.append(message)
+
+    def forwarded(self) -> list[tuple[str, list[int]]]:
+        """(event id, the user's history before it) of every event sent to the train topic, in order: what the
+        learner derives from each message (a user's first history in it, then the message's own events)."""
+        out = []
+        for message in self.messages:
+            batch = read_train_batch(message)
+            running = {user: list(items) for user, items in batch.histories.items()}
+            for event in batch.events:
+                out.append((event.event_id, list(running[event.user_id])))
+                running[event.user_id].append(event.item_id)
+        return out
 
     async def announce(self, version, records) -> None:
         updates = [u for rec in records if (u := self._reassembler.accept(*rec)) is not None]
@@ -108,8 +122,8 @@ def test_ingest_routes_invalid_to_the_dlq_dedups_and_updates_history(tmp_path):
         (fb("c", 7, 99_000_000), b"7", "out_of_range"),  # the original bytes, unchanged
     ]
     assert out.dead[0][3].topic == w.settings.feedback_topic and out.dead[1][3].offset == 4
-    assert [(e.event.event_id, e.history) for e in out.examples] == [("a", []), ("b", [3]), ("d", [])]
-    assert [e.source.offset for e in out.examples] == [1, 2, 5]
+    assert out.forwarded() == [("a", []), ("b", [3]), ("d", [])]
+    assert read_train_batch(out.messages[-1]).watermark == {f"{w.settings.feedback_topic}:0": 6}
     assert seven == {"items": [3, 4], "recent": ["a", "b"], "offsets": [1, 2], "partition": 0}
     assert eight == {"items": [4], "recent": ["d"], "offsets": [5], "partition": 0}
     text = w.metrics.render().decode()
@@ -166,11 +180,8 @@ def test_train_publish_serve(tmp_path, stream):
             503,
             {"error": "no snapshot is served yet", "last_gate": []},
         )
-        raws = [ex.model_dump_json().encode() for ex in out.examples]
-        for start in range(0, len(raws), w.settings.batch_size):
-            batch = raws[start : start + w.settings.batch_size]
-            await handle_train_batch(w, [(raw, Source(topic="train", partition=0, offset=start + i))
-                                         for i, raw in enumerate(batch)])
+        for offset, message in enumerate(out.messages):
+            await handle_train_message(w, message, Source(topic="train", partition=0, offset=offset))
         return (
             await retrieve_payload(w, "1", {"k": "20"}),
             await retrieve_payload(w, "1", {"k": "20", "explore": "0.5"}),
@@ -180,16 +191,18 @@ def test_train_publish_serve(tmp_path, stream):
         )
 
     (status, body), (x_status, x_body), (bad, _), (l_status, latest), health = run(w, scenario)
-    assert len(out.examples) == stream.num_events  # first events too: the learner skips them (no history)
-    steps, batches = w.learner.steps, -(-stream.num_events // w.settings.batch_size)
-    assert batches - 2 <= steps <= batches  # a batch of first events only takes no step
+    assert len(out.forwarded()) == stream.num_events  # first events too: the learner skips them (no history)
+    sizes = [len(read_train_batch(m).events) for m in out.messages]  # one message per micro-batch
+    assert max(sizes) == w.settings.batch_size and len(sizes) >= -(-stream.num_events // w.settings.batch_size)
+    steps = w.learner.steps
+    assert len(sizes) - 2 <= steps <= len(sizes)  # a batch of first events only takes no step
     assert [m.version for m in out.announced] == list(range(steps // 5))  # every 5 steps
     last = out.announced[-1]
     assert last.parent == last.version - 1 and last.remap_from == last.version - 1
     assert last.health["gate"] == {"passed": True, "reasons": []}
     watermark = last.watermark["kafka"]
     assert sorted(watermark) == [f"{w.settings.feedback_topic}:0", "train:0"]
-    assert 0 < watermark["train:0"] <= len(out.examples) and watermark["train:0"] % w.settings.batch_size == 0
+    assert 0 < watermark["train:0"] <= len(out.messages)
     assert status == 200 and body["version"] == last.version and len(body["items"]) == 20
     assert body["history_length"] == 5 and body["scores"] == sorted(body["scores"], reverse=True)
     assert x_status == 200 and len(x_body["items"]) == 20
@@ -211,7 +224,7 @@ def test_train_publish_serve(tmp_path, stream):
 
 def test_a_snapshot_the_gate_rejects_is_not_served(tmp_path):
     w = make_worker(tmp_path, min_utilisation=1.0, codes=64)  # 64 codes over 12 items: never all used
-    raws = [
+    examples = [
         TrainExample.model_validate(
             {
                 "event": {
@@ -225,13 +238,12 @@ def test_a_snapshot_the_gate_rejects_is_not_served(tmp_path):
                 "source": {"topic": "t", "partition": 0, "offset": i},
             }
         )
-        .model_dump_json()
-        .encode()
         for i in range(24)
     ]
+    [message] = encode_train_batches(examples, w.settings.train_message_bytes)
 
     async def scenario():
-        await handle_train_batch(w, [(raw, Source(topic="train", partition=0, offset=i)) for i, raw in enumerate(raws)])
+        await handle_train_message(w, message, Source(topic="train", partition=0, offset=0))
         await publish(w)
         return await retrieve_payload(w, "0", {}), health_payload(w)
 
@@ -261,21 +273,22 @@ def test_a_message_read_again_at_its_offset_is_forwarded_again_without_touching_
     assert apply_feedback(short, "e0", 3, 2, 8, partition=1, offset=10).history == []  # older than max_len
 
 
-def train_messages(w: StreamWorker, events: list[dict], first_offset: int = 0) -> list[list[tuple[bytes, Source]]]:
-    """The synthetic stream's feedback as train-topic micro-batches (ingest done by hand, as the agent would)."""
+def train_messages(w: StreamWorker, events: list[dict], first_offset: int = 0) -> list[tuple[bytes, Source]]:
+    """The synthetic stream's feedback as train-topic messages of batch_size events (ingest done by hand, as the
+    agent would), each with the train-topic position it is read at."""
     table: dict = {}
-    raws = []
+    examples = []
     for n, e in enumerate(x for x in events if "event_id" in x):
         user = str(e["user_id"])
         applied = apply_feedback(table.get(user), e["event_id"], e["item_id"], w.settings.max_len, 256)
         table[user] = applied.state
-        ex = TrainExample.model_validate({"event": {**e, "user_id": user, "event_type": "view"},
-                                          "history": applied.history,
-                                          "source": {"topic": "fb", "partition": 0, "offset": n}})
-        raws.append(ex.model_dump_json().encode())
+        examples.append(TrainExample.model_validate({"event": {**e, "user_id": user, "event_type": "view"},
+                                                     "history": applied.history,
+                                                     "source": {"topic": "fb", "partition": 0, "offset": n}}))
     b = w.settings.batch_size
-    return [[(raw, Source(topic="train", partition=0, offset=first_offset + start + i))
-             for i, raw in enumerate(raws[start : start + b])] for start in range(0, len(raws), b)]
+    messages = [m for start in range(0, len(examples), b)
+                for m in encode_train_batches(examples[start : start + b], w.settings.train_message_bytes)]
+    return [(raw, Source(topic="train", partition=0, offset=first_offset + n)) for n, raw in enumerate(messages)]
 
 
 def test_warm_start_continues_weights_steps_versions_and_position(tmp_path, stream):
@@ -285,8 +298,8 @@ def test_warm_start_continues_weights_steps_versions_and_position(tmp_path, stre
     batches = train_messages(first, events)
 
     async def train(w, chosen):
-        for batch in chosen:
-            await handle_train_batch(w, batch)
+        for raw, source in chosen:
+            await handle_train_message(w, raw, source)
         return w.learner.steps
 
     steps = run(first, lambda: train(first, batches[:12]))
@@ -294,14 +307,14 @@ def test_warm_start_continues_weights_steps_versions_and_position(tmp_path, stre
     with open_store(url, read_only=True) as store:
         latest = store.latest_version()
         snap = store.get(latest)
-    assert latest == 1 and snap.health["steps"] == 10 and snap.watermark["kafka"]["train:0"] == 10 * 16
+    assert latest == 1 and snap.health["steps"] == 10 and snap.watermark["kafka"]["train:0"] == 10  # 10 messages
 
     second = make_worker(tmp_path, store_url=url, processed_log=log)  # warm start is the default
     assert second.warm_version == latest and second.learner.steps == 10
     state = second.learner.snapshot_state()
     assert all(torch.equal(state.weights[k], snap.weights[k]) for k in snap.weights)
     assert torch.equal(state.item_codes, snap.item_codes)
-    assert second.resume["train:0"] == 160 and second.watermark == snap.watermark["kafka"]
+    assert second.resume["train:0"] == 10 and second.watermark == snap.watermark["kafka"]
     assert second.index.current.version == latest  # served at once
     assert health_payload(second)["served_version"] == latest
     assert "sparc_warm_start_version 1.0" in second.metrics.render().decode()
@@ -310,7 +323,7 @@ def test_warm_start_continues_weights_steps_versions_and_position(tmp_path, stre
     steps = run(second, lambda: train(second, batches[8:16]))
     assert steps == 10 + 6
     text = second.metrics.render().decode()
-    assert "sparc_resume_skipped_messages_total 32.0" in text
+    assert "sparc_resume_skipped_messages_total 2.0" in text
     with open_store(url, read_only=True) as store:
         assert store.versions() == [0, 1, 2] and store.manifest(2).parent == latest
         assert store.manifest(2).health["steps"] == 15
@@ -318,9 +331,9 @@ def test_warm_start_continues_weights_steps_versions_and_position(tmp_path, stre
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     starts = [n for n, line in enumerate(lines) if "start" in line]
     assert [lines[n]["start"]["version"] for n in starts] == [None, latest]
-    assert lines[starts[1]]["start"]["resume"]["train:0"] == 160
+    assert lines[starts[1]]["start"]["resume"]["train:0"] == 10
     resumed = [line for line in lines[starts[1] + 1 :]]
-    assert [line["read"]["train:0"] for line in resumed] == [[o, o + 16] for o in range(160, 256, 16)]
+    assert [line["read"]["train:0"] for line in resumed] == [[o, o + 1] for o in range(10, 16)]
     assert all(len(line["event_ids"]) == 16 for line in lines if "read" in line)
 
     fresh = make_worker(tmp_path, store_url=url, warm_start=False)  # explicit: a fresh model
@@ -337,8 +350,8 @@ def test_warm_start_refuses_a_snapshot_of_another_shape_and_starts_fresh_on_an_e
     batches = train_messages(empty, list(stream.iter_events()))[:7]
 
     async def train():
-        for batch in batches:
-            await handle_train_batch(empty, batch)
+        for raw, source in batches:
+            await handle_train_message(empty, raw, source)
 
     run(empty, train)
     assert empty.outputs.announced  # a snapshot is latest
@@ -362,3 +375,11 @@ def test_warm_start_from_an_offline_snapshot_reads_the_train_topic_from_its_star
     assert warm.warm_version == 4 and warm.learner.steps == 0 and warm.learner.num_items == 30
     assert warm.resume == {} and warm.resume_offset(Source(topic="train", partition=0, offset=0)) == 0
     warm.close()
+
+
+def test_the_producer_linger_comes_from_worker_settings(tmp_path):
+    w = make_worker(tmp_path, producer_linger=0.02)
+    try:
+        assert w.app.conf.producer_linger == 0.02
+    finally:
+        w.close()

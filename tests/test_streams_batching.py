@@ -1,11 +1,19 @@
-"""streams.history + streams.batching: the worker's way of feeding the learner equals replay's (no broker)."""
+"""streams.history + streams.batching: the worker's way of feeding the learner (one train message per micro-batch)
+equals replay's (no broker)."""
 
 from __future__ import annotations
 
 import torch
 
 from replay.synthetic import SyntheticConfig, generate
-from streams.batching import merge_watermarks, split_examples
+from streams.batching import (
+    encode_train_batches,
+    learner_input,
+    merge_watermarks,
+    read_train_batch,
+    split_examples,
+    train_batch,
+)
 from streams.history import apply_feedback, history_of
 from streams.records import Feedback, Source, TrainExample
 from trainer.config import EncoderConfig, SparcConfig, TrainConfig
@@ -69,7 +77,8 @@ def test_worker_feeding_equals_replay_feeding():
         )
     histories: dict = {}
     for start in range(0, len(feedback), 32):
-        inp = split_examples(examples[start : start + 32])
+        [message] = encode_train_batches(examples[start : start + 32], 900_000)  # what ingest sends
+        inp = learner_input(read_train_batch(message))  # what the train agent learns
         worker.learn(inp.events, inp.histories)
         chunk = [{**e, "user_id": str(e["user_id"])} for e in feedback[start : start + 32]]
         replay.learn(chunk, histories)
@@ -80,3 +89,18 @@ def test_worker_feeding_equals_replay_feeding():
     for name in a.weights:
         assert torch.equal(a.weights[name], b.weights[name]), name
     assert {u: s["items"] for u, s in table.items()} == histories
+
+
+def test_a_train_message_round_trips_and_a_large_batch_is_split_in_order():
+    batch = [example("u", 3, [1, 2], 10), example("v", 7, [], 4, partition=1), example("u", 4, [1, 2, 3], 11),
+             example("w", 5, [9] * 5, 12)]
+    [message] = encode_train_batches(batch, 10_000)
+    assert read_train_batch(message) == train_batch(batch)
+    inp = learner_input(read_train_batch(message), read_at=[Source(topic="train", partition=0, offset=7)])
+    assert inp == split_examples(batch, read_at=[Source(topic="train", partition=0, offset=7)])
+    assert inp.watermark == {"fb:0": 13, "fb:1": 5, "train:0": 8}
+
+    parts = [read_train_batch(m) for m in encode_train_batches(batch, len(message) - 1)]  # too large: halved
+    assert [[e.event_id for e in p.events] for p in parts] == [["e10", "e4"], ["e11", "e12"]]
+    assert [p.histories for p in parts] == [{"u": [1, 2], "v": []}, {"u": [1, 2, 3], "w": [9] * 5}]
+    assert len(encode_train_batches(batch[:1], 10)) == 1  # a single event is never split

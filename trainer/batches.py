@@ -15,11 +15,15 @@ class Batch:
     inputs  (B, T) int64: items, zeros after each sequence's end
     targets (B, T) int64: the next item at each position, 0 where there is none
     lengths (B,)   int64: number of real input items per row
+    length_buckets: encode the rows per length bucket (CausalEncoder.forward_in_buckets: the same states, less
+                    padding work) rather than as one (B, T) grid. Worth it when lengths vary widely within the
+                    batch (online batches); offline batches are already grouped by length and keep one grid.
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     lengths: torch.Tensor
+    length_buckets: bool = False
 
     @property
     def size(self) -> int:

@@ -47,6 +47,8 @@ class SparcConfig:
     # what u_c is trained to rank: "code" = only the items whose level-1 code is c (a factorised likelihood
     # p(i) = p(c(i)) * p(i | c(i), u_c), the per-code retrieval of soft search); "catalogue" = every item
     conditioned_scope: Literal["code", "catalogue"] = "code"
+    # True: the conditioned loss trains only the tower's own weights (W, attention), not h or z (stop-gradient)
+    conditioned_detach: bool = False
     shuffle_bpr_weight: float = 0.0  # "shuffle BPR" of the paper (u from the true code must beat u from another)
     use_attributes: bool = True
     # main retrieval loss: exact softmax over the catalogue, or in-batch sampled softmax with logQ correction

@@ -63,10 +63,18 @@ class SparcModel(nn.Module):
         codes, _ = self.rq.encode(z)
         return Catalogue(z=z, codes=codes)
 
-    def encode(self, inputs: torch.Tensor, lengths: torch.Tensor, z: torch.Tensor | None = None) -> UserState:
-        """inputs (B, T) right-padded item ids -> UserState."""
+    def encode(
+        self,
+        inputs: torch.Tensor,
+        lengths: torch.Tensor,
+        z: torch.Tensor | None = None,
+        *,
+        length_buckets: bool = False,
+    ) -> UserState:
+        """inputs (B, T) right-padded item ids -> UserState. length_buckets: run the encoder per length bucket
+        (CausalEncoder.forward_in_buckets: the same states at real positions, less work on padding)."""
         x = z[inputs] if z is not None else self.items(inputs)  # (B, T, D)
-        H = self.encoder(x, lengths)
+        H = self.encoder.forward_in_buckets(x, lengths) if length_buckets else self.encoder(x, lengths)
         h = H[torch.arange(H.shape[0]), (lengths - 1).clamp(min=0)]
         return UserState(H=H, lengths=lengths, h=h)
 
@@ -95,18 +103,38 @@ class SparcModel(nn.Module):
             u = u + torch.softmax(scores, dim=-1) @ self.attn_v(state.H)
         return u
 
-    def _positional_code_vectors(self, H: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """Training form: at every position t a query code e[:, t] attends over H[:, :t+1].
+    def _target_code_vectors(
+        self, H: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, e: torch.Tensor
+    ) -> torch.Tensor:
+        """Training form of the code-conditioned tower, at the target positions only: the m-th target, at position
+        cols[m] of row rows[m] with query code e[m], gets u[m] = H[row, col] + W e[m] [+ attention over
+        H[row, :col + 1] with e[m] as the query].
 
-        H (B, T, D), e (B, T, D) -> u (B, T, D).
+        H (B, T, D); rows, cols (M,) in row-major order (as `nonzero()` lists them); e (M, D) -> u (M, D).
+        The same u as a causal attention at every position of the (B, T) grid, kept at the targets; but only the
+        targets are computed, and keys and values only at the positions a target attends to (an online batch has
+        one target per row, at its last real position: most of the grid is padding or has no target).
         """
-        u = H + self.code_proj(e)
-        if self.cfg.tower_attention:
-            a = F.scaled_dot_product_attention(
-                self.attn_q(e)[:, None], self.attn_k(H)[:, None], self.attn_v(H)[:, None], is_causal=True
-            )
-            u = u + a[:, 0]
-        return u
+        u = H[rows, cols] + self.code_proj(e)
+        if not self.cfg.tower_attention or rows.numel() == 0:
+            return u
+        b, _, d = H.shape
+        width = int(cols.max()) + 1  # no target attends further
+        # keys and values at the positions some target of the row attends to (up to the row's last target)
+        reach = torch.full((b,), -1, dtype=torch.long).scatter_reduce(0, rows, cols, "amax")
+        kr, kc = (torch.arange(width)[None, :] <= reach[:, None]).nonzero(as_tuple=True)
+        seen = H[kr, kc]
+        k = H.new_zeros(b, width, d).index_put((kr, kc), self.attn_k(seen))
+        v = H.new_zeros(b, width, d).index_put((kr, kc), self.attn_v(seen))
+        # each row's targets side by side as its queries (slot = rank of the target within its row); an empty
+        # slot asks about position 0, and its answer is never read
+        per_row = torch.bincount(rows, minlength=b)
+        slot = torch.arange(rows.shape[0]) - (per_row.cumsum(0) - per_row)[rows]
+        q = H.new_zeros(b, int(per_row.max()), d).index_put((rows, slot), self.attn_q(e))
+        asked = torch.zeros(q.shape[:2], dtype=torch.long).index_put((rows, slot), cols)  # (B, Q) positions
+        causal = torch.arange(width)[None, None, :] <= asked[:, :, None]  # (B, Q, width)
+        a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=causal[:, None])
+        return u + a[:, 0][rows, slot]
 
     def _retrieval_loss(self, users: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """users (M, D), z (N+1, D) the catalogue, y (M,) targets in 1..N."""
@@ -149,17 +177,17 @@ class SparcModel(nn.Module):
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """Loss of one batch (every position predicts its next item) and metrics for logging."""
         cat = self.catalogue()
-        state = self.encode(batch.inputs, batch.lengths, cat.z)
-        valid = batch.targets > 0  # (B, T)
-        y = batch.targets[valid]  # (M,)
-        y_codes = cat.codes[batch.targets]  # (B, T, L)
-        target_code = y_codes[..., 0]  # (B, T): label of the interest module, recomputed every step
-        e = self.rq.levels[0].codebook[target_code]  # (B, T, D)
-        u = self._positional_code_vectors(state.H, e)[valid]  # (M, D)
-        h = state.H[valid]  # (M, D)
+        state = self.encode(batch.inputs, batch.lengths, cat.z, length_buckets=batch.length_buckets)
+        rows, cols = (batch.targets > 0).nonzero(as_tuple=True)  # the M positions with a target, row-major
+        y = batch.targets[rows, cols]  # (M,)
+        target_code = cat.codes[y, 0]  # (M,): label of the interest module, recomputed every step
+        e = self.rq.levels[0].codebook[target_code]  # (M, D)
+        detach = self.cfg.conditioned_detach
+        u = self._target_code_vectors(state.H.detach() if detach else state.H, rows, cols, e)  # (M, D)
+        h = state.H[rows, cols]  # (M, D)
 
         if self.cfg.conditioned_scope == "code":
-            conditioned = self._within_code_ce(u, cat.z, y, cat.codes[:, 0])
+            conditioned = self._within_code_ce(u, cat.z.detach() if detach else cat.z, y, cat.codes[:, 0])
         else:
             conditioned = self._retrieval_loss(u, cat.z, y)
         total = conditioned
@@ -170,17 +198,15 @@ class SparcModel(nn.Module):
             metrics["loss_global"] = float(glob.detach())
         if self.cfg.interest == "head" and self.cfg.interest_weight > 0:
             logits = self.interest_logits(h, cat.z, cat.codes)
-            interest = F.cross_entropy(logits, target_code[valid])
+            interest = F.cross_entropy(logits, target_code)
             total = total + self.cfg.interest_weight * interest
             metrics["loss_interest"] = float(interest.detach())
-            metrics["interest_top1"] = float((logits.argmax(-1) == target_code[valid]).float().mean())
+            metrics["interest_top1"] = float((logits.argmax(-1) == target_code).float().mean())
         if self.cfg.shuffle_bpr_weight > 0:
             perm = torch.randperm(y.shape[0])
-            e_shuffled = torch.zeros_like(e)
-            e_shuffled[valid] = e[valid][perm]
-            u_neg = self._positional_code_vectors(state.H, e_shuffled)[valid]
+            u_neg = self._target_code_vectors(state.H, rows, cols, e[perm])
             zy = cat.z[y]
-            differs = target_code[valid] != target_code[valid][perm]
+            differs = target_code != target_code[perm]
             bpr = -F.logsigmoid(((u - u_neg) * zy).sum(-1))[differs].mean() if differs.any() else u.sum() * 0
             total = total + self.cfg.shuffle_bpr_weight * bpr
             metrics["loss_shuffle_bpr"] = float(bpr.detach())

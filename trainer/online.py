@@ -103,13 +103,15 @@ def batch_examples(
 
 
 def next_item_batch(examples: Sequence[tuple[Sequence[int], int]], max_len: int) -> Batch:
-    """Examples -> a Batch whose only target per row is the example's item, at the row's last position."""
+    """Examples -> a Batch whose only target per row is the example's item, at the row's last position.
+
+    The rows' histories range from one item to max_len, so the batch is encoded in length buckets."""
     inputs, lengths = pad_histories([np.asarray(h, dtype=np.int64) for h, _ in examples], max_len)
     targets = torch.zeros_like(inputs)
     targets[torch.arange(len(examples)), lengths - 1] = torch.tensor(
         [t for _, t in examples], dtype=torch.long
     )
-    return Batch(inputs=inputs, targets=targets, lengths=lengths)
+    return Batch(inputs=inputs, targets=targets, lengths=lengths, length_buckets=True)
 
 
 @dataclass(frozen=True, eq=False)

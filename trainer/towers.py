@@ -140,6 +140,37 @@ class CausalEncoder(nn.Module):
             h = block(h)
         return self.ln(h)
 
+    def forward_in_buckets(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """forward() run once per length bucket (lengths <= 1, 2, 4, 8, ..., then the rest), each bucket padded
+        to its own longest row instead of the batch's: for batches whose lengths vary widely (online batches,
+        where most of a (B, T) grid is padding) most of the work is saved.
+
+        The same H at every real position: with right padding, causal attention and positions counted from each
+        row's end, a real position never sees the padding, so its state does not depend on the padded width. H
+        at padding positions means nothing (as with forward()). In training, dropout is drawn per bucket, so the
+        random masks (not their distribution) differ from forward()'s.
+        """
+        b, t, d = x.shape
+        out = x.new_zeros(b, t, d)
+        lower = -1  # rows of length 0 (no history) join the first bucket
+        for upper in length_buckets(t):
+            rows = ((lengths > lower) & (lengths <= upper)).nonzero().squeeze(1)
+            lower = upper
+            if rows.numel() == 0:
+                continue
+            width = max(int(lengths[rows].max()), 1)
+            out[rows, :width] = self.forward(x[rows, :width], lengths[rows])
+        return out
+
+
+def length_buckets(longest: int) -> list[int]:
+    """Upper length bounds of CausalEncoder.forward_in_buckets' buckets: 1, 2, 4, ... below `longest`, then it."""
+    bounds, upper = [], 1
+    while upper < longest:
+        bounds.append(upper)
+        upper *= 2
+    return [*bounds, max(longest, 1)]
+
 
 def last_state(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """H (B, T, D), lengths (B,) -> the state at each sequence's last item (B, D)."""
