@@ -42,6 +42,7 @@ import torch
 from aiohttp import web
 from tqdm import tqdm
 
+from benchmarks.common import write_json
 from replay.datasets import SequenceDataset, load_s3rec
 from replay.evaluate import EvalSettings, build_sparc
 from streams.index import build_index
@@ -208,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_p99_ms": TARGET_P99_MS,
         "met": bool(np.percentile(lat, 99) < TARGET_P99_MS and set(statuses) == {200}),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     h, d = report["http"], report["direct_call"]
     print(f"\n{source}: {ds.num_items:,} items, {model.cfg.codes} codes (lists {report['index']['list_sizes']}), "
           f"untrained weights, k={args.k}, {len(lat)} sequential keep-alive requests; load {load_before}")

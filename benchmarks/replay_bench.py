@@ -23,13 +23,13 @@ The slice measured for the shared-scoring change (before/after on the same event
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import write_json
 from cli.replay import ALL_VARIANTS  # `sparc replay --variants all`
 from replay.prequential import Prequential, ReplaySettings, ScoreMode, parse_variants, replay, worker_model_config
 from replay.sources import open_source, take_feedback
@@ -159,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "together": shared,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {args.out}")
+    write_json(args.out, result)
     return 0
 
 

@@ -28,7 +28,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one thread, before numpy / faiss / torch load their thread pools
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
@@ -41,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks.common import write_json  # noqa: E402
 from trainer.search import (  # noqa: E402
     CodeIndex,
     choose_codes,
@@ -232,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             "update_moves_only_changed": update["only_changed_items_moved"] and update["answers_equal_rebuild"],
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print_table(report)
     return 0
 

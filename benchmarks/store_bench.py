@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import random
@@ -35,6 +34,7 @@ import safetensors.torch
 import torch
 from safetensors.torch import load as load_safetensors
 
+from benchmarks.common import write_json
 from codebook_store import CorruptSnapshotError, Snapshot, decode, encode, open_store
 
 TARGET_SECONDS = 2.0
@@ -291,8 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print(f"wrote {args.out}")
     return 0
 

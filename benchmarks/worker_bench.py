@@ -64,6 +64,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 BEAUTY = Path("/work/shared/datasets/amazon_beauty")
 BEAUTY_ITEMS = 12_101
@@ -801,9 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         result["kafka"] = kafka_run(args, items, feedback, overrides)
     result["machine"]["loadavg_after"] = os.getloadavg()
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {args.out}")
+    write_json(args.out, result)
     return 0
 
 
