@@ -66,7 +66,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, NamedTuple
 
@@ -304,29 +303,6 @@ class CatalogueCache:
         self._entries = {k: v for k, v in self._entries.items() if k in keep}
 
 
-@contextmanager
-def _shared_forward(model, catalogue) -> Iterator[None]:
-    """While one model scores one batch in several modes: its `catalogue()` returns `catalogue`, and `encode` runs
-    once per distinct (inputs, lengths, z) tensors. SparcModel.score stays the only definition of a score; this
-    only hands it results it would compute again (both are pure functions of the weights in eval mode)."""
-    memo: dict[tuple[int, int, int], tuple] = {}
-    encode = type(model).encode
-
-    def shared_encode(inputs, lengths, z=None):
-        key = (id(inputs), id(lengths), id(z))
-        if key not in memo:  # the tensors are kept in the memo, so their ids stay theirs
-            memo[key] = (inputs, lengths, z, encode(model, inputs, lengths, z))
-        return memo[key][3]
-
-    model.catalogue = lambda: catalogue
-    model.encode = shared_encode
-    try:
-        yield
-    finally:
-        del model.catalogue
-        del model.encode
-
-
 @torch.no_grad()
 def score_modes(
     learner: OnlineLearner,
@@ -360,21 +336,22 @@ def score_modes(
     t = torch.from_numpy(np.minimum(targets, n))
     k = min(top_n, n)
     out = []
-    with _shared_forward(model, model.catalogue() if catalogue is None else catalogue):
-        for mode in modes:
-            scores = model.score(inputs, lengths, search=mode.search, top_codes=mode.top_codes,
-                                 temperature=mode.temperature, global_mix=mode.global_mix).float()  # (S, N+1)
-            scores = scores.masked_fill(hidden, -math.inf)
-            ranks = target_ranks(scores, t).numpy().copy()
-            rankable = (targets <= n) & torch.isfinite(scores.gather(1, t[:, None]))[:, 0].numpy()
-            ranks[~rankable] = n + 1
-            values, ids = scores.topk(k, dim=1) if k else (scores[:, :0], scores[:, :0].long())
-            ids = torch.where(torch.isfinite(values), ids, torch.zeros_like(ids)).numpy()
-            top = np.zeros((len(targets), top_n), dtype=np.int64)
-            top[:, :k] = ids
-            now = time.perf_counter()
-            out.append((ranks, top, now - start))
-            start = now
+    cat = model.catalogue() if catalogue is None else catalogue
+    state = model.encode(inputs, lengths, cat.z)  # one encoder pass for every mode
+    for mode in modes:
+        scores = model.score_encoded(state, cat, search=mode.search, top_codes=mode.top_codes,
+                                     temperature=mode.temperature, global_mix=mode.global_mix).float()  # (S, N+1)
+        scores = scores.masked_fill(hidden, -math.inf)
+        ranks = target_ranks(scores, t).numpy().copy()
+        rankable = (targets <= n) & torch.isfinite(scores.gather(1, t[:, None]))[:, 0].numpy()
+        ranks[~rankable] = n + 1
+        values, ids = scores.topk(k, dim=1) if k else (scores[:, :0], scores[:, :0].long())
+        ids = torch.where(torch.isfinite(values), ids, torch.zeros_like(ids)).numpy()
+        top = np.zeros((len(targets), top_n), dtype=np.int64)
+        top[:, :k] = ids
+        now = time.perf_counter()
+        out.append((ranks, top, now - start))
+        start = now
     return out
 
 

@@ -97,8 +97,7 @@ async def handle_feedback(w: StreamWorker, events: Sequence[Any]) -> Counter:
         w.set_history(user, state, event)
     w.metrics.duplicates.inc(outcomes["duplicate"])
     w.recovery.redelivered.inc(outcomes["redelivered"])
-    for _ in range(outcomes["forwarded"]):
-        w.metrics.event()
+    w.metrics.event(outcomes["forwarded"])
     return outcomes
 
 

@@ -53,9 +53,9 @@ class WorkerMetrics:
         self.age.set_function(lambda: 0.0 if self._served_at is None else self.clock() - self._served_at)
 
     # --- updates
-    def event(self) -> None:
-        self.events.inc()
-        self._events_seen += 1
+    def event(self, n: int = 1) -> None:
+        self.events.inc(n)
+        self._events_seen += n
 
     def tick(self) -> None:
         """Refresh events/s over the time since the last tick."""
@@ -87,4 +87,28 @@ class WorkerMetrics:
         return generate_latest(self.registry)
 
 
-__all__ = ["CONTENT_TYPE", "WorkerMetrics"]
+__all__ = ["CONTENT_TYPE", "RecoveryMetrics", "WorkerMetrics"]
+
+
+class RecoveryMetrics:
+    """Counters of the recovery path, in the worker's registry (WorkerMetrics.registry)."""
+
+    def __init__(self, registry) -> None:
+        self.redelivered = Counter(
+            "sparc_redelivered_events",
+            "feedback messages read again at an offset already applied (forwarded again, history unchanged)",
+            registry=registry,
+        )
+        self.skipped = Counter(
+            "sparc_resume_skipped_messages",
+            "train messages skipped because the warm-start snapshot has learnt them",
+            registry=registry,
+        )
+        self.learnt = Counter(
+            "sparc_learnt_events", "events handed to the learner (re-learnt ones after a restart count again)",
+            registry=registry,
+        )
+        self.warm_version = Gauge(
+            "sparc_warm_start_version", "snapshot version the learner started from (-1: a fresh model)",
+            registry=registry,
+        )

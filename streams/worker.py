@@ -41,13 +41,12 @@ import faust
 import torch
 from faust.streams import _current_event  # the "current event" Faust's tables read (see set_history)
 from faust.types import TP
-from prometheus_client import Counter, Gauge
 
 from streams import agents, views
 from streams.app import create_app, declare_topics
 from streams.batching import LearnerInput, merge_watermarks
 from streams.index import IndexHolder, build_index
-from streams.metrics import WorkerMetrics
+from streams.metrics import RecoveryMetrics, WorkerMetrics
 from streams.outputs import KafkaOutputs, Outputs
 from streams.publisher import Publisher
 from streams.records import Source
@@ -55,30 +54,6 @@ from streams.settings import WorkerSettings
 from trainer.online import LearnerState, OnlineLearner
 
 log = logging.getLogger(__name__)
-
-
-class RecoveryMetrics:
-    """Counters of the recovery path, in the worker's registry beside streams.metrics'."""
-
-    def __init__(self, registry) -> None:
-        self.redelivered = Counter(
-            "sparc_redelivered_events",
-            "feedback messages read again at an offset already applied (forwarded again, history unchanged)",
-            registry=registry,
-        )
-        self.skipped = Counter(
-            "sparc_resume_skipped_messages",
-            "train messages skipped because the warm-start snapshot has learnt them",
-            registry=registry,
-        )
-        self.learnt = Counter(
-            "sparc_learnt_events", "events handed to the learner (re-learnt ones after a restart count again)",
-            registry=registry,
-        )
-        self.warm_version = Gauge(
-            "sparc_warm_start_version", "snapshot version the learner started from (-1: a fresh model)",
-            registry=registry,
-        )
 
 
 class StreamWorker:

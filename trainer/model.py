@@ -18,7 +18,7 @@ from trainer.batches import Batch
 from trainer.config import SparcConfig
 from trainer.losses import full_softmax_ce, sampled_softmax_ce
 from trainer.rq import ResidualQuantizer
-from trainer.towers import CausalEncoder, ItemTower
+from trainer.towers import CausalEncoder, ItemTower, last_state
 
 HARD_EPS = 1e-30  # hard search: probability left to the codes other than the argmax (they rank below its items)
 
@@ -75,8 +75,7 @@ class SparcModel(nn.Module):
         (CausalEncoder.forward_in_buckets: the same states at real positions, less work on padding)."""
         x = z[inputs] if z is not None else self.items(inputs)  # (B, T, D)
         H = self.encoder.forward_in_buckets(x, lengths) if length_buckets else self.encoder(x, lengths)
-        h = H[torch.arange(H.shape[0]), (lengths - 1).clamp(min=0)]
-        return UserState(H=H, lengths=lengths, h=h)
+        return UserState(H=H, lengths=lengths, h=last_state(H, lengths))
 
     def interest_logits(self, h: torch.Tensor, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits over level-1 codes (..., C)."""
@@ -250,7 +249,23 @@ class SparcModel(nn.Module):
               ranked by u_c, then the other items in the factorised order with p(c) ~ 1 - HARD_EPS.
         """
         cat = self.catalogue()
-        state = self.encode(inputs, lengths, cat.z)
+        return self.score_encoded(
+            self.encode(inputs, lengths, cat.z), cat,
+            search=search, top_codes=top_codes, temperature=temperature, global_mix=global_mix,
+        )
+
+    @torch.no_grad()
+    def score_encoded(
+        self,
+        state: UserState,
+        cat: Catalogue,
+        *,
+        search: str = "soft",
+        top_codes: int = 4,
+        temperature: float = 1.0,
+        global_mix: float = 0.0,
+    ) -> torch.Tensor:
+        """`score` from an encoded batch and its catalogue, for callers that score one batch several ways."""
         logits_c = self.interest_logits(state.h, cat.z, cat.codes) / temperature  # (B, C)
         if search == "hard":
             if self.cfg.conditioned_scope == "code":  # the argmax code's items first (by u_c), then the rest

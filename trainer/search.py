@@ -90,6 +90,12 @@ class CodeRetriever(Protocol):
         and the exact logsumexp over that whole list."""
 
 
+def _scan_list(ids: np.ndarray, dots: np.ndarray, want: int) -> ListScan:
+    """A whole list's u . z (`dots` over `ids`) -> its best `want` items and the exact LSE."""
+    order = top_order(dots, ids, want)
+    return ListScan(ids=ids[order], dots=dots[order], lse=logsumexp(dots))
+
+
 def _check_catalogue(vectors: np.ndarray, codes: np.ndarray, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     codes = np.asarray(codes, dtype=np.int64).copy()
@@ -120,9 +126,7 @@ class BruteForce:
         out = []
         for row, code, want in zip(dots, np.asarray(codes).tolist(), np.asarray(m).tolist(), strict=True):
             ids = np.flatnonzero(self.codes == code)
-            s = row[ids]
-            order = top_order(s, ids, want)
-            out.append(ListScan(ids=ids[order], dots=s[order], lse=logsumexp(s)))
+            out.append(_scan_list(ids, row[ids], want))
         return out
 
 
@@ -246,10 +250,7 @@ class CodeIndex:
             return self._scan_faiss(user_vectors, codes, wants)
         out = []
         for u, code, want in zip(user_vectors, codes.tolist(), wants, strict=True):
-            ids, vecs = self._list_ids[code], self._list_vectors[code]
-            s = vecs @ u
-            order = top_order(s, ids, want)
-            out.append(ListScan(ids=ids[order], dots=s[order], lse=logsumexp(s)))
+            out.append(_scan_list(self._list_ids[code], self._list_vectors[code] @ u, want))
         return out
 
     def _scan_faiss(self, user_vectors: np.ndarray, codes: np.ndarray, wants: list[int]) -> list[ListScan]:
