@@ -21,10 +21,11 @@ One run = unique topics, consumer group, store and table directory (nothing is s
      offsets the learner has trained on; all events are valid, so their sum is the events trained), /metrics'
      sparc_events_total (events ingested), steps and snapshots. Rates: trained per second over the steady
      middle (10% -> 90% of the events), from the first trained event, and end to end (from the first ingested
-     to the last trained event: in a backlog drain the worker ingests and trains mostly one after the other,
-     see the timeline). CPU from /proc per thread (the event loop = the main thread; the learner = the busiest
-     other thread while training), per event in the ingest and in the train phase: the figure to compare when
-     the machine is shared (other people's jobs stretch the wall clock far more than the CPU count).
+     to the last trained event; the timeline shows how far training overlaps ingest). CPU from /proc per
+     thread (the event loop = the main thread; the learner = the busiest other thread while training), and the
+     broker's with --broker-pid, per event in the ingest and in the train phase: the figure to compare when
+     the machine is shared (other people's jobs stretch the wall clock far more than the CPU count). Once
+     training overlaps ingest, each phase's event-loop figure includes the other's work.
   4. freshness, exact: every snapshot on codebook-updates carries its manifest, whose watermark names the
      feedback offsets it has trained on; the harness knows when each (partition, offset) was produced. Per
      snapshot: announce time (the Kafka timestamp of its last record) minus the production time of the newest
@@ -514,7 +515,8 @@ def start_worker(args, run: str, topics: Mapping[str, str], workdir: Path, overr
     return WorkerRun(process, port, log, time.time())
 
 
-def sample(w: WorkerRun, topic: str) -> dict[str, Any] | None:
+def sample(w: WorkerRun, topic: str, broker_pid: int | None = None) -> dict[str, Any] | None:
+    """The worker's counters and CPU now (and the broker's CPU, when its process id is given)."""
     status, body = http_get(w.port, "/health")
     if status != 200:
         return None
@@ -534,6 +536,7 @@ def sample(w: WorkerRun, topic: str) -> dict[str, Any] | None:
         "cpu_main_s": cpu.get("main_thread"),
         "cpu_other_s": cpu.get("other_threads"),
         "cpu_busiest_other_s": cpu.get("busiest_other_thread"),
+        "cpu_broker_s": proc_cpu(broker_pid).get("total") if broker_pid else None,
     }
 
 
@@ -612,7 +615,7 @@ def kafka_run(args, items: list[dict], feedback: list[dict], overrides: Mapping[
         total = len(feedback_records)
         grace_until = covered = None
         while time.time() < deadline and w.process.poll() is None:
-            s = sample(w, topics["feedback"])
+            s = sample(w, topics["feedback"], args.broker_pid)
             if s is not None:
                 timeline.append(s)
                 if s["trained"] >= total and grace_until is None:
@@ -645,7 +648,9 @@ def kafka_run(args, items: list[dict], feedback: list[dict], overrides: Mapping[
         "other_threads_cpu_s": last.get("cpu_other_s"), "busiest_other_thread_cpu_s": last.get("cpu_busiest_other_s"),
         "worker_cpu_us_per_trained_event": 1e6 * last["cpu_s"] / trained if trained and last.get("cpu_s") else None,
     }
-    cpu_keys = ("cpu_s", "cpu_main_s", "cpu_busiest_other_s")
+    if args.broker_pid and timeline and timeline[0].get("cpu_broker_s") is not None:
+        out["cpu"]["broker_cpu_s"] = last["cpu_broker_s"] - timeline[0]["cpu_broker_s"]
+    cpu_keys = ("cpu_s", "cpu_main_s", "cpu_busiest_other_s", "cpu_broker_s")
     out["cpu_us_per_event"] = {  # main = the event loop thread; busiest other = the learner while training
         "ingest_phase": phase_cpu(timeline, total, "ingested", cpu_keys, items=len(items)),
         "train_phase": phase_cpu(timeline, total, "trained", cpu_keys),
@@ -714,8 +719,9 @@ def print_table(result: dict[str, Any]) -> None:
               f"(busiest {_fmt(c['busiest_other_thread_cpu_s'], '.1f')} s)")
         ip, tp = k["cpu_us_per_event"]["ingest_phase"], k["cpu_us_per_event"]["train_phase"]
         print(f"CPU us per event: ingest phase (10-90% ingested) event loop {_fmt(ip['cpu_main_s'])}, process "
-              f"{_fmt(ip['cpu_s'])}; train phase (10-90% trained) learner {_fmt(tp['cpu_busiest_other_s'])}, "
-              f"event loop {_fmt(tp['cpu_main_s'])}, process {_fmt(tp['cpu_s'])}")
+              f"{_fmt(ip['cpu_s'])}, broker {_fmt(ip['cpu_broker_s'])}; train phase (10-90% trained) learner "
+              f"{_fmt(tp['cpu_busiest_other_s'])}, event loop {_fmt(tp['cpu_main_s'])}, process {_fmt(tp['cpu_s'])}, "
+              f"broker {_fmt(tp['cpu_broker_s'])}")
         if "achieved_produce_rate" in k:
             print(f"paced producer: asked {result['settings']['rate']:.0f}/s, achieved "
                   f"{_fmt(k['achieved_produce_rate'])}/s")
@@ -747,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra environment of the worker process, e.g. Faust's CONSUMER_MAX_FETCH_SIZE=65536 "
                    "(repeatable)")
     p.add_argument("--store", help="codebook store URL (default rocksdb:// in the run's temp dir)")
+    p.add_argument("--broker-pid", type=int, help="the broker's process id: its CPU per event is reported beside "
+                   "the worker's (it shares the machine)")
     p.add_argument("--max-seconds", type=float, default=150.0, help="stop the worker after this long")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between counter samples")
     p.add_argument("--baseline-events", type=int, default=20_000,

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 def source_of(event: Any) -> Source:
     """Where a Faust event was read (Faust's own fields: not validated again)."""
     m = event.message
-    return Source.model_construct(topic=m.topic, partition=m.partition, offset=m.offset)
+    return Source(topic=m.topic, partition=m.partition, offset=m.offset)  # validating is cheaper than model_construct
 
 
 async def handle_feedback(w: StreamWorker, events: Sequence[Any]) -> Counter:
@@ -73,7 +73,7 @@ async def handle_feedback(w: StreamWorker, events: Sequence[Any]) -> Counter:
             continue
         user = result.user_id
         applied = apply_feedback(
-            updated[user][0] if user in updated else w.history.get(user),
+            updated[user][0] if user in updated else w.get_history(user, event),
             result.event_id,
             result.item_id,
             s.max_len,
@@ -84,7 +84,7 @@ async def handle_feedback(w: StreamWorker, events: Sequence[Any]) -> Counter:
         if applied is None:
             outcomes["duplicate"] += 1
             continue
-        examples.append(TrainExample.model_construct(event=result, history=applied.history, source=source))
+        examples.append(TrainExample(event=result, history=applied.history, source=source))
         if applied.redelivered:
             outcomes["redelivered"] += 1
         else:

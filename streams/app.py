@@ -17,7 +17,7 @@ def create_app(settings: WorkerSettings, *, testing: bool = False) -> faust.App:
     """
     datadir = settings.data_dir / settings.app_id  # table files are named by table, not by app
     datadir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
-    return faust.App(
+    app = faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers],
         store="memory://" if testing else settings.table_store,
@@ -28,10 +28,18 @@ def create_app(settings: WorkerSettings, *, testing: bool = False) -> faust.App:
         web_port=settings.web_port,
         consumer_auto_offset_reset="earliest",
         producer_linger=settings.producer_linger,
+        consumer_max_fetch_size=settings.fetch_bytes,
         broker_session_timeout=settings.session_timeout,
         broker_heartbeat_interval=min(3.0, settings.session_timeout / 3),
         autodiscover=False,
     )
+    # Table writes wait in Faust's producer buffer until sent; above max_messages (100) every message delivery
+    # waits until 100 more are sent, one wait_for each. Ingest writes up to batch_size values (one changelog
+    # message each) at the end of a micro-batch, so the limit is raised to keep a batch's writes from stalling
+    # the next batch's deliveries; the buffer stays bounded by it.
+    buffer = app.producer.buffer
+    buffer.max_messages = max(buffer.max_messages, 2 * settings.batch_size)
+    return app
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,11 @@ def train_batch(examples: Sequence[TrainExample]) -> TrainBatch:
     histories: dict[str, list[int]] = {}
     last: dict[tuple[str, int], int] = {}  # (topic, partition) -> highest offset
     for ex in examples:
-        histories.setdefault(ex.event.user_id, list(ex.history))
-        where = (ex.source.topic, ex.source.partition)
-        last[where] = max(last.get(where, -1), ex.source.offset)
+        if ex.event.user_id not in histories:
+            histories[ex.event.user_id] = list(ex.history)
+        source = ex.source
+        where = (source.topic, source.partition)
+        last[where] = max(last.get(where, -1), source.offset)
     watermark = {f"{topic}:{partition}": offset + 1 for (topic, partition), offset in last.items()}
     return TrainBatch.model_construct(events=[ex.event for ex in examples], histories=histories, watermark=watermark)
 

@@ -64,6 +64,14 @@ class WorkerSettings(BaseSettings):
         description="a micro-batch whose train message would be larger is sent (and learnt) in parts; Kafka's "
         "message size limits (about 1 MB by default, the producer's and the broker's) must allow this much",
     )
+    fetch_bytes: int = Field(
+        262_144,
+        ge=1024,
+        description="bytes the consumer fetches per partition at a time (Faust's consumer_max_fetch_size). Faust "
+        "hands a fetch's records to the agents before it fetches again, so with a feedback backlog a large fetch "
+        "(1 MiB: ~7,000 events per partition) delays the train and item messages behind it and the learner idles "
+        "while the backlog is ingested; a larger message (a train message) is still fetched whole",
+    )
     producer_linger: float = Field(
         0.005,
         ge=0,
@@ -78,6 +86,15 @@ class WorkerSettings(BaseSettings):
         0.05, ge=0, le=1, description="health gate: level-1 codebook utilisation floor"
     )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the learner")
+    switch_interval: float = Field(
+        0.0005,
+        gt=0,
+        le=0.1,
+        description="seconds a thread may hold the GIL while another waits for it (sys.setswitchinterval; "
+        "Python's default is 0.005). The learner thread needs the GIL between torch ops, hundreds of times per "
+        "step; while the event loop is busy each of those waits lasts up to this long, so the default would "
+        "stretch a step many times over and serialise the learner behind ingest",
+    )
 
     # --- recovery (streams.worker's module doc)
     warm_start: bool = Field(

@@ -55,7 +55,7 @@ async def retrieve_payload(w: StreamWorker, user_id: str, query: Mapping[str, st
     index = w.index.current  # one read: this request is served by this index, whatever swaps meanwhile
     if index is None:
         return 503, {"error": "no snapshot is served yet", "last_gate": w.last_gate}
-    history = history_of(w.history.get(user_id))
+    history = history_of(w.history_value(user_id))
     rng = np.random.default_rng() if explore > 0 else None
     result = await asyncio.get_running_loop().run_in_executor(None, index.retrieve, history, k, explore, rng)
     return 200, {

@@ -30,6 +30,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -45,6 +46,7 @@ from faust.types import TP
 from streams import agents, views
 from streams.app import create_app, declare_topics
 from streams.batching import LearnerInput, merge_watermarks
+from streams.history import decode_state, encode_state
 from streams.index import IndexHolder, build_index
 from streams.metrics import RecoveryMetrics, WorkerMetrics
 from streams.outputs import KafkaOutputs, Outputs
@@ -54,6 +56,29 @@ from streams.settings import WorkerSettings
 from trainer.online import LearnerState, OnlineLearner
 
 log = logging.getLogger(__name__)
+
+
+def apply_process_settings(settings: WorkerSettings) -> None:
+    """The settings that hold for the whole process, so set only by a process that runs a worker: torch's
+    intra-op threads and the GIL switch interval (WorkerSettings.switch_interval says why)."""
+    torch.set_num_threads(settings.torch_threads)
+    sys.setswitchinterval(settings.switch_interval)
+
+
+class _Processing:
+    """Make `event` Faust's current event (the one its tables take the partition from) for the block; a class
+    rather than @contextmanager, which costs a generator per use (this runs for every feedback event)."""
+
+    __slots__ = ("event", "token")
+
+    def __init__(self, event: Any):
+        self.event = event
+
+    def __enter__(self) -> None:
+        self.token = _current_event.set(weakref.ref(self.event))
+
+    def __exit__(self, *exc: object) -> None:
+        _current_event.reset(self.token)
 
 
 class StreamWorker:
@@ -72,6 +97,7 @@ class StreamWorker:
             "user-history",
             default=None,
             partitions=settings.partitions,
+            value_type=bytes,  # Faust's raw serializer: JSON bytes of streams.history.encode_state (get_history)
             help="per user: last items and recent event ids (streams.history)",
         )
         self.learner = OnlineLearner(settings.sparc_config(), settings.train_config())
@@ -134,17 +160,28 @@ class StreamWorker:
         self.start_message = (f"warm start from {snapshot.model} v{snapshot.version} (step {steps}, "
                               f"{self.learner.num_items} items, train position {position})")
 
+    def get_history(self, user: str, event: Any) -> dict | None:
+        """A user's history-table value (None: unknown user), read for feedback `event` (a Faust event).
+
+        One lookup in the store of the event's partition: `Table.get` looks twice (contains, then get) and, with
+        no current event (the body of a take_events micro-batch has none), in every partition's store. The
+        table is keyed like the feedback topic, so the event's partition is the user's."""
+        with _Processing(event):
+            return decode_state(self.history.data.get(user))
+
+    def history_value(self, user: str) -> dict | None:
+        """A user's history-table value outside stream processing (the web views): looked up in the stores of
+        every partition this worker holds."""
+        return decode_state(self.history.get(user))
+
     def set_history(self, user: str, state: dict, event: Any) -> None:
         """Write a user's history-table value (streams.history) that feedback `event` (a Faust event) produced.
 
         Faust's table takes the partition of a write (its changelog partition, and with RocksDB its store) from
         the stream's current event, which the body of a take_events micro-batch does not have: the write is
         made as if `event` were being processed, as a per-event agent would have made it."""
-        token = _current_event.set(weakref.ref(event))
-        try:
-            self.history[user] = state
-        finally:
-            _current_event.reset(token)
+        with _Processing(event):
+            self.history[user] = encode_state(state)
 
     def resume_offset(self, source: Source) -> int:
         """The first offset of `source`'s topic-partition that the warm-start snapshot has not learnt."""
@@ -195,7 +232,8 @@ class StreamWorker:
             log.warning("could not commit the train position %d: %r", watermark[key], exc)
 
     def capture(self) -> tuple[LearnerState, dict, dict[str, int]]:
-        return self.learner.snapshot_state(), self.learner.health(), dict(self.watermark)
+        state, health = self.learner.capture()
+        return state, health, dict(self.watermark)
 
     # --- publishing schedule
     def publish_due(self) -> bool:
@@ -212,7 +250,7 @@ class StreamWorker:
     # --- lifecycle
     def run(self) -> int:
         """Run the Faust worker in this process until it is stopped; returns its exit status."""
-        torch.set_num_threads(self.settings.torch_threads)  # process-wide, so only here
+        apply_process_settings(self.settings)
         worker = faust.Worker(self.app, loglevel="INFO")
         try:
             worker.execute_from_commandline()

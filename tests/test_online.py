@@ -152,6 +152,20 @@ def test_health_and_snapshot_state_after_training(stream):
     assert torch.equal(state.weights["items.id_embedding"], frozen)
 
 
+def test_capture_equals_snapshot_state_and_health(stream):
+    items, feedback = split(stream)
+    learner = OnlineLearner(small_config(), TrainConfig(seed=0))
+    drive(learner, items, feedback[:256])
+    state, health = learner.capture()
+    alone = learner.snapshot_state()
+    assert health == learner.health()
+    assert state.config == alone.config and state.steps == alone.steps
+    for name in ("codebooks", "item_codes", "item_vectors"):
+        assert torch.equal(getattr(state, name), getattr(alone, name))
+    assert state.weights.keys() == alone.weights.keys()
+    assert all(torch.equal(state.weights[k], alone.weights[k]) for k in alone.weights)
+
+
 def test_load_model_serves_like_the_learner(stream):
     items, feedback = split(stream)
     learner = OnlineLearner(small_config(), TrainConfig(seed=0))

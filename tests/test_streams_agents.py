@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import uuid
 
 import pytest
 import torch
+from faust.utils import json as faust_json
 
 from codebook_store import IncompatibleSnapshotError, Reassembler, Snapshot, open_store
 from replay.synthetic import SyntheticConfig, generate
 from streams.agents import handle_train_message, publish
 from streams.batching import encode_train_batches, read_train_batch
-from streams.history import apply_feedback
+from streams.history import apply_feedback, decode_state, encode_state
 from streams.records import Invalid, Source, TrainExample
 from streams.settings import WorkerSettings
 from streams.views import health_payload, latest_payload, retrieve_payload
-from streams.worker import StreamWorker
+from streams.worker import StreamWorker, apply_process_settings
 
 
 class RecordingOutputs:
@@ -114,7 +116,7 @@ def test_ingest_routes_invalid_to_the_dlq_dedups_and_updates_history(tmp_path):
             await agent.put(fb("a", 7, 3), key=b"7")  # re-delivered: dropped
             await agent.put(fb("c", 7, 99_000_000), key=b"7")  # item id beyond max_item_id
             await agent.put(fb("d", 8, 4), key=b"8")
-        return w.history.get("7"), w.history.get("8")
+        return w.history_value("7"), w.history_value("8")
 
     seven, eight = run(w, scenario)
     assert [(d[0], d[1], d[2].reason) for d in out.dead] == [
@@ -140,7 +142,7 @@ def test_history_keeps_max_len_items_and_a_window_of_event_ids(tmp_path):
             for n in range(8):
                 await agent.put(fb(f"e{n}", 1, n + 1), key=b"1")
             await agent.put(fb("e0", 1, 1), key=b"1")  # outside the window of 4 ids: accepted again
-        return w.history.get("1")
+        return w.history_value("1")
 
     state = run(w, scenario)
     assert state == {"items": [5, 6, 7, 8, 1], "recent": ["e5", "e6", "e7", "e0"], "offsets": [5, 6, 7, 8],
@@ -377,9 +379,38 @@ def test_warm_start_from_an_offline_snapshot_reads_the_train_topic_from_its_star
     warm.close()
 
 
-def test_the_producer_linger_comes_from_worker_settings(tmp_path):
-    w = make_worker(tmp_path, producer_linger=0.02)
+def test_producer_linger_fetch_size_and_producer_buffer_come_from_worker_settings(tmp_path):
+    w = make_worker(tmp_path, producer_linger=0.02, fetch_bytes=65_536, batch_size=512)
     try:
         assert w.app.conf.producer_linger == 0.02
+        assert w.app.conf.consumer_max_fetch_size == 65_536
+        assert w.app.producer.buffer.max_messages == 1024  # a micro-batch's table writes do not stall deliveries
     finally:
         w.close()
+
+
+def test_process_settings_set_torch_threads_and_the_gil_switch_interval():
+    before = sys.getswitchinterval(), torch.get_num_threads()
+    try:
+        apply_process_settings(WorkerSettings(torch_threads=1, switch_interval=0.0002))
+        assert sys.getswitchinterval() == pytest.approx(0.0002) and torch.get_num_threads() == 1
+    finally:
+        sys.setswitchinterval(before[0])
+        torch.set_num_threads(before[1])
+
+
+def test_the_history_table_holds_json_bytes_that_faust_json_reads_and_writes(tmp_path):
+    """The table stores encode_state's JSON bytes (raw serializer); a changelog written by Faust's json codec
+    (the table's format before) reads back as the same value, and Faust's codec reads ours."""
+    w = make_worker(tmp_path)
+
+    async def scenario():
+        async with w.agents.ingest.test_context() as agent:
+            await agent.put(fb("a", 7, 3), key=b"7")
+        return w.history.get("7")
+
+    stored = run(w, scenario)
+    value = {"items": [3], "recent": ["a"], "offsets": [0], "partition": 0}
+    assert isinstance(stored, bytes) and faust_json.loads(stored) == value == w.history_value("7")
+    assert decode_state(faust_json.dumps(value).encode()) == value and decode_state(None) is None
+    assert decode_state(encode_state(value)) == value

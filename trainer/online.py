@@ -33,7 +33,7 @@ import torch
 
 from trainer.batches import Batch, pad_histories
 from trainer.config import SparcConfig, TrainConfig
-from trainer.model import SparcModel
+from trainer.model import Catalogue, SparcModel
 from trainer.rq import code_health
 from trainer.step import Trainer
 
@@ -222,6 +222,13 @@ class OnlineLearner:
         """Copies of everything a snapshot and a serving index need (see LearnerState)."""
         return capture_state(self.model, self.steps)
 
+    @torch.no_grad()
+    def capture(self) -> tuple[LearnerState, dict]:
+        """snapshot_state() and health() together, from one pass of the item tower and codebooks over the
+        catalogue (each alone makes that pass; the worker takes both for every snapshot)."""
+        cat = self.model.catalogue()
+        return capture_state(self.model, self.steps, cat), {**model_health(self.model, cat), "steps": self.steps}
+
 
 def config_differences(config: Mapping, cfg: SparcConfig) -> list[str]:
     """The SparcConfig fields (encoder fields as "encoder.<name>") in which a snapshot's config differs from
@@ -254,10 +261,10 @@ def _build_model(config: Mapping, weights: Mapping[str, torch.Tensor]) -> SparcM
 
 
 @torch.no_grad()
-def model_health(model: SparcModel) -> dict:
+def model_health(model: SparcModel, cat: Catalogue | None = None) -> dict:
     """trainer.rq.code_health over the catalogue's codes, plus "finite" (codebooks and item vectors) and
-    "initialised" (every level has had its k-means initialisation)."""
-    cat = model.catalogue()
+    "initialised" (every level has had its k-means initialisation). `cat`: model.catalogue(), if at hand."""
+    cat = model.catalogue() if cat is None else cat
     out = code_health(cat.codes[1:], model.cfg.codes)
     out["finite"] = bool(torch.isfinite(cat.z).all() and torch.isfinite(model.rq.codebooks).all())
     out["initialised"] = all(bool(q.initialised) for q in model.rq.levels)
@@ -265,9 +272,10 @@ def model_health(model: SparcModel) -> dict:
 
 
 @torch.no_grad()
-def capture_state(model: SparcModel, steps: int = 0) -> LearnerState:
-    """Copies of everything a snapshot and a serving index need, taken from `model` (offline or online)."""
-    cat = model.catalogue()
+def capture_state(model: SparcModel, steps: int = 0, cat: Catalogue | None = None) -> LearnerState:
+    """Copies of everything a snapshot and a serving index need, taken from `model` (offline or online).
+    `cat`: model.catalogue(), if at hand."""
+    cat = model.catalogue() if cat is None else cat
     return LearnerState(
         config=replace(model.cfg, num_items=model.items.num_items).to_json(),
         codebooks=model.rq.codebooks.detach().clone().float(),
