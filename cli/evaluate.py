@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=None, help="training time budget per model")
     p.add_argument("--codes", type=int, default=None, help="codes per RQ level for SPARC (default 64)")
     p.add_argument("--top-codes", type=int, default=None, help="codes soft search draws (default 4)")
+    p.add_argument("--served", type=int, default=0, metavar="SLOTS",
+                   help="also score sparc and sparc-hard by the lists serving returns with SLOTS slots (soft search's "
+                        "per-code quotas over the top codes; hard search's single code list; items not served are "
+                        "misses), reported under \"served\" in each model's results (default 0: off; 20 matches "
+                        "the top-20 metrics)")
     p.add_argument("--set", dest="sparc_set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a SparcConfig field for sparc/sparc-hard, VALUE as JSON or a bare word "
                         "(repeatable), e.g. --set tower_attention=false --set interest=head")
@@ -81,7 +86,11 @@ def settings_from_args(args: argparse.Namespace):
         train = replace(train, max_seconds=args.max_seconds)
     sparc = {"codes": args.codes} if args.codes else {}
     sparc.update(parse_sparc_set(args.sparc_set))
-    return replace(s, train=train, sparc=sparc, top_codes=args.top_codes or s.top_codes)
+    top_codes = args.top_codes or s.top_codes
+    if args.served and args.served < max(top_codes, 20):
+        raise UserError(f"--served {args.served}: needs at least 20 slots (the top-20 metrics) and one per code "
+                        f"searched ({top_codes})")
+    return replace(s, train=train, sparc=sparc, top_codes=top_codes, served=args.served)
 
 
 def run(args: argparse.Namespace) -> int:

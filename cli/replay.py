@@ -11,7 +11,9 @@ from pathlib import Path
 
 from cli.errors import UserError
 
-ALL_VARIANTS = "evolving,frozen,periodic,evolving/hard,evolving/soft:t=2,evolving/soft:k=8"
+ALL_VARIANTS = (
+    "evolving,frozen,periodic,evolving/hard,evolving/soft:t=2,evolving/soft:served=20,evolving/hard:served=20"
+)
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -30,9 +32,11 @@ Variants = regimes x score modes:
 Before the freeze point the three are one model. Each regime is scored in every --modes entry; a
 REGIME/MODE entry in --variants adds that one variant (names become REGIME/MODE when several modes are used).
 Score modes: soft (SPARC's soft search over the top-k codes), hard (the argmax code, SPARC-Hard), and the
-exploration knob soft:k=TOP_CODES:t=TEMPERATURE (more codes / a flatter code distribution). For a soft/hard
-comparison and an exploration sweep on the evolving model only:
-  --variants evolving,frozen,periodic,evolving/hard,evolving/soft:t=2,evolving/soft:k=8
+exploration knob soft:k=TOP_CODES:t=TEMPERATURE (more codes / a flatter code distribution). A mode ranks the
+whole catalogue by the model's probabilities; MODE:served=N ranks only the N items serving returns (soft: per-code
+quotas over the top codes' lists; hard: the argmax code's list), i.e. what /retrieve?k=N gives a user. For a
+soft/hard comparison (ranked and served) and an exploration knob on the evolving model only:
+  --variants evolving,frozen,periodic,evolving/hard,evolving/soft:t=2,evolving/soft:served=20,evolving/hard:served=20
 (--variants all is this set). Every variant reports new-item reach: new_share@20 (top-20 slots given to new
 items) and new_items_reached@N (new items that got N top-20 retrievals while new, --reach).
 
@@ -70,9 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "REGIME/MODE (that mode only, e.g. evolving/hard, evolving/soft:t=2), or 'all' "
                         f"(= {ALL_VARIANTS}) (default: evolving,frozen,periodic)")
     p.add_argument("--modes", default="soft",
-                   help="comma-separated score modes: soft[:k=TOP_CODES][:t=TEMPERATURE][:mix=GLOBAL_MIX] or "
-                        "hard, e.g. soft,hard,soft:t=2,soft:k=8 for an exploration sweep (default: soft = "
-                        "soft:k=4:t=1:mix=0)")
+                   help="comma-separated score modes: soft[:k=TOP_CODES][:t=TEMPERATURE][:mix=GLOBAL_MIX]"
+                        "[:served=N] or hard[:served=N], e.g. soft,hard,soft:t=2,soft:t=5 for an exploration "
+                        "sweep (default: soft = soft:k=4:t=1:mix=0). A mode ranks the whole catalogue; served=N "
+                        "ranks only the N items serving returns (per-code quotas), the rest are misses")
     p.add_argument("--batch-size", type=int, default=64,
                    help="micro-batch B: events tested together and then learnt in one step (default 64, the "
                         "worker's)")
@@ -100,6 +105,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--attributes", type=int, default=1024,
                    help="attribute vocabulary; larger attribute ids are ignored (default 1024, the worker's)")
+    p.add_argument("--set", dest="sparc_set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a SparcConfig field of the replayed models (repeatable), as for sparc evaluate, "
+                        "e.g. --set retrieval_loss=sampled")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -117,8 +125,11 @@ def parse_amount(text: str, what: str) -> tuple[int | None, float | None]:
 
 
 def settings_from_args(args: argparse.Namespace):
+    from cli.evaluate import parse_sparc_set
     from replay.prequential import ReplaySettings, ScoreMode, parse_variants, with_seed, worker_model_config
     from trainer.config import EncoderConfig, TrainConfig
+
+    overrides = {"codes": args.codes, **parse_sparc_set(args.sparc_set)}
 
     delay_events, delay_seconds = parse_amount(args.delay, "--delay")
     window_events, window_seconds = parse_amount(args.window, "--window") if args.window else (None, None)
@@ -127,7 +138,7 @@ def settings_from_args(args: argparse.Namespace):
         variants = parse_variants(ALL_VARIANTS if args.variants.strip() == "all" else args.variants, modes)
         encoder = EncoderConfig(dim=args.dim, max_len=args.max_len, layers=args.layers)
         settings = ReplaySettings(
-            model=worker_model_config(num_attributes=args.attributes, codes=args.codes, encoder=encoder),
+            model=worker_model_config(num_attributes=args.attributes, encoder=encoder, **overrides),
             train=TrainConfig(batch_size=args.batch_size, lr=args.lr),
             **variants,
             batch_size=args.batch_size,
@@ -150,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from replay.plots import markdown, plot_health, plot_metrics
+    from replay.plots import markdown, plot_exploration, plot_health, plot_metrics
     from replay.prequential import Prequential
     from replay.sources import SourceError, open_source, take_feedback
 
@@ -190,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     markers = [tuple(m) for m in report["markers"]]
     figures = [plot_metrics(report, out / "metrics.png", markers), plot_health(report, out / "health.png", markers)]
+    figures += [f for f in [plot_exploration(report, out / "exploration.png")] if f is not None]
     (out / "report.md").write_text(markdown(report, [str(f) for f in figures]))
     reach = f"new_items_reached@{settings.reach_n}"
     for name, v in report["variants"].items():

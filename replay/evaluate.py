@@ -38,6 +38,9 @@ class EvalSettings:
     # always count). The factorised model already falls back to h outside its top codes; 0 is usually chosen.
     global_mix_grid: tuple[float, ...] = (0.0, 0.5, 0.9)
     valid_users: int = 8000  # users checked for early stopping (all users are reported at the end)
+    # > 0: also score sparc and sparc-hard by the lists serving returns with this many slots (SparcModel.score's
+    # `served`: soft_search's quotas over the top codes, hard_search's one list), reported under "served"
+    served: int = 0
     progress: bool = True
 
 
@@ -164,14 +167,23 @@ def run_evaluation(
         mix = max(tried, key=tried.get)
         log(f"sparc: global_mix chosen on validation {mix} ({', '.join(f'{k}: {v:.4f}' for k, v in tried.items())})")
         shared = {"train_seconds": secs, "epochs": epochs, **info}
+        def served(search: str) -> dict:
+            fn = lambda i, l: m.score(i, l, search=search, top_codes=settings.top_codes,  # noqa: E731
+                                      served=settings.served)
+            return {"served": {**_metrics_block(fn, split, max_len, train_counts), "slots": settings.served}}
+
         if "sparc" in models:
             results["sparc"] = _metrics_block(soft(mix), split, max_len, train_counts)
             results["sparc"].update(shared, global_mix=mix, top_codes=settings.top_codes,
                                     valid_by_global_mix=tried, **interest_hit_rates(m, split, max_len))
+            if settings.served:
+                results["sparc"].update(served("soft"))
         if "sparc-hard" in models:
             hard = lambda i, l: m.score(i, l, search="hard")  # noqa: E731
             results["sparc-hard"] = _metrics_block(hard, split, max_len, train_counts)
             results["sparc-hard"].update(shared, note="same trained model as sparc; argmax-code search")
+            if settings.served:
+                results["sparc-hard"].update(served("hard"))
 
     return {
         "dataset": ds.summary(),

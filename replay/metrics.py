@@ -1,7 +1,8 @@
 """Ranking metrics over the full catalogue (no sampled negatives).
 
 A target's rank is the number of items scored strictly higher than it (0 = first), so ties count in the
-target's favour. Recall@k = share of targets with rank < k; NDCG@k = mean of 1 / log2(rank + 2) over those.
+target's favour; a target scored -inf (not in a served list, see SparcModel.score's `served`) is a miss at every k.
+Recall@k = share of targets with rank < k; NDCG@k = mean of 1 / log2(rank + 2) over those.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs (B,T),
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """scores (B, N+1), targets (B,) -> 0-based ranks (B,)."""
     target_scores = scores.gather(1, targets[:, None])  # (B, 1)
-    return (scores > target_scores).sum(dim=1)
+    ranks = (scores > target_scores).sum(dim=1)
+    return ranks.masked_fill(target_scores[:, 0] == -math.inf, scores.shape[1])
 
 
 def mask_history(scores: torch.Tensor, histories: Sequence[np.ndarray], targets: torch.Tensor) -> torch.Tensor:
@@ -57,11 +59,12 @@ def coverage_and_tail(top_lists: np.ndarray, train_counts: np.ndarray, num_items
     ties broken by item id, so exactly 20% of items form the head).
     """
     n = top_lists.shape[1]
-    coverage = len(np.unique(top_lists[top_lists > 0])) / num_items
+    slots = top_lists[top_lists > 0]  # 0 = an empty slot (a served list shorter than n)
+    coverage = len(np.unique(slots)) / num_items
     order = np.lexsort((np.arange(1, num_items + 1), -train_counts[1:]))  # most popular first
     head = np.zeros(num_items + 1, dtype=bool)
     head[1 + order[: int(round(0.2 * num_items))]] = True
-    tail_share = float((~head[top_lists]).mean()) if top_lists.size else 0.0
+    tail_share = float((~head[slots]).mean()) if slots.size else 0.0
     return {f"coverage@{n}": float(coverage), f"tail_share@{n}": tail_share}
 
 
@@ -83,6 +86,7 @@ def evaluate_ranking(
         inputs, lengths = pad_histories(hist, max_len)
         scores = score_fn(inputs, lengths).float()
         raw.append(target_ranks(scores, tgt).numpy())
-        tops.append(scores.topk(top_n, dim=1).indices.numpy())
+        values, ids = scores.topk(top_n, dim=1)
+        tops.append(ids.masked_fill(values == -math.inf, 0).numpy())  # an empty slot, not an arbitrary item
         masked.append(target_ranks(mask_history(scores, hist, tgt), tgt).numpy())
     return {"raw": np.concatenate(raw), "masked": np.concatenate(masked), "top": np.concatenate(tops)}

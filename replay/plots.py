@@ -133,6 +133,36 @@ def plot_recovery(curves: dict, shifts: Sequence[int], freeze: int | None, resul
 
 
 # ------------------------------------------------------------------ Markdown
+def plot_exploration(report: dict, path: str | Path) -> Path | None:
+    """Accuracy against new-item reach, one point per score mode (soft vs hard search, the exploration sweep),
+    per regime: where each mode sits on the trade-off. Left panel: overall Recall@20 vs new items that reached
+    N top-20 retrievals; right: vs the share of top-20 slots given to new items. None with a single mode."""
+    variants = report["variants"]
+    if len({n.partition("/")[2] for n in variants}) < 2:
+        return None
+    first = next(iter(variants.values()))["overall"]
+    reach = next(k for k in first if k.startswith("new_items_reached@"))
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, key, label in ((axes[0], reach, f"new items that reached {reach.partition('@')[2]} top-20 retrievals"),
+                           (axes[1], "new_share@20", "top-20 slots given to new items")):
+        for name, v in variants.items():
+            o = v["overall"]
+            hard = name.partition("/")[2].startswith("hard")
+            ax.scatter(o["recall@20"], o[key], color=COLORS.get(v["regime"], "tab:gray"),
+                       marker="s" if hard else "o", s=40)
+            ax.annotate(name.partition("/")[2] or name, (o["recall@20"], o[key]), xytext=(4, 4),
+                        textcoords="offset points", fontsize=8)
+        ax.set_xlabel("overall Recall@20")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report.get('source', 'replay')}: accuracy vs new-item reach per score mode "
+                 "(squares: hard search)", fontsize=12)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 def _cell(value) -> str:
     if value is None:
         return ""

@@ -35,7 +35,10 @@ Variants = regimes x scoring modes, all over the same events and the same scored
                      `retrain_epochs` epochs of trainer.Trainer.step), fixed in between.
            Before the freeze point the three are ONE model: the online learner (learnt once, scored once).
   modes    ScoreMode: soft search (top_codes, temperature, global_mix) or hard (argmax code); a sweep over
-           temperature / top_codes is a list of soft modes. Modes share the regime's model: only scoring repeats
+           temperature / top_codes is a list of soft modes. By default a mode ranks the whole catalogue (the
+           model's factorised probabilities); with served=N it ranks only what serving returns with N slots
+           (trainer.search.soft_search's per-code quotas over the top codes' lists, or hard_search's one list),
+           and a target outside that list is a miss. Modes share the regime's model: only scoring repeats
            (one catalogue and one encoder pass per model and micro-batch; fixed models keep their catalogue
            between batches, see CatalogueCache). `extra_variants` adds (regime, mode) pairs beyond
            regimes x modes, e.g. hard search and an exploration sweep on the evolving model only.
@@ -99,17 +102,25 @@ class ScoreMode:
     top_codes: int = 4
     temperature: float = 1.0
     global_mix: float = 0.0
+    # > 0: rank within what serving returns with this many slots (trainer.search.soft_search's quotas over the
+    # top codes' lists, or hard_search's one list); every other item is a miss. 0: rank the whole catalogue.
+    served: int = 0
 
     def __post_init__(self) -> None:
         if self.search not in ("soft", "hard"):
             raise ValueError(f"search must be soft or hard, got {self.search!r}")
         if self.top_codes < 1 or not self.temperature > 0 or not 0 <= self.global_mix < 1:
             raise ValueError("a score mode needs top_codes >= 1, temperature > 0 and 0 <= global_mix < 1")
+        if self.served < 0 or (self.served and self.search == "soft" and self.served < self.top_codes):
+            raise ValueError("served lists need served >= top_codes (a slot per code), or 0 for full ranking")
+        if self.served and self.global_mix:
+            raise ValueError("served lists have no global mix")
 
     @property
     def name(self) -> str:
+        suffix = f":served={self.served}" if self.served else ""
         if self.search == "hard":
-            return "hard"
+            return "hard" + suffix
         default = ScoreMode()
         parts = ["soft"]
         if self.top_codes != default.top_codes:
@@ -118,20 +129,22 @@ class ScoreMode:
             parts.append(f"t={self.temperature:g}")
         if self.global_mix != default.global_mix:
             parts.append(f"mix={self.global_mix:g}")
-        return ":".join(parts)
+        return ":".join(parts) + suffix
 
     @classmethod
     def parse(cls, text: str) -> ScoreMode:
-        """"soft", "hard", "soft:k=8:t=2:mix=0.25" (k = top_codes, t = temperature, mix = global_mix)."""
+        """"soft", "hard", "soft:k=8:t=2:mix=0.25", "hard:served=50" (k = top_codes, t = temperature,
+        mix = global_mix, served = served list length)."""
         head, *opts = text.strip().split(":")
-        keys = {"k": ("top_codes", int), "t": ("temperature", float), "mix": ("global_mix", float)}
+        keys = {"k": ("top_codes", int), "t": ("temperature", float), "mix": ("global_mix", float),
+                "served": ("served", int)}
         kwargs: dict = {"search": head}
-        if head == "hard" and opts:
-            raise ValueError(f"{text!r}: hard search takes no options (it uses the single most probable code)")
+        if head == "hard" and any(not o.startswith("served=") for o in opts):
+            raise ValueError(f"{text!r}: hard search takes only served= (it uses the single most probable code)")
         for opt in opts:
             key, _, value = opt.partition("=")
             if key not in keys:
-                raise ValueError(f"{text!r}: unknown option {key!r}; expected k=, t= or mix=")
+                raise ValueError(f"{text!r}: unknown option {key!r}; expected k=, t=, mix= or served=")
             name, kind = keys[key]
             try:
                 kwargs[name] = kind(value)
@@ -340,8 +353,8 @@ def score_modes(
     state = model.encode(inputs, lengths, cat.z)  # one encoder pass for every mode
     for mode in modes:
         scores = model.score_encoded(state, cat, search=mode.search, top_codes=mode.top_codes,
-                                     temperature=mode.temperature, global_mix=mode.global_mix).float()  # (S, N+1)
-        scores = scores.masked_fill(hidden, -math.inf)
+                                     temperature=mode.temperature, global_mix=mode.global_mix,
+                                     served=mode.served, exclude=hidden).float()  # (S, N+1)
         ranks = target_ranks(scores, t).numpy().copy()
         rankable = (targets <= n) & torch.isfinite(scores.gather(1, t[:, None]))[:, 0].numpy()
         ranks[~rankable] = n + 1

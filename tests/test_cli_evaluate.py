@@ -133,3 +133,10 @@ def test_set_with_an_unknown_field_is_a_one_line_error(tmp_path, capsys, bad):
     assert rc == 2
     line = one_error_line(capsys.readouterr().err)
     assert "--set" in line and "tower_attention" in line  # names the option and the valid fields
+
+
+def test_served_needs_twenty_slots_and_one_per_code(tmp_path, capsys):
+    data = write_dataset(tmp_path / "tiny")
+    rc = main(["evaluate", "--data", str(data), "--models", "sparc", "--served", "10", "--quiet"])
+    assert rc == 2
+    assert "--served 10" in one_error_line(capsys.readouterr().err)

@@ -37,6 +37,22 @@ def test_sparc_report_has_mixture_choice_and_interest_hit_rates():
     assert report["results"]["sparc-hard"]["train_seconds"] == sparc["train_seconds"]  # one trained model
 
 
+def test_served_lists_are_reported_beside_the_full_ranking():
+    settings = replace(SETTINGS, train=replace(SETTINGS.train, max_epochs=2), served=20)
+    results = run_evaluation(tiny_dataset(), ["sparc", "sparc-hard"], settings, log=lambda _: None)["results"]
+    for name in ("sparc", "sparc-hard"):
+        served = results[name]["served"]
+        assert served["slots"] == 20 and {"test", "test_masked", "valid", "cold_test", "coverage@20"} <= set(served)
+        r = served["test"]
+        assert 0.0 <= r["recall@5"] <= r["recall@10"] <= r["recall@20"] <= 1.0
+    # hard search serves the argmax code's list, the head of hard's full ranking (that code's items come first;
+    # 30 items in 4 codes: every list is shorter than 20), so serving it finds no target the ranking misses
+    hard = results["sparc-hard"]
+    for k in (5, 10, 20):
+        assert hard["served"]["test"][f"recall@{k}"] <= hard["test"][f"recall@{k}"] + 1e-12
+    assert hard["served"]["test"]["recall@20"] < hard["test"]["recall@20"]  # ... and misses what other codes hold
+
+
 def test_interest_hit_rates_count_target_codes_by_hand(monkeypatch):
     ds = tiny_dataset()
     split = leave_one_out(ds)

@@ -88,3 +88,21 @@ def test_evaluate_ranking_raw_masked_and_top_lists():
     assert out["raw"].tolist() == [1, 3, 0]
     assert out["masked"].tolist() == [0, 2, 0]  # item 1, item 3 and items 4, 5 removed from the rankings
     assert out["top"].tolist() == [[1, 2, 3]] * 3
+
+
+def test_a_target_outside_a_served_list_is_a_miss_at_every_k():
+    # a served list of two items (1 and 3); every other item scores -inf, the padding column too
+    scores = torch.tensor([[-math.inf, 2.0, -math.inf, 1.0, -math.inf, -math.inf]] * 3)
+    ranks = target_ranks(scores, torch.tensor([3, 4, 1]))
+    assert ranks.tolist() == [1, 6, 0]  # not "rank 2" for item 4: it was never served
+    assert ranking_metrics(ranks.numpy(), ks=(5,))["recall@5"] == pytest.approx(2 / 3)
+
+
+def test_short_served_lists_leave_empty_slots_in_the_top_lists():
+    served = torch.tensor([-math.inf, 3.0, -math.inf, 2.0, -math.inf, -math.inf])
+    out = evaluate_ranking(lambda i, l: served[None].expand(i.shape[0], -1), [np.array([2])], np.array([4]),
+                           max_len=5, top_n=4)
+    assert out["top"].tolist() == [[1, 3, 0, 0]] and out["raw"].tolist() == [6]
+    cover = coverage_and_tail(out["top"], np.array([0.0, 1, 1, 1, 1, 1]), 5)
+    assert cover["coverage@4"] == pytest.approx(2 / 5)  # empty slots are no item
+    assert cover["tail_share@4"] == pytest.approx(1 / 2)  # item 1 is the head (the lowest id of a tie), 3 is tail

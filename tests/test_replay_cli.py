@@ -51,8 +51,8 @@ def test_replay_writes_the_documented_report(tmp_path, capsys):
 
     md = (out / "report.md").read_text()
     assert md.startswith("# Prequential replay: synthetic:2")
-    assert "| evolving/soft |" in md and "![metrics](metrics.png)" in md
-    for png in ("metrics.png", "health.png"):
+    assert "| evolving/soft |" in md and "![metrics](metrics.png)" in md and "![exploration](exploration.png)" in md
+    for png in ("metrics.png", "health.png", "exploration.png"):  # two score modes: the trade-off figure too
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -129,5 +129,16 @@ def test_all_variants_preset(tmp_path):
     args = parser.parse_args(["replay", "--events", SYNTHETIC, "--report", str(tmp_path), "--variants", "all"])
     names = [n for n, _, _ in settings_from_args(args).variant_names()]
     assert names == ["evolving/soft", "frozen/soft", "periodic/soft", "evolving/hard", "evolving/soft:t=2",
-                     "evolving/soft:k=8"]
+                     "evolving/soft:served=20", "evolving/hard:served=20"]
     assert ALL_VARIANTS.count(",") == len(names) - 1
+
+
+def test_set_overrides_the_replayed_models_config(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["replay", "--events", SYNTHETIC, "--report", str(tmp_path),
+                              "--set", "retrieval_loss=sampled", "--set", "codes=16"])
+    model = settings_from_args(args).model
+    assert model.retrieval_loss == "sampled" and model.codes == 16
+    rc = main(["replay", "--events", SYNTHETIC, "--report", str(tmp_path), "--set", "no_such_field=1"])
+    assert rc == 2 and "--set" in capsys.readouterr().err

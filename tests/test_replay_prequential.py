@@ -19,12 +19,14 @@ from replay.prequential import (
     parse_variants,
     recovery,
     replay,
+    score_modes,
     windowed_recall,
     with_seed,
     worker_model_config,
 )
 from replay.sources import is_feedback, synthetic_source
 from trainer.config import EncoderConfig
+from trainer.search import BruteForce, retrieve
 
 T0 = 1_700_000_000
 
@@ -67,9 +69,48 @@ def test_score_modes_parse_and_name():
     mode = ScoreMode.parse("soft:k=8:t=2:mix=0.25")
     assert (mode.top_codes, mode.temperature, mode.global_mix) == (8, 2.0, 0.25)
     assert mode.name == "soft:k=8:t=2:mix=0.25" and ScoreMode.parse(mode.name) == mode
-    for bad in ("hard:k=2", "soft:q=1", "soft:k=two", "medium", "soft:t=0"):
+    for bad in ("hard:k=2", "soft:q=1", "soft:k=two", "medium", "soft:t=0", "soft:k=8:served=4",
+                "soft:mix=0.5:served=20", "hard:served=-1"):
         with pytest.raises(ValueError):
             ScoreMode.parse(bad)
+    for text in ("soft:k=8:served=50", "hard:served=20"):
+        assert ScoreMode.parse(text).name == text and ScoreMode.parse(text).served == int(text.rpartition("=")[2])
+
+
+def test_served_modes_rank_only_what_serving_returns():
+    """served=N: a hit is an item of the served list (its place in it); hard's list is one code's items."""
+    modes = (ScoreMode(), ScoreMode(search="hard"), ScoreMode(served=20), ScoreMode(search="hard", served=20))
+    settings = small_settings(modes=modes, regimes=("evolving",), eval_per_batch=8, top_n=20)
+    engine, seen = run_scored(drifting_stream(events=1200).records(), settings, 1200)
+    model = engine.models["evolving"].model
+    codes = model.catalogue().codes[:, 0].numpy()
+    by_variant: dict = {}
+    for (variant, eid), (rank, top) in seen.items():
+        by_variant.setdefault(variant, {})[eid] = (rank, top)
+    assert set(by_variant) == {"evolving/soft", "evolving/hard", "evolving/soft:served=20", "evolving/hard:served=20"}
+    assert by_variant["evolving/soft"].keys() == by_variant["evolving/soft:served=20"].keys()
+    served = [r for r, _ in by_variant["evolving/soft:served=20"].values()]
+    ranked = [r for r, _ in by_variant["evolving/soft"].values()]
+    assert any(r > 20 for r in served) and max(served) > max(r for r in served if r < 20)  # misses are far out
+    assert served != ranked
+    # score_modes on the trained model: the served top lists are what trainer.search.retrieve serves
+    learner = engine.models["evolving"]
+    rng = np.random.default_rng(0)
+    n = model.items.num_items
+    histories = [rng.integers(1, n + 1, size=5).tolist() for _ in range(6)]
+    known = np.zeros(n + 1, dtype=np.int64)  # everything known since event 0
+    (_, soft_top, _), (_, hard_top, _) = score_modes(
+        learner, histories, rng.integers(1, n + 1, size=6), np.full(6, 10), known,
+        [ScoreMode(served=20), ScoreMode(search="hard", served=20)], 20)
+    cat = model.catalogue()
+    retriever = BruteForce(cat.z.detach().numpy(), codes, model.cfg.codes)
+    for history, soft_row, hard_row in zip(histories, soft_top, hard_top, strict=True):
+        # the same items (the order may differ between exactly tied items: new items share attribute vectors)
+        soft = retrieve(model, np.array(history), retriever, k=20, top_codes=4).items
+        assert sorted(soft_row.tolist()) == sorted(soft.tolist())
+        assert len(set(codes[hard_row[hard_row > 0]].tolist())) == 1
+        hard = retrieve(model, np.array(history), retriever, k=20, hard=True).items
+        assert sorted(hard_row[hard_row > 0].tolist()) == sorted(hard.tolist())
 
 
 def test_variants_are_regimes_times_modes():

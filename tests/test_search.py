@@ -14,11 +14,13 @@ from trainer.search import (
     BruteForce,
     CodeIndex,
     allocate_quotas,
+    allocate_quotas_rows,
     choose_codes,
     hard_search,
     hard_search_reference,
     logsumexp,
     retrieve,
+    served_scores,
     soft_search,
     soft_search_reference,
     top_order,
@@ -173,6 +175,47 @@ def test_soft_search_equals_reference(make):
         for code, quota in zip(codes, got.quotas, strict=True):  # every code fills its quota when it can
             size = int((item_codes[1:] == code).sum())
             assert (item_codes[got.items] == code).sum() >= min(quota, size)
+
+
+def test_allocate_quotas_rows_equals_allocate_quotas_row_by_row():
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 4, 8):
+        weights = rng.dirichlet(np.ones(n), size=50)
+        weights[:5] = 1.0 / n  # equal weights: remainders tie, the stable order decides
+        for k in (n, n + 3, 20, 50):
+            rows = allocate_quotas_rows(weights, k)
+            assert rows.tolist() == [allocate_quotas(w, k).tolist() for w in weights]
+    with pytest.raises(ValueError, match="each needs a slot"):
+        allocate_quotas_rows(np.full((2, 4), 0.25), 3)
+
+
+def test_served_scores_keep_exactly_what_soft_search_serves():
+    """The batched form (offline evaluation) against soft_search on a brute-force retriever, row by row."""
+    for seed in range(40):
+        items, item_codes, num_codes, _, _, _, k = random_case(seed)
+        rng = np.random.default_rng(100 + seed)
+        rows, n_codes = 6, min(3, num_codes)
+        codes = np.stack([rng.choice(num_codes, size=n_codes, replace=False) for _ in range(rows)])
+        weights = rng.dirichlet(np.ones(n_codes), size=rows)
+        users = rng.normal(size=(rows, n_codes, items.shape[1])).astype(np.float32)
+        k = max(k, n_codes)
+        # each row's log mixture probability: log p_k + u_k.z - LSE_k on code c_k's items, anything elsewhere
+        scores = np.full((rows, len(items)), -5.0)
+        for r in range(rows):
+            for j in range(n_codes):
+                member = np.flatnonzero(item_codes == codes[r, j])
+                member = member[member > 0]
+                dots = (items[member] @ users[r, j]).astype(np.float64)
+                scores[r, member] = np.log(weights[r, j]) + dots - logsumexp(dots)
+        scores[:, 0] = -np.inf
+        served = served_scores(torch.from_numpy(scores), torch.from_numpy(np.where(np.arange(len(items)) == 0, -1,
+                                                                                    item_codes)),
+                               torch.from_numpy(codes), weights, k).numpy()
+        for r in range(rows):
+            ref = soft_search(users[r], weights[r], codes[r], BruteForce(items, item_codes, num_codes), k)
+            kept = np.flatnonzero(np.isfinite(served[r]))
+            assert sorted(kept.tolist()) == sorted(ref.items.tolist()), f"seed {seed} row {r}"
+            np.testing.assert_allclose(served[r, kept], scores[r, kept])
 
 
 @pytest.mark.parametrize("make", RETRIEVERS, ids=IDS)
@@ -374,3 +417,32 @@ def test_retrieve_with_a_precomputed_catalogue_is_the_same(model):
     np.testing.assert_array_equal(a.scores, b.scores)
     with pytest.raises(ValueError, match="rebuild it"):
         retrieve(model, HISTORY, CodeIndex.build(z[:-1], item_codes[:-1], CODES), k=10)
+
+
+@pytest.mark.parametrize("search,temperature", [("soft", 1.0), ("soft", 2.0), ("hard", 1.0)])
+def test_served_scores_of_the_model_are_what_retrieve_serves(model, search, temperature):
+    """SparcModel.score(served=k), the offline form, keeps exactly the items `retrieve` serves, with the model's
+    factorised scores (their order is the served order)."""
+    z, item_codes = catalogue_arrays(model)
+    rng = np.random.default_rng(1)
+    histories = [rng.integers(1, N_ITEMS + 1, size=int(rng.integers(1, ENC.max_len + 1))) for _ in range(12)]
+    inputs, lengths = pad_histories(histories, ENC.max_len)
+    kw = dict(search=search, top_codes=3, temperature=temperature)
+    full = model.score(inputs, lengths, **kw).numpy()
+    served = model.score(inputs, lengths, served=10, **kw).numpy()
+    for row, history in enumerate(histories):
+        result = retrieve(model, history, BruteForce(z, item_codes, CODES), k=10, top_codes=3,
+                          temperature=temperature, hard=search == "hard")
+        kept = np.flatnonzero(np.isfinite(served[row]))
+        assert sorted(kept.tolist()) == sorted(result.items.tolist())
+        np.testing.assert_array_equal(served[row, kept], full[row, kept])
+        order = kept[np.argsort(-served[row, kept], kind="stable")]
+        np.testing.assert_array_equal(order, result.items)
+
+
+def test_served_scores_need_the_factorised_model():
+    m = SparcModel(SparcConfig(num_items=N_ITEMS, encoder=ENC, levels=2, codes=CODES,
+                               conditioned_scope="catalogue"))
+    inputs, lengths = pad_histories([HISTORY], ENC.max_len)
+    with pytest.raises(ValueError, match="served lists"):
+        m.score(inputs, lengths, served=10)

@@ -8,7 +8,8 @@ serves.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from trainer.batches import Batch
 from trainer.config import SparcConfig
 from trainer.losses import full_softmax_ce, sampled_softmax_ce
 from trainer.rq import ResidualQuantizer
+from trainer.search import served_scores
 from trainer.towers import CausalEncoder, ItemTower, last_state
 
 HARD_EPS = 1e-30  # hard search: probability left to the codes other than the argmax (they rank below its items)
@@ -33,11 +35,15 @@ class Catalogue:
 
 @dataclass
 class UserState:
-    """Encoded histories: H (B, T, D) states, lengths (B,), h (B, D) the last state."""
+    """Encoded histories: H (B, T, D) states, lengths (B,), h (B, D) the last state.
+
+    `memo` keeps what scoring computed from these states and one catalogue (SparcModel._memo), so that scoring
+    the same batch several ways (replay's score modes) computes the parts the ways share once."""
 
     H: torch.Tensor
     lengths: torch.Tensor
     h: torch.Tensor
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 class SparcModel(nn.Module):
@@ -238,6 +244,7 @@ class SparcModel(nn.Module):
         top_codes: int = 4,
         temperature: float = 1.0,
         global_mix: float = 0.0,
+        served: int = 0,
     ) -> torch.Tensor:
         """Full-catalogue scores (B, N+1) (higher is better; column 0 is padding and -inf).
 
@@ -247,11 +254,14 @@ class SparcModel(nn.Module):
               with conditioned_scope "code": the factorised p(c(i)) p(i | c(i)) of `_factorised_scores`.
         hard: SPARC-Hard, the single most probable code c: u_c.Z ("catalogue"), or ("code") the items of c
               ranked by u_c, then the other items in the factorised order with p(c) ~ 1 - HARD_EPS.
+        served=k > 0 (conditioned_scope "code", global_mix 0): what serving returns with k slots, as scores: the
+              items of trainer.search.soft_search (the `top_codes` codes' lists, per-code quotas, free slots) or
+              hard_search (the argmax code's top k) keep their scores above, every other item is -inf.
         """
         cat = self.catalogue()
         return self.score_encoded(
             self.encode(inputs, lengths, cat.z), cat,
-            search=search, top_codes=top_codes, temperature=temperature, global_mix=global_mix,
+            search=search, top_codes=top_codes, temperature=temperature, global_mix=global_mix, served=served,
         )
 
     @torch.no_grad()
@@ -264,15 +274,36 @@ class SparcModel(nn.Module):
         top_codes: int = 4,
         temperature: float = 1.0,
         global_mix: float = 0.0,
+        served: int = 0,
+        exclude: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`score` from an encoded batch and its catalogue, for callers that score one batch several ways."""
-        logits_c = self.interest_logits(state.h, cat.z, cat.codes) / temperature  # (B, C)
+        """`score` from an encoded batch and its catalogue, for callers that score one batch several ways.
+        exclude (B, N+1) bool: items a row must not be served (e.g. not known yet); with `served` they take no
+        slot (they are removed before the lists are filled), otherwise they simply score -inf."""
+        logits_c = self._memo(state, cat, ("interest",),
+                              lambda: self.interest_logits(state.h, cat.z, cat.codes)) / temperature  # (B, C)
+        if served:
+            return self._served_scores(state, cat, logits_c, search, top_codes, global_mix, served, exclude,
+                                       temperature)
+        scores = self._memo(state, cat, ("scores", search, top_codes, temperature, global_mix),
+                            lambda: self._scores(state, cat, logits_c, search, top_codes, global_mix))
+        return scores if exclude is None else scores.masked_fill(exclude, -math.inf)
+
+    @staticmethod
+    def _memo(state: UserState, cat: Catalogue, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """compute(), or what it returned before for this state and catalogue (UserState.memo). The results are
+        shared: callers never modify them in place."""
+        if state.memo.get("catalogue") is not cat:
+            state.memo.clear()
+            state.memo["catalogue"] = cat
+        if key not in state.memo:
+            state.memo[key] = compute()
+        return state.memo[key]
+
+    def _scores(self, state, cat, logits_c, search: str, top_codes: int, global_mix: float) -> torch.Tensor:
         if search == "hard":
             if self.cfg.conditioned_scope == "code":  # the argmax code's items first (by u_c), then the rest
-                best = logits_c.argmax(-1, keepdim=True)
-                hard = torch.log_softmax(logits_c, dim=-1) + math.log(HARD_EPS)
-                hard = hard.scatter(1, best, 0.0)  # p(argmax) ~ 1: other codes only break ties below it
-                return self._factorised_scores(state, cat, hard, top_codes=1)
+                return self._factorised_scores(state, cat, self._hard_logits(logits_c), top_codes=1)
             u = self.code_vectors(state, logits_c.argmax(-1, keepdim=True))[:, 0]
             return self._mask_padding(u @ cat.z.T)
         if search != "soft":
@@ -292,6 +323,32 @@ class SparcModel(nn.Module):
             mixture = torch.logaddexp(glob + math.log(global_mix), mixture + math.log1p(-global_mix))
         return mixture
 
+    @staticmethod
+    def _hard_logits(logits_c: torch.Tensor) -> torch.Tensor:
+        """Hard search's interest logits: p(argmax) ~ 1, the other codes only break ties below its items."""
+        best = logits_c.argmax(-1, keepdim=True)
+        return (torch.log_softmax(logits_c, dim=-1) + math.log(HARD_EPS)).scatter(1, best, 0.0)
+
+    def _served_scores(self, state, cat, logits_c, search: str, top_codes: int, global_mix: float, k: int,
+                       exclude: torch.Tensor | None, temperature: float):
+        """`score_encoded(served=k)`: the factorised scores kept on the items serving returns, -inf elsewhere."""
+        if self.cfg.conditioned_scope != "code" or global_mix > 0:
+            raise ValueError("served lists are defined for conditioned_scope 'code' without a global mix")
+        if search not in ("soft", "hard"):
+            raise ValueError(f"unknown search {search!r}; expected 'soft' or 'hard'")
+        key = ("scores", search, top_codes, temperature, 0.0)  # score_encoded's key: the same scores, shared
+        if search == "hard":
+            logits_c, top_codes = self._hard_logits(logits_c), 1
+        top_codes = min(top_codes, self.cfg.codes)
+        scores = self._memo(state, cat, key, lambda: self._factorised_scores(state, cat, logits_c, top_codes))
+        if exclude is not None:
+            scores = scores.masked_fill(exclude, -math.inf)
+        weights, codes = torch.softmax(logits_c, dim=-1).topk(top_codes, dim=-1)
+        item_codes = cat.codes[:, 0].clone()
+        item_codes[0] = -1
+        weights = (weights / weights.sum(-1, keepdim=True)).numpy()  # renormalised, as choose_codes does
+        return served_scores(scores, item_codes, codes, weights, k)
+
     def _factorised_scores(self, state: UserState, cat: Catalogue, logits_c: torch.Tensor, top_codes: int):
         """log p(i) = log p(c(i)) + log p(i | c(i)) for the factorised model (conditioned_scope "code").
 
@@ -301,9 +358,13 @@ class SparcModel(nn.Module):
         """
         code1 = cat.codes[:, 0].clone()  # (N+1,)
         code1[0] = -1  # padding belongs to no code
-        glob = torch.log_softmax(self._mask_padding(state.h @ cat.z.T), dim=-1)  # (B, N+1)
-        p_code = torch.zeros(glob.shape[0], self.cfg.codes).index_add_(1, code1[1:], glob[:, 1:].exp())
-        within = glob - p_code.clamp(min=1e-30).log()[:, code1.clamp(min=0)]  # log p_h(i | c(i))
+
+        def single_vector_within() -> torch.Tensor:  # log p_h(i | c(i)): h's softmax within each item's code
+            glob = torch.log_softmax(self._mask_padding(state.h @ cat.z.T), dim=-1)  # (B, N+1)
+            p_code = torch.zeros(glob.shape[0], self.cfg.codes).index_add_(1, code1[1:], glob[:, 1:].exp())
+            return glob - p_code.clamp(min=1e-30).log()[:, code1.clamp(min=0)]
+
+        within = self._memo(state, cat, ("within",), single_vector_within)
         _, top = logits_c.topk(min(top_codes, self.cfg.codes), dim=-1)  # (B, K)
         u = self.code_vectors(state, top)  # (B, K, D)
         for k in range(top.shape[1]):

@@ -27,6 +27,7 @@ soft_search_reference is an independent, plain implementation of the definition 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -469,6 +470,57 @@ def soft_search_reference(
         scores = np.concatenate([scores, pool_scores[:free]])
     items, scores = _sorted_by_score(items.astype(np.int64), scores)
     return SearchResult(items=items, scores=scores.astype(np.float32), codes=codes, weights=weights, quotas=quotas)
+
+
+def allocate_quotas_rows(weights: np.ndarray, k: int) -> np.ndarray:
+    """allocate_quotas for each row of weights (S, K): the same arithmetic, row by row, vectorised."""
+    weights = np.asarray(weights)
+    rows, n = weights.shape
+    if k < n:
+        raise ValueError(f"k={k} is smaller than the number of codes searched ({n}); each needs a slot")
+    share = weights / weights.sum(axis=1, keepdims=True) * (k - n)
+    quotas = np.floor(share).astype(np.int64)
+    rest = k - n - quotas.sum(axis=1)
+    order = np.argsort(-(share - quotas), axis=1, kind="stable")
+    position = np.empty_like(order)
+    np.put_along_axis(position, order, np.arange(n)[None, :].repeat(rows, 0), axis=1)
+    return quotas + (position < rest[:, None]) + 1
+
+
+def served_scores(scores, item_codes, codes, weights, k: int):
+    """soft_search's answers for a batch, from full-catalogue scores: what a user is served, as a score matrix.
+
+    scores (S, N+1): each row's log mixture probability of every item (torch; only the order within each list
+    matters, so log p_k + u_k.z - LSE_k up to a per-row constant, as SparcModel's factorised scores are);
+    item_codes (N+1,) level-1 code per item (-1 for row 0); codes (S, K) the codes searched; weights (S, K) their
+    probabilities (any positive scale per row). Returns scores (S, N+1) equal to `scores` on the items soft search
+    serves with k slots (quotas, free slots: the module docstring) and -inf elsewhere. Ties are broken by torch's
+    topk, not by id: exact equality with soft_search holds where scores are distinct.
+    """
+    import torch
+
+    S, K = codes.shape
+    quotas = torch.from_numpy(allocate_quotas_rows(np.asarray(weights), k))  # (S, K)
+    vals, ids = [], []
+    for j in range(K):
+        member = item_codes[None, :] == codes[:, j, None]  # (S, N+1)
+        v, i = scores.masked_fill(~member, -math.inf).topk(min(k, scores.shape[1]), dim=1)
+        vals.append(v)
+        ids.append(i)
+    vals, ids = torch.stack(vals, 1), torch.stack(ids, 1)  # (S, K, k)
+    finite = torch.isfinite(vals)
+    take = torch.minimum(quotas, finite.sum(-1))  # each code's own slots
+    within = torch.arange(vals.shape[-1])[None, None, :] < take[..., None]
+    free = k - take.sum(1)  # slots short lists could not fill, for the best of the rest
+    pool_v, pool_at = vals.masked_fill(within | ~finite, -math.inf).reshape(S, -1).topk(k, dim=1)
+    pool_keep = (torch.arange(k)[None, :] < free[:, None]) & torch.isfinite(pool_v)
+    chosen = torch.cat([ids.masked_fill(~within, 0).reshape(S, -1),
+                        ids.reshape(S, -1).gather(1, pool_at).masked_fill(~pool_keep, 0)], dim=1)
+    keep = torch.cat([within.reshape(S, -1), pool_keep], dim=1)
+    out = torch.full_like(scores, -math.inf)
+    rows = torch.arange(S)[:, None].expand_as(chosen)
+    out[rows[keep], chosen[keep]] = scores[rows[keep], chosen[keep]]
+    return out
 
 
 def hard_search_reference(
