@@ -167,6 +167,7 @@ def run_evaluation(
         mix = max(tried, key=tried.get)
         log(f"sparc: global_mix chosen on validation {mix} ({', '.join(f'{k}: {v:.4f}' for k, v in tried.items())})")
         shared = {"train_seconds": secs, "epochs": epochs, **info}
+
         def served(search: str) -> dict:
             fn = lambda i, l: m.score(i, l, search=search, top_codes=settings.top_codes,  # noqa: E731
                                       served=settings.served)

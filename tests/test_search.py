@@ -218,6 +218,22 @@ def test_served_scores_keep_exactly_what_soft_search_serves():
             np.testing.assert_allclose(served[r, kept], scores[r, kept])
 
 
+def test_served_scores_with_more_slots_than_items():
+    items, item_codes, users = disjoint_codes([3, 2])  # 5 items in all, 20 slots asked
+    retriever = BruteForce(items, item_codes, 2)
+    for codes, weights in ((np.array([[0]]), np.array([[1.0]])), (np.array([[1, 0]]), np.array([[0.7, 0.3]]))):
+        scores = np.full((1, len(items)), -np.inf)
+        for j, code in enumerate(codes[0]):
+            member = np.flatnonzero(item_codes == code)[1:] if code == 0 else np.flatnonzero(item_codes == code)
+            dots = (items[member] @ users[code]).astype(np.float64)
+            scores[0, member] = np.log(weights[0, j]) + dots - logsumexp(dots)
+        served = served_scores(torch.from_numpy(scores), torch.from_numpy(np.where(np.arange(len(items)) == 0, -1,
+                                                                                    item_codes)),
+                               torch.from_numpy(codes), weights, 20).numpy()
+        expected = soft_search(users[codes[0]], weights[0], codes[0], retriever, 20).items
+        assert sorted(np.flatnonzero(np.isfinite(served[0])).tolist()) == sorted(expected.tolist())
+
+
 @pytest.mark.parametrize("make", RETRIEVERS, ids=IDS)
 def test_soft_scores_are_log_mixture_probabilities_with_exact_lse(make):
     for seed in range(10):

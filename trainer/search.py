@@ -512,8 +512,9 @@ def served_scores(scores, item_codes, codes, weights, k: int):
     take = torch.minimum(quotas, finite.sum(-1))  # each code's own slots
     within = torch.arange(vals.shape[-1])[None, None, :] < take[..., None]
     free = k - take.sum(1)  # slots short lists could not fill, for the best of the rest
-    pool_v, pool_at = vals.masked_fill(within | ~finite, -math.inf).reshape(S, -1).topk(k, dim=1)
-    pool_keep = (torch.arange(k)[None, :] < free[:, None]) & torch.isfinite(pool_v)
+    pool = vals.masked_fill(within | ~finite, -math.inf).reshape(S, -1)
+    pool_v, pool_at = pool.topk(min(k, pool.shape[1]), dim=1)
+    pool_keep = (torch.arange(pool_v.shape[1])[None, :] < free[:, None]) & torch.isfinite(pool_v)
     chosen = torch.cat([ids.masked_fill(~within, 0).reshape(S, -1),
                         ids.reshape(S, -1).gather(1, pool_at).masked_fill(~pool_keep, 0)], dim=1)
     keep = torch.cat([within.reshape(S, -1), pool_keep], dim=1)
