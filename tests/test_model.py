@@ -593,3 +593,22 @@ def test_conditioned_detach_keeps_the_conditioned_loss_out_of_h_and_z():
         if name.startswith(("items.", "encoder.")):
             assert g is None or g.abs().sum() == 0, name
     assert detached["code_proj.weight"].abs().sum() > 0
+
+
+def test_attribute_dropout_acts_on_the_attribute_term_while_training_only():
+    torch.manual_seed(0)
+    attrs = pad_attributes({1: [1, 2], 2: [3], 3: [2, 3]}, 3)
+    plain = ItemTower(3, 8, num_attributes=3, attributes=attrs)
+    dropped = ItemTower(3, 8, num_attributes=3, attributes=attrs, attribute_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    plain.eval(), dropped.eval()
+    assert torch.equal(dropped(), plain())  # evaluation: no dropout at all
+    dropped.train()
+    torch.manual_seed(1)
+    z = dropped()
+    ids = plain.id_embedding.detach()
+    term = plain().detach() - ids  # the attribute term alone
+    kept = (z - ids).detach()
+    # every coordinate of the attribute term is either dropped (0) or scaled by 1 / (1 - p); the ID part is intact
+    assert torch.all(torch.isclose(kept, torch.zeros_like(kept), atol=1e-7) | torch.isclose(kept, 2 * term, atol=1e-6))
+    assert (kept[1:].abs() < 1e-7).any() and (kept[1:].abs() > 1e-7).any()

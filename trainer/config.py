@@ -51,6 +51,7 @@ class SparcConfig:
     conditioned_detach: bool = False
     shuffle_bpr_weight: float = 0.0  # "shuffle BPR" of the paper (u from the true code must beat u from another)
     use_attributes: bool = True
+    attribute_dropout: float = 0.0  # dropout on the item tower's attribute term while training (0: none)
     # main retrieval loss: exact softmax over the catalogue, or in-batch sampled softmax with logQ correction
     retrieval_loss: Literal["full", "sampled"] = "full"
 

@@ -51,7 +51,8 @@ class SparcModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.encoder.dim
-        self.items = ItemTower(cfg.num_items, d, cfg.num_attributes if cfg.use_attributes else 0, attributes)
+        self.items = ItemTower(cfg.num_items, d, cfg.num_attributes if cfg.use_attributes else 0, attributes,
+                               attribute_dropout=cfg.attribute_dropout)
         self.encoder = CausalEncoder(cfg.encoder)
         self.rq = ResidualQuantizer(cfg.levels, cfg.codes, d, cfg.ema_decay, cfg.dead_code_threshold)
         self.interest = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))  # q(h); logits = q . E1^T

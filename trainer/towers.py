@@ -28,9 +28,11 @@ class ItemTower(nn.Module):
     comes from its attributes alone until it has interactions.
     """
 
-    def __init__(self, num_items: int, dim: int, num_attributes: int = 0, attributes: torch.Tensor | None = None):
+    def __init__(self, num_items: int, dim: int, num_attributes: int = 0, attributes: torch.Tensor | None = None,
+                 attribute_dropout: float = 0.0):
         super().__init__()
         self.dim = dim
+        self.attribute_dropout = attribute_dropout  # dropout on the attribute term while training
         self.id_embedding = nn.Parameter(torch.randn(num_items + 1, dim) * 0.02)
         self.use_attributes = num_attributes > 0
         if self.use_attributes:
@@ -55,13 +57,17 @@ class ItemTower(nn.Module):
         if items is None:
             z = self.id_embedding
             if self.use_attributes:
-                z = z + self.attr_proj(self.attr_embedding(self.attributes))
+                z = z + self._attribute_term(self.attributes)
             return z
         flat = items.reshape(-1)
         z = self.id_embedding[flat]
         if self.use_attributes:
-            z = z + self.attr_proj(self.attr_embedding(self.attributes[flat]))
+            z = z + self._attribute_term(self.attributes[flat])
         return z.reshape(*items.shape, self.dim)
+
+    def _attribute_term(self, attributes: torch.Tensor) -> torch.Tensor:
+        term = self.attr_proj(self.attr_embedding(attributes))
+        return F.dropout(term, self.attribute_dropout, self.training) if self.attribute_dropout else term
 
     @torch.no_grad()
     def grow_(self, num_items: int, item_attributes: dict[int, list[int]] | None = None) -> bool:
