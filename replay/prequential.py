@@ -15,7 +15,7 @@ Per micro-batch of B feedback events (the worker's train-agent batch):
                 the event's item is recorded; nothing of this batch has been learnt yet;
   4. train      events at least `delay_events` events and `delay_seconds` seconds older than the newest event
                 read are released to OnlineLearner.learn in micro-batches of exactly B (streams.batching's
-                split_examples view: each user's history before its first event in the batch), so with delay 0
+                TrainBatch view: each user's history before its first event in the batch), so with delay 0
                 the model learns each batch right after testing it; at the end of the stream the rest is learnt;
   5. schedule   the freeze point (the first batch boundary at or after `freeze_at` events) and periodic
                 retrains (below); a window closes when it holds `window_events` events (or spans

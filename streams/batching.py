@@ -43,13 +43,6 @@ class TrainBatch(BaseModel):
     watermark: dict[str, int]
 
 
-def split_examples(examples: Sequence[TrainExample], read_at: Sequence[Source] = ()) -> LearnerInput:
-    """Examples (each event with the history before it) -> what the learner takes. `read_at`: where the
-    examples themselves were read, if anywhere; it joins the watermark."""
-    batch = train_batch(examples)
-    return learner_input(batch, read_at)
-
-
 def train_batch(examples: Sequence[TrainExample]) -> TrainBatch:
     """The train message of some examples: the history of each user's first example is the one kept."""
     histories: dict[str, list[int]] = {}

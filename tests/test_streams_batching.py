@@ -11,7 +11,6 @@ from streams.batching import (
     learner_input,
     merge_watermarks,
     read_train_batch,
-    split_examples,
     train_batch,
 )
 from streams.history import apply_feedback, history_of
@@ -38,9 +37,10 @@ def test_apply_feedback_dedups_within_the_window_and_returns_the_history_before(
     assert history_of(None) == []
 
 
-def test_split_examples_keeps_each_users_first_history_and_the_highest_offsets():
+def test_a_train_batch_keeps_each_users_first_history_and_the_highest_offsets():
     batch = [example("u", 3, [1, 2], 10), example("v", 7, [], 4, partition=1), example("u", 4, [1, 2, 3], 11)]
-    inp = split_examples(batch, read_at=[Source(topic="train", partition=0, offset=o) for o in (40, 41, 42)])
+    read_at = [Source(topic="train", partition=0, offset=o) for o in (40, 41, 42)]
+    inp = learner_input(train_batch(batch), read_at=read_at)
     assert [e["item_id"] for e in inp.events] == [3, 7, 4]
     assert inp.histories == {"u": [1, 2], "v": []}
     assert inp.watermark == {"fb:0": 12, "fb:1": 5, "train:0": 43}
@@ -97,7 +97,7 @@ def test_a_train_message_round_trips_and_a_large_batch_is_split_in_order():
     [message] = encode_train_batches(batch, 10_000)
     assert read_train_batch(message) == train_batch(batch)
     inp = learner_input(read_train_batch(message), read_at=[Source(topic="train", partition=0, offset=7)])
-    assert inp == split_examples(batch, read_at=[Source(topic="train", partition=0, offset=7)])
+    assert inp == learner_input(train_batch(batch), read_at=[Source(topic="train", partition=0, offset=7)])
     assert inp.watermark == {"fb:0": 13, "fb:1": 5, "train:0": 8}
 
     parts = [read_train_batch(m) for m in encode_train_batches(batch, len(message) - 1)]  # too large: halved

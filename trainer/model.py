@@ -32,6 +32,12 @@ class Catalogue:
     z: torch.Tensor
     codes: torch.Tensor
 
+    def level1(self) -> torch.Tensor:
+        """Each row's level-1 code (N+1,), -1 for the padding row (it belongs to no code's list)."""
+        code1 = self.codes[:, 0].clone()
+        code1[0] = -1
+        return code1
+
 
 @dataclass
 class UserState:
@@ -345,10 +351,8 @@ class SparcModel(nn.Module):
         if exclude is not None:
             scores = scores.masked_fill(exclude, -math.inf)
         weights, codes = torch.softmax(logits_c, dim=-1).topk(top_codes, dim=-1)
-        item_codes = cat.codes[:, 0].clone()
-        item_codes[0] = -1
         weights = (weights / weights.sum(-1, keepdim=True)).numpy()  # renormalised, as choose_codes does
-        return served_scores(scores, item_codes, codes, weights, k)
+        return served_scores(scores, cat.level1(), codes, weights, k)
 
     def _factorised_scores(self, state: UserState, cat: Catalogue, logits_c: torch.Tensor, top_codes: int):
         """log p(i) = log p(c(i)) + log p(i | c(i)) for the factorised model (conditioned_scope "code").
@@ -357,8 +361,7 @@ class SparcModel(nn.Module):
         probable codes, p(i | c) = softmax over code c's items of u_c . z; within the other codes it is the
         single-vector model's, softmax of h . z (with u_c = h, as at initialisation, this is exactly h's softmax).
         """
-        code1 = cat.codes[:, 0].clone()  # (N+1,)
-        code1[0] = -1  # padding belongs to no code
+        code1 = cat.level1()  # (N+1,)
 
         def single_vector_within() -> torch.Tensor:  # log p_h(i | c(i)): h's softmax within each item's code
             glob = torch.log_softmax(self._mask_padding(state.h @ cat.z.T), dim=-1)  # (B, N+1)
