@@ -202,7 +202,7 @@ def test_hard_score_uses_the_argmax_code(warm_model):
 
 
 def test_interest_label_is_recomputed_from_the_current_codebook(monkeypatch):
-    model = make_model()
+    model = make_model(attribute_dropout=0.0)  # with dropout, the loss's labels come from its dropped-out z
     warm(model, steps=2)
     model.train()
     b = batch(20)
@@ -595,7 +595,7 @@ def test_conditioned_detach_keeps_the_conditioned_loss_out_of_h_and_z():
     assert detached["code_proj.weight"].abs().sum() > 0
 
 
-def test_attribute_dropout_acts_on_the_attribute_term_while_training_only():
+def test_attribute_dropout_acts_on_the_attribute_term_of_training_losses_only():
     torch.manual_seed(0)
     attrs = pad_attributes({1: [1, 2], 2: [3], 3: [2, 3]}, 3)
     plain = ItemTower(3, 8, num_attributes=3, attributes=attrs)
@@ -603,12 +603,44 @@ def test_attribute_dropout_acts_on_the_attribute_term_while_training_only():
     dropped.load_state_dict(plain.state_dict())
     plain.eval(), dropped.eval()
     assert torch.equal(dropped(), plain())  # evaluation: no dropout at all
+    assert torch.equal(dropped(dropout=True), plain())  # not even when asked
     dropped.train()
+    assert torch.equal(dropped(), plain())  # training mode, but not asked (snapshots, serving, validation)
+    assert torch.equal(dropped(torch.tensor([[1, 2]])), plain(torch.tensor([[1, 2]])))
     torch.manual_seed(1)
-    z = dropped()
+    z = dropped(dropout=True)
     ids = plain.id_embedding.detach()
     term = plain().detach() - ids  # the attribute term alone
     kept = (z - ids).detach()
     # every coordinate of the attribute term is either dropped (0) or scaled by 1 / (1 - p); the ID part is intact
     assert torch.all(torch.isclose(kept, torch.zeros_like(kept), atol=1e-7) | torch.isclose(kept, 2 * term, atol=1e-6))
     assert (kept[1:].abs() < 1e-7).any() and (kept[1:].abs() > 1e-7).any()
+
+
+def test_the_catalogue_has_no_attribute_dropout_outside_the_loss():
+    model = make_model(attribute_dropout=0.5)
+    model.eval()
+    clean = model.catalogue()
+    model.train()  # an online learner's model stays in training mode between steps
+    torch.manual_seed(0)
+    live = model.catalogue()
+    assert torch.equal(live.z, clean.z) and torch.equal(live.codes, clean.codes)
+    torch.manual_seed(0)
+    assert not torch.equal(model.catalogue(dropout=True).z, clean.z)  # what the loss sees
+
+
+def test_fit_validates_without_dropout_and_leaves_the_model_in_eval_mode():
+    from trainer.fit import fit
+
+    model = make_model(attribute_dropout=0.5)
+    seqs = [np.random.default_rng(s).integers(1, N_ITEMS + 1, size=6) for s in range(12)]
+    modes: list[bool] = []
+
+    def validate() -> float:
+        modes.append(model.training)
+        return float(len(modes))  # improves every time: training runs to max_epochs
+
+    res = fit(model, seqs, ENC.max_len, TrainConfig(max_epochs=4, eval_every=2, batch_size=4, seed=0), validate,
+              progress=False)
+    assert modes == [False, False] and res.epochs == 4 and res.best_epoch == 4
+    assert not model.training

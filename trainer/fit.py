@@ -35,10 +35,16 @@ def fit(
     desc: str = "train",
     progress: bool = True,
 ) -> FitResult:
-    """Train until validation (higher is better) stops improving; the best weights are restored at the end."""
+    """Train until validation (higher is better) stops improving; the best weights are restored at the end.
+    `validate` runs with the model in eval mode (no dropout); the model is left in eval mode."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     trainer = Trainer(model, cfg)
+
+    def validate_in_eval_mode() -> float:  # no dropout while validating; Trainer.step switches back to training
+        model.eval()
+        return validate()
+
     best, best_epoch, best_state, bad = -1.0, 0, copy.deepcopy(model.state_dict()), 0
     start = time.perf_counter()
     stopped, epoch = "max_epochs", 0
@@ -48,7 +54,7 @@ def fit(
         bar.update(1)
         postfix = {"loss": f"{np.mean(losses):.3f}"}
         if epoch % cfg.eval_every == 0:
-            score = validate()
+            score = validate_in_eval_mode()
             postfix["valid"] = f"{score:.4f}"
             if score > best:
                 best, best_epoch, bad = score, epoch, 0
@@ -65,8 +71,9 @@ def fit(
             break
     bar.close()
     if best < 0:  # never validated (tiny max_epochs): keep the last weights
-        best, best_epoch = validate(), epoch
+        best, best_epoch = validate_in_eval_mode(), epoch
     else:
         model.load_state_dict(best_state)
+    model.eval()
     return FitResult(epochs=epoch, best_epoch=best_epoch, best_valid=best, seconds=time.perf_counter() - start,
                      stopped=stopped)

@@ -71,8 +71,9 @@ class SparcModel(nn.Module):
             nn.init.zeros_(self.attn_v.bias)
 
     # ----------------------------------------------------------------- pieces
-    def catalogue(self) -> Catalogue:
-        z = self.items()  # (N+1, D)
+    def catalogue(self, *, dropout: bool = False) -> Catalogue:
+        """The whole catalogue; dropout=True (the training loss only) applies the item tower's attribute dropout."""
+        z = self.items(dropout=dropout)  # (N+1, D)
         codes, _ = self.rq.encode(z)
         return Catalogue(z=z, codes=codes)
 
@@ -188,7 +189,7 @@ class SparcModel(nn.Module):
     # ----------------------------------------------------------------- training
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """Loss of one batch (every position predicts its next item) and metrics for logging."""
-        cat = self.catalogue()
+        cat = self.catalogue(dropout=True)
         state = self.encode(batch.inputs, batch.lengths, cat.z, length_buckets=batch.length_buckets)
         rows, cols = (batch.targets > 0).nonzero(as_tuple=True)  # the M positions with a target, row-major
         y = batch.targets[rows, cols]  # (M,)
@@ -238,7 +239,7 @@ class SparcModel(nn.Module):
             return {"revived": 0}
         y = batch.targets[batch.targets > 0]
         self.items.counts.index_add_(0, y, torch.ones(y.shape[0]))
-        return self.rq.update_(self.items(y), generator)
+        return self.rq.update_(self.items(y, dropout=True), generator)
 
     # ----------------------------------------------------------------- scoring
     @torch.no_grad()

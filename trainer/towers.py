@@ -52,22 +52,27 @@ class ItemTower(nn.Module):
     def num_items(self) -> int:
         return self.id_embedding.shape[0] - 1
 
-    def forward(self, items: torch.Tensor | None = None) -> torch.Tensor:
-        """items: any int shape (...) -> z (..., D); None -> the whole catalogue (N+1, D)."""
+    def forward(self, items: torch.Tensor | None = None, *, dropout: bool = False) -> torch.Tensor:
+        """items: any int shape (...) -> z (..., D); None -> the whole catalogue (N+1, D).
+
+        dropout: apply the attribute dropout (in training mode only). Only the training losses ask for it, so
+        the z that snapshots, serving and validation see never depends on the mode the model happens to be in."""
         if items is None:
             z = self.id_embedding
             if self.use_attributes:
-                z = z + self._attribute_term(self.attributes)
+                z = z + self._attribute_term(self.attributes, dropout)
             return z
         flat = items.reshape(-1)
         z = self.id_embedding[flat]
         if self.use_attributes:
-            z = z + self._attribute_term(self.attributes[flat])
+            z = z + self._attribute_term(self.attributes[flat], dropout)
         return z.reshape(*items.shape, self.dim)
 
-    def _attribute_term(self, attributes: torch.Tensor) -> torch.Tensor:
+    def _attribute_term(self, attributes: torch.Tensor, dropout: bool) -> torch.Tensor:
         term = self.attr_proj(self.attr_embedding(attributes))
-        return F.dropout(term, self.attribute_dropout, self.training) if self.attribute_dropout else term
+        if dropout and self.training and self.attribute_dropout:
+            return F.dropout(term, self.attribute_dropout)
+        return term
 
     @torch.no_grad()
     def grow_(self, num_items: int, item_attributes: dict[int, list[int]] | None = None) -> bool:
