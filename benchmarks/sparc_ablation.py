@@ -29,8 +29,7 @@ from benchmarks.common import write_json
 from cli.errors import UserError
 from cli.evaluate import parse_sparc_set
 from replay.datasets import DataError, leave_one_out, load_s3rec
-from replay.evaluate import EvalSettings, _metrics_block, build_sparc, soft_scorer, valid_ndcg10, validation_subset
-from trainer.fit import fit
+from replay.evaluate import EvalSettings, _metrics_block, fit_sparc, soft_scorer, validation_subset
 
 MIX_GRID = (0.0, 0.5, 0.9, 1.0)
 
@@ -65,20 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         settings = EvalSettings(seed=args.seed, progress=False, sparc=parse_sparc_set(args.sparc_set))
     except (DataError, UserError) as exc:
         p.exit(2, f"sparc_ablation: {exc}\n")
-    train = replace(settings.train, seed=args.seed, max_seconds=args.max_seconds,
+    train = replace(settings.train, max_seconds=args.max_seconds,
                     max_epochs=args.max_epochs or settings.train.max_epochs)
+    settings = replace(settings, train=train, top_codes=args.top_codes)
     split = leave_one_out(ds)
     max_len = settings.encoder.max_len
     counts = np.bincount(np.concatenate(split.train), minlength=ds.num_items + 1).astype(np.float64)
     valid_idx = validation_subset(split, args.seed, settings.valid_users)
 
-    torch.manual_seed(args.seed)
-    model = build_sparc(ds, settings)
     started = time.perf_counter()
-    res = fit(model, split.train, max_len, train,
-              validate=lambda: valid_ndcg10(soft_scorer(model, args.top_codes, 0.0), split, valid_idx, max_len),
-              progress=False)
-    model.eval()
+    model, res = fit_sparc(ds, split, settings, valid_idx)
     print(f"trained: {res.epochs} epochs (best {res.best_epoch}, {res.stopped}), {res.seconds:.0f} s", flush=True)
 
     scorings = {f"soft/mix={mix}": soft_scorer(model, args.top_codes, mix) for mix in MIX_GRID}

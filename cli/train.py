@@ -107,11 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
 def train_sparc(ds, args: argparse.Namespace, num_attributes: int) -> dict:
     """Train on the leave-one-out train part; returns the snapshot's fields (all but model and version)."""
-    import torch
 
     from replay.datasets import leave_one_out
-    from replay.evaluate import EvalSettings, build_sparc, soft_scorer, valid_ndcg10, validation_subset
-    from trainer.fit import fit
+    from replay.evaluate import EvalSettings, fit_sparc, validation_subset
     from trainer.online import capture_state, model_health
 
     settings = EvalSettings(seed=args.seed, progress=not args.quiet, sparc={"codes": args.codes} if args.codes else {})
@@ -123,16 +121,8 @@ def train_sparc(ds, args: argparse.Namespace, num_attributes: int) -> dict:
     split = leave_one_out(ds)
     if not len(split.valid_targets):
         raise UserError(f"{args.data}: no user has 3 or more items, so there is nothing to validate on")
-    max_len = settings.encoder.max_len
     valid_idx = validation_subset(split, args.seed, settings.valid_users)
-
-    torch.manual_seed(args.seed)
-    model = build_sparc(ds, settings, num_attributes)
-    score = soft_scorer(model, settings.top_codes, settings.global_mix_grid[0])  # as replay.evaluate trains
-    result = fit(model, split.train, max_len, train_cfg,
-                 validate=lambda: valid_ndcg10(score, split, valid_idx, max_len), desc="sparc",
-                 progress=settings.progress)
-    model.eval()
+    model, result = fit_sparc(ds, split, replace(settings, train=train_cfg), valid_idx, num_attributes)
     state = capture_state(model)
     health = model_health(model)
     health["offline"] = {

@@ -19,7 +19,7 @@ from replay.metrics import coverage_and_tail, evaluate_ranking, ranking_metrics
 from trainer.baselines import ComiRecSA, Popularity, SASRec
 from trainer.batches import pad_histories
 from trainer.config import EncoderConfig, SparcConfig, TrainConfig
-from trainer.fit import fit
+from trainer.fit import FitResult, fit
 from trainer.model import SparcModel
 from trainer.towers import pad_attributes
 
@@ -105,6 +105,21 @@ def soft_scorer(model: SparcModel, top_codes: int, global_mix: float):
     )
 
 
+def fit_sparc(ds: SequenceDataset, split: LeaveOneOut, settings: EvalSettings, valid_idx: np.ndarray,
+              num_attributes: int | None = None) -> tuple[SparcModel, FitResult]:
+    """A fresh SPARC model trained on split.train as `sparc evaluate` trains it (also `sparc train` and the
+    ablation benchmark): early stopping on validation NDCG@10 of the users `valid_idx`, scored by soft search at
+    the grid's first global mix. The model is returned in eval mode."""
+    torch.manual_seed(settings.seed)
+    model = build_sparc(ds, settings, num_attributes)
+    score = soft_scorer(model, settings.top_codes, settings.global_mix_grid[0])
+    max_len = settings.encoder.max_len
+    result = fit(model, split.train, max_len, replace(settings.train, seed=settings.seed),
+                 validate=lambda: valid_ndcg10(score, split, valid_idx, max_len), desc="sparc",
+                 progress=settings.progress)
+    return model, result
+
+
 def run_evaluation(
     ds: SequenceDataset,
     models: Sequence[str],
@@ -122,6 +137,10 @@ def run_evaluation(
     train_cfg = replace(settings.train, seed=settings.seed)
     results: dict[str, dict] = {}
 
+    def trained(name: str, res: FitResult) -> tuple[float, int, dict]:
+        log(f"{name}: {res.epochs} epochs (best {res.best_epoch}, {res.stopped}), {res.seconds:.0f} s")
+        return res.seconds, res.epochs, {"best_epoch": res.best_epoch, "stopped": res.stopped}
+
     def run_torch(name: str, model: torch.nn.Module, score_fn) -> tuple[float, int, dict]:
         torch.manual_seed(settings.seed)
         res = fit(
@@ -129,9 +148,7 @@ def run_evaluation(
             validate=lambda: valid_ndcg10(score_fn, split, valid_idx, max_len),
             desc=name, progress=settings.progress,
         )
-        model.eval()
-        log(f"{name}: {res.epochs} epochs (best {res.best_epoch}, {res.stopped}), {res.seconds:.0f} s")
-        return res.seconds, res.epochs, {"best_epoch": res.best_epoch, "stopped": res.stopped}
+        return trained(name, res)
 
     if "popularity" in models:
         start = time.perf_counter()
@@ -155,13 +172,12 @@ def run_evaluation(
         results["comirec-sa"].update(train_seconds=secs, epochs=epochs, **info)
 
     if "sparc" in models or "sparc-hard" in models:
-        torch.manual_seed(settings.seed)
-        m = build_sparc(ds, settings)
+        m, res = fit_sparc(ds, split, settings, valid_idx)
+        secs, epochs, info = trained("sparc", res)
 
         def soft(mix: float):
             return soft_scorer(m, settings.top_codes, mix)
 
-        secs, epochs, info = run_torch("sparc", m, soft(settings.global_mix_grid[0]))
         # serving calibration on validation: the weight of the single-vector component in the mixture
         tried = {mix: valid_ndcg10(soft(mix), split, valid_idx, max_len) for mix in settings.global_mix_grid}
         mix = max(tried, key=tried.get)
