@@ -90,8 +90,11 @@ NEVER = np.iinfo(np.int64).max  # known_at of an item not known yet
 
 
 def worker_model_config(**overrides) -> SparcConfig:
-    """The worker's model defaults (streams.settings.WorkerSettings), without reading the environment."""
-    return SparcConfig(**{"num_items": 0, "num_attributes": 1024, **overrides})
+    """The worker's model defaults (streams.settings.WorkerSettings), without reading the environment. They
+    differ from SparcConfig's offline defaults in two training options: one pass over a stream learns best
+    without attribute dropout and without the conditioned stop-gradient (README, Replay)."""
+    online = {"attribute_dropout": 0.0, "conditioned_detach": False}
+    return SparcConfig(**{"num_items": 0, "num_attributes": 1024, **online, **overrides})
 
 
 @dataclass(frozen=True)

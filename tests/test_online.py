@@ -226,6 +226,38 @@ def test_config_differences_ignore_num_items_and_fill_missing_keys():
     ]
 
 
+def test_a_warm_start_bridges_training_only_options_and_learns_on_under_its_own(stream):
+    """An offline snapshot (attribute dropout 0.3, no detach) continued by an online learner with other training
+    options: the same weights and scores at once, then its own options in every later step and snapshot."""
+    items, feedback = split(stream)
+    offline = OnlineLearner(small_config(attribute_dropout=0.3, conditioned_detach=False, commitment=0.1),
+                            TrainConfig(seed=0))
+    drive(offline, items, feedback[:640])
+    state = offline.snapshot_state()
+    online = OnlineLearner(small_config(attribute_dropout=0.0, conditioned_detach=True), TrainConfig(seed=0))
+    bridged = online.restore(state.config, state.weights, steps=state.steps)
+    assert bridged == ["attribute_dropout", "commitment", "conditioned_detach"]
+    cfg = online.model.cfg
+    assert (cfg.attribute_dropout, cfg.conditioned_detach, cfg.commitment) == (0.0, True, 0.05)
+    assert online.model.items.attribute_dropout == 0.0  # the tower itself, not only the config record
+    restored = online.snapshot_state()
+    assert all(torch.equal(restored.weights[k], state.weights[k]) for k in state.weights)
+    assert torch.equal(restored.item_codes, state.item_codes)
+    assert restored.config["attribute_dropout"] == 0.0 and restored.config["conditioned_detach"] is True
+    histories: dict = {}
+    advance_histories(histories, feedback[:640], online.max_len)
+    assert online.learn(feedback[640:672], histories)["step"] == state.steps + 1
+    # a field that changes what the model computes is never bridged
+    with pytest.raises(ValueError, match="tower_attention"):
+        OnlineLearner(small_config(tower_attention=False), TrainConfig(seed=0)).restore(state.config, state.weights)
+
+
+def test_config_differences_split_training_only_fields_from_the_rest():
+    stored = small_config(attribute_dropout=0.0, retrieval_loss="sampled", levels=2).to_json()
+    assert config_differences(stored, small_config()) == ["levels"]
+    assert config_differences(stored, small_config(), training_only=True) == ["attribute_dropout", "retrieval_loss"]
+
+
 def test_models_built_in_another_thread_do_not_disturb_training(stream):
     """The worker builds serving models (load_model) in a publisher thread while the learner trains: both use
     torch's process-wide generator, which GLOBAL_RNG_LOCK serialises."""

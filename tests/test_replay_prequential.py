@@ -25,7 +25,7 @@ from replay.prequential import (
     worker_model_config,
 )
 from replay.sources import is_feedback, synthetic_source
-from trainer.config import EncoderConfig
+from trainer.config import EncoderConfig, SparcConfig
 from trainer.search import BruteForce, retrieve
 
 T0 = 1_700_000_000
@@ -441,3 +441,18 @@ def test_drift_benchmark_end_to_end(tmp_path):
         assert "reaches_evolving_target_after" in shift["frozen"]
     assert [g["swapped_in_topics_never_seen_before_freeze"] for g in result["ground_truth"]] == [100, 100, 100]
     assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_replayed_model_defaults_are_the_workers(monkeypatch):
+    """replay reproduces the worker: worker_model_config() is WorkerSettings().sparc_config() with no SPARC_*
+    environment (both differ from SparcConfig's offline defaults in two training options)."""
+    import os
+
+    from streams.settings import WorkerSettings
+
+    for key in [k for k in os.environ if k.startswith("SPARC_")]:
+        monkeypatch.delenv(key)
+    assert worker_model_config() == WorkerSettings().sparc_config()
+    online, offline = worker_model_config(), SparcConfig(num_items=0, num_attributes=1024)
+    assert (online.attribute_dropout, online.conditioned_detach) == (0.0, False)
+    assert (offline.attribute_dropout, offline.conditioned_detach) == (0.3, True)

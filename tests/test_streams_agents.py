@@ -362,6 +362,33 @@ def test_warm_start_refuses_a_snapshot_of_another_shape_and_starts_fresh_on_an_e
     assert make_worker(tmp_path, store_url=url, dim=8, warm_start=False).warm_version is None
 
 
+def test_a_worker_warm_starts_from_a_store_trained_with_other_training_options(tmp_path, stream):
+    """A store written under the offline training options (attribute dropout 0.3, the conditioned stop-gradient,
+    as `sparc train` writes them): the worker continues it under its own online defaults, says so at start, and
+    its next snapshots record them."""
+    url = f"file://{tmp_path}/store"
+    old = make_worker(tmp_path, store_url=url, attribute_dropout=0.3, conditioned_detach=True)
+    assert old.learner.model.cfg.conditioned_detach is True and old.learner.model.cfg.attribute_dropout == 0.3
+    batches = train_messages(old, list(stream.iter_events()))
+
+    async def train(w, chosen):
+        for raw, source in chosen:
+            await handle_train_message(w, raw, source)
+
+    run(old, lambda: train(old, batches[:7]))
+    version = old.outputs.announced[-1].version
+    resumed = make_worker(tmp_path, store_url=url)  # the worker's defaults: no dropout, no stop-gradient
+    cfg = resumed.learner.model.cfg
+    assert resumed.warm_version == version and (cfg.attribute_dropout, cfg.conditioned_detach) == (0.0, False)
+    assert "attribute_dropout=0.0, conditioned_detach=False" in resumed.start_message
+    assert "(the snapshot's: attribute_dropout=0.3, conditioned_detach=True)" in resumed.start_message
+    run(resumed, lambda: train(resumed, batches[7:14]))
+    with open_store(url, read_only=True) as store:
+        latest = store.get(store.latest_version())
+    assert latest.parent == version
+    assert (latest.config["attribute_dropout"], latest.config["conditioned_detach"]) == (0.0, False)
+
+
 def test_warm_start_from_an_offline_snapshot_reads_the_train_topic_from_its_start(tmp_path):
     """`sparc train` stores a snapshot with watermark {"offline": name}: nothing is skipped after it."""
     url = f"file://{tmp_path}/store"

@@ -70,6 +70,22 @@ class SparcConfig:
         return cls(encoder=enc, **data)
 
 
+# SparcConfig fields that change how a model learns, not what a trained model computes (scores, codes, serving):
+# a snapshot may be continued under other values of these (a worker warm-starting from an offline `sparc train`
+# snapshot keeps its own online settings); every other field, num_items aside, must match.
+TRAINING_ONLY_FIELDS = (
+    "ema_decay",
+    "commitment",
+    "dead_code_threshold",
+    "interest_weight",
+    "global_weight",
+    "conditioned_detach",
+    "shuffle_bpr_weight",
+    "attribute_dropout",
+    "retrieval_loss",
+)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The offline/online training loop."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from trainer.batches import Batch, pad_histories
-from trainer.config import SparcConfig, TrainConfig
+from trainer.config import TRAINING_ONLY_FIELDS, SparcConfig, TrainConfig
 from trainer.model import Catalogue, SparcModel
 from trainer.rq import code_health
 from trainer.step import Trainer
@@ -148,21 +148,26 @@ class OnlineLearner:
         self._rng_state = rng.state  # dropout etc. draw from this, not the process's RNG
         self.trainer = Trainer(self.model, train_cfg)
 
-    def restore(self, config: Mapping, weights: Mapping[str, torch.Tensor], steps: int = 0) -> None:
+    def restore(self, config: Mapping, weights: Mapping[str, torch.Tensor], steps: int = 0) -> list[str]:
         """Continue from a snapshot (a warm start): its model (config and weights; the item table has the
         snapshot's size), `steps` as the step count. A snapshot carries no optimiser state, so Adam starts
-        afresh; the random state is seeded from (TrainConfig.seed, steps). Raises ValueError when the config
-        differs from this learner's in anything but num_items, or the weights do not fit it (nothing changes)."""
+        afresh; the random state is seeded from (TrainConfig.seed, steps). Learning goes on under this learner's
+        own training options (TRAINING_ONLY_FIELDS); returns those in which the snapshot differs. Raises
+        ValueError when the config differs in anything else but num_items, or the weights do not fit it
+        (nothing changes)."""
         differ = config_differences(config, self.model.cfg)
         if differ:
             raise ValueError(f"the snapshot's model differs from this learner's in {', '.join(differ)}")
+        own = {k: getattr(self.model.cfg, k) for k in TRAINING_ONLY_FIELDS}
+        continued = {**dict(config), **own}
         with private_rng(seed=restart_seed(self.train_cfg.seed, steps)) as rng:
-            model = _build_model(config, weights)
+            model = _build_model(continued, weights)
         model.train()
         trainer = Trainer(model, self.train_cfg)
         trainer.steps = int(steps)
         trainer.generator.manual_seed(restart_seed(self.train_cfg.seed, steps))
         self.model, self.trainer, self._rng_state = model, trainer, rng.state
+        return config_differences(config, self.model.cfg, training_only=True)
 
     @property
     def max_len(self) -> int:
@@ -230,11 +235,14 @@ class OnlineLearner:
         return capture_state(self.model, self.steps, cat), {**model_health(self.model, cat), "steps": self.steps}
 
 
-def config_differences(config: Mapping, cfg: SparcConfig) -> list[str]:
+def config_differences(config: Mapping, cfg: SparcConfig, *, training_only: bool = False) -> list[str]:
     """The SparcConfig fields (encoder fields as "encoder.<name>") in which a snapshot's config differs from
-    `cfg`, num_items aside (the item table grows on a stream). Keys the snapshot lacks take their defaults."""
+    `cfg` that a warm start cannot bridge: all but num_items (the item table grows on a stream) and the
+    TRAINING_ONLY_FIELDS (the learner's own apply); training_only=True: the differing training-only fields
+    instead. Keys the snapshot lacks take their defaults."""
     a, b = _flat(SparcConfig.from_json(dict(config)).to_json()), _flat(cfg.to_json())
-    return sorted(k for k in a.keys() | b.keys() if k != "num_items" and a.get(k) != b.get(k))
+    differ = sorted(k for k in a.keys() | b.keys() if k != "num_items" and a.get(k) != b.get(k))
+    return [k for k in differ if (k in TRAINING_ONLY_FIELDS) == training_only]
 
 
 def _flat(cfg: dict) -> dict:
