@@ -30,16 +30,18 @@ from cli.errors import UserError
 from cli.evaluate import parse_sparc_set
 from replay.datasets import DataError, leave_one_out, load_s3rec
 from replay.evaluate import EvalSettings, _metrics_block, fit_sparc, soft_scorer, validation_subset
+from replay.metrics import interests_per_list
 
 MIX_GRID = (0.0, 0.5, 0.9, 1.0)
 
 
-def summary(block: dict) -> dict:
+def summary(block: dict, item_codes: np.ndarray) -> dict:
     return {
         "valid_ndcg@10": block["valid"]["ndcg@10"], "valid_recall@10": block["valid"]["recall@10"],
         "recall@10": block["test"]["recall@10"], "ndcg@10": block["test"]["ndcg@10"],
         "recall@20": block["test"]["recall@20"], "ndcg@10_masked": block["test_masked"]["ndcg@10"],
         "coverage@20": block["coverage@20"], "tail_share@20": block["tail_share@20"],
+        **interests_per_list(block["_top"], item_codes),
     }
 
 
@@ -78,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     scorings = {f"soft/mix={mix}": soft_scorer(model, args.top_codes, mix) for mix in MIX_GRID}
     scorings["hard"] = lambda inputs, lengths: model.score(inputs, lengths, search="hard")
-    results = {}
+    results, codes = {}, model.catalogue().level1().numpy()
     for name, fn in scorings.items():
-        results[name] = summary(_metrics_block(fn, split, max_len, counts))
+        results[name] = summary(_metrics_block(fn, split, max_len, counts), codes)
         print(name, " ".join(f"{k} {v:.4f}" for k, v in results[name].items()), flush=True)
     grid = [f"soft/mix={mix}" for mix in settings.global_mix_grid]  # the grid `sparc evaluate` chooses from
     chosen = max(grid, key=lambda name: results[name]["valid_ndcg@10"])

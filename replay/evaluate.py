@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from replay.datasets import LeaveOneOut, SequenceDataset, leave_one_out
-from replay.metrics import coverage_and_tail, evaluate_ranking, ranking_metrics
+from replay.metrics import coverage_and_tail, evaluate_ranking, interests_per_list, ranking_metrics
 from trainer.baselines import ComiRecSA, Popularity, SASRec
 from trainer.batches import pad_histories
 from trainer.config import EncoderConfig, SparcConfig, TrainConfig
@@ -56,7 +56,18 @@ def _metrics_block(score_fn, split: LeaveOneOut, max_len: int, train_counts: np.
         "cold_users": int(cold.sum()),
     }
     out.update(coverage_and_tail(test["top"], train_counts, split.num_items))
+    out["_top"] = test["top"]  # the test lists, for interests_per_list once a SPARC model gives codes (not in JSON)
     return out
+
+
+def _add_interests(results: dict, item_codes: np.ndarray | None) -> None:
+    """Add interests@n to every block (served ones too) from its test lists under `item_codes` (the level-1
+    codes of the SPARC model of the same run), and drop the lists."""
+    for block in results.values():
+        for b in (block, block.get("served", {})):
+            top = b.pop("_top", None)
+            if top is not None and item_codes is not None:
+                b.update(interests_per_list(top, item_codes))
 
 
 def valid_ndcg10(score_fn, split: LeaveOneOut, idx: np.ndarray, max_len: int) -> float:
@@ -171,7 +182,8 @@ def run_evaluation(
         results["comirec-sa"] = _metrics_block(m.score, split, max_len, train_counts)
         results["comirec-sa"].update(train_seconds=secs, epochs=epochs, **info)
 
-    if "sparc" in models or "sparc-hard" in models:
+    trained_sparc = "sparc" in models or "sparc-hard" in models
+    if trained_sparc:
         m, res = fit_sparc(ds, split, settings, valid_idx)
         secs, epochs, info = trained("sparc", res)
 
@@ -202,6 +214,8 @@ def run_evaluation(
             if settings.served:
                 results["sparc-hard"].update(served("hard"))
 
+    # how many interests a top-20 list spans, every model's lists measured by the one SPARC model's level-1 codes
+    _add_interests(results, m.catalogue().level1().numpy() if trained_sparc else None)
     return {
         "dataset": ds.summary(),
         "protocol": "leave-one-out/full-ranking",

@@ -68,6 +68,20 @@ def coverage_and_tail(top_lists: np.ndarray, train_counts: np.ndarray, num_items
     return {f"coverage@{n}": float(coverage), f"tail_share@{n}": tail_share}
 
 
+def interests_per_list(top_lists: np.ndarray, item_codes: np.ndarray) -> dict[str, float]:
+    """top_lists (U, n) recommended items (0 = an empty slot); item_codes (N+1,) each item's level-1 code.
+
+    interests@n: the mean number of distinct codes among a list's items, i.e. how many interests one list spans
+    (a list of one code's items: 1).
+    """
+    n = top_lists.shape[1]
+    codes = np.where(top_lists > 0, item_codes[top_lists], -1)
+    ordered = np.sort(codes, axis=1)
+    distinct = (ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    counts = distinct.sum(axis=1) + (ordered[:, 0] >= 0)
+    return {f"interests@{n}": float(counts.mean()) if len(counts) else 0.0}
+
+
 def evaluate_ranking(
     score_fn: ScoreFn,
     histories: Sequence[np.ndarray],

@@ -6,10 +6,11 @@ COLUMNS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 
 
 def results_table(report: dict) -> str:
-    """A fixed-width table: one row per model, raw and masked test metrics, coverage, tail share, time."""
+    """A fixed-width table: one row per model, raw and masked test metrics, coverage, tail share, interests per
+    list (when the run has a SPARC model to measure them: "-" otherwise), time."""
     head = (
         f"{'model':<12}" + "".join(f"{c:>11}" for c in COLUMNS)
-        + f"{'R@10 mask':>11}{'N@10 mask':>11}{'cold R@10':>11}{'cov@20':>8}{'tail@20':>8}{'train s':>9}"
+        + f"{'R@10 mask':>11}{'N@10 mask':>11}{'cold R@10':>11}{'cov@20':>8}{'tail@20':>8}{'intr@20':>8}{'train s':>9}"
     )
     lines = [head, "-" * len(head)]
     for name, r in report["results"].items():
@@ -17,6 +18,7 @@ def results_table(report: dict) -> str:
             f"{name:<12}" + "".join(f"{r['test'][c]:>11.4f}" for c in COLUMNS)
             + f"{r['test_masked']['recall@10']:>11.4f}{r['test_masked']['ndcg@10']:>11.4f}"
             + f"{r['cold_test']['recall@10']:>11.4f}{r['coverage@20']:>8.3f}{r['tail_share@20']:>8.3f}"
+            + (f"{r['interests@20']:>8.2f}" if "interests@20" in r else f"{'-':>8}")
             + f"{r['train_seconds']:>9.0f}"
         )
     return "\n".join(lines)

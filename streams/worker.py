@@ -146,7 +146,7 @@ class StreamWorker:
             self.start_message = f"warm start: no snapshot of {self.settings.model_name!r} in the store; a fresh model"
             return
         steps = int(snapshot.health.get("steps", 0))
-        retrained = self.learner.restore(snapshot.config, snapshot.weights, steps)
+        bridged = self.learner.restore(snapshot.config, snapshot.weights, steps)
         kafka = {k: int(v) for k, v in snapshot.watermark.get("kafka", {}).items()}
         self.watermark = dict(kafka)
         self.resume = dict(kafka)
@@ -159,10 +159,10 @@ class StreamWorker:
         position = kafka.get(f"{self.settings.train_topic}:0", "none of this app: the committed one")
         self.start_message = (f"warm start from {snapshot.model} v{snapshot.version} (step {steps}, "
                               f"{self.learner.num_items} items, train position {position})")
-        if retrained:
+        if bridged:
             self.start_message += ("; learning goes on with this worker's " + ", ".join(
-                f"{k}={getattr(self.learner.model.cfg, k)!r}" for k in retrained)
-                + f" (the snapshot's: {', '.join(f'{k}={snapshot.config.get(k)!r}' for k in retrained)})")
+                f"{k}={getattr(self.learner.model.cfg, k)!r}" for k in bridged)
+                + f" (the snapshot's: {', '.join(f'{k}={snapshot.config.get(k)!r}' for k in bridged)})")
 
     def get_history(self, user: str, event: Any) -> dict | None:
         """A user's history-table value (None: unknown user), read for feedback `event` (a Faust event).

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+import replay.evaluate as evaluate_module
 from replay.datasets import SequenceDataset, leave_one_out
-from replay.evaluate import EvalSettings, build_sparc, interest_hit_rates, run_evaluation
+from replay.evaluate import EvalSettings, build_sparc, fit_sparc, interest_hit_rates, run_evaluation
+from replay.metrics import evaluate_ranking
+from trainer.baselines import Popularity
 from trainer.config import EncoderConfig
 
 
@@ -35,6 +39,34 @@ def test_sparc_report_has_mixture_choice_and_interest_hit_rates():
     hits = [sparc[f"interest_hit@{k}"] for k in (1, 4, 8)]
     assert 0.0 <= hits[0] <= hits[1] <= hits[2] == 1.0  # 4 codes: the top 4 (and 8) hold every code
     assert report["results"]["sparc-hard"]["train_seconds"] == sparc["train_seconds"]  # one trained model
+
+
+def test_every_models_lists_are_measured_in_the_sparc_models_interests(monkeypatch):
+    """interests@20: distinct level-1 codes of the run's SPARC model per test list, for every model of the run
+    (popularity's one list by hand); the lists themselves stay out of the report."""
+    settings = replace(SETTINGS, train=replace(SETTINGS.train, max_epochs=2), served=20)
+    trained = {}
+
+    def keep_model(*args, **kwargs):
+        trained["model"], res = fit_sparc(*args, **kwargs)
+        return trained["model"], res
+
+    monkeypatch.setattr(evaluate_module, "fit_sparc", keep_model)
+    ds = tiny_dataset()
+    report = run_evaluation(ds, ["popularity", "sparc", "sparc-hard"], settings, log=lambda _: None)
+    results = report["results"]
+    codes = trained["model"].catalogue().level1().numpy()
+    split = leave_one_out(ds)
+    pop = Popularity(ds.num_items)
+    pop.fit(split.train)
+    lists = evaluate_ranking(pop.score, split.test_inputs, split.test_targets, settings.encoder.max_len)["top"]
+    assert (lists == lists[0]).all()  # one list for everyone
+    assert results["popularity"]["interests@20"] == len(set(codes[lists[0]].tolist()))
+    for name in ("sparc", "sparc-hard"):
+        for block in (results[name], results[name]["served"]):
+            assert 1.0 <= block["interests@20"] <= 4  # 4 codes
+    assert results["sparc-hard"]["served"]["interests@20"] == 1.0  # the argmax code's list only
+    assert "_top" not in json.dumps(report)
 
 
 def test_served_lists_are_reported_beside_the_full_ranking():
@@ -72,3 +104,14 @@ def test_interest_hit_rates_count_target_codes_by_hand(monkeypatch):
     assert rates["interest_hit@2"] == pytest.approx(np.mean(np.isin(target_codes, [2, 1])))
     assert rates["interest_hit@4"] == 1.0
     assert len(set(codes[1:].tolist())) > 1  # the check above is not vacuous
+
+
+def test_results_table_shows_interests_where_the_run_measured_them():
+    from replay.report import results_table
+
+    block = {"recall@10": 0.1, "ndcg@10": 0.05, "recall@20": 0.2, "ndcg@20": 0.07}
+    row = {"test": block, "test_masked": block, "cold_test": block, "coverage@20": 0.5, "tail_share@20": 0.25,
+           "train_seconds": 3.0}
+    lines = results_table({"results": {"sasrec": row, "sparc": {**row, "interests@20": 3.456}}}).splitlines()
+    assert "intr@20" in lines[0]
+    assert lines[2].split()[-2:] == ["-", "3"] and lines[3].split()[-2:] == ["3.46", "3"]

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from replay.metrics import coverage_and_tail, evaluate_ranking, mask_history, ranking_metrics, target_ranks
+from replay.metrics import (
+    coverage_and_tail,
+    evaluate_ranking,
+    interests_per_list,
+    mask_history,
+    ranking_metrics,
+    target_ranks,
+)
 
 NEG = -math.inf
 
@@ -73,6 +80,15 @@ def test_coverage_and_tail_by_hand():
     assert set(out) == {"coverage@4", "tail_share@4"}
     assert out["coverage@4"] == pytest.approx(6 / 10)  # {2, 3, 4, 5, 6, 7}
     assert out["tail_share@4"] == pytest.approx(7 / 12)  # 5 of the 12 slots hold 2 or 3
+
+
+def test_interests_per_list_by_hand():
+    #                  item: 0   1  2  3  4  5  6
+    codes = np.array([-1, 0, 0, 1, 2, 2, 3])
+    top = np.array([[1, 2, 1, 2], [3, 4, 5, 6], [6, 5, 0, 0]])  # 0 = an empty slot of a short served list
+    out = interests_per_list(top, codes)
+    assert set(out) == {"interests@4"}
+    assert out["interests@4"] == pytest.approx((1 + 3 + 2) / 3)  # {0}, {1, 2, 3}, {3, 2}
 
 
 def test_evaluate_ranking_raw_masked_and_top_lists():

@@ -644,3 +644,32 @@ def test_fit_validates_without_dropout_and_leaves_the_model_in_eval_mode():
               progress=False)
     assert modes == [False, False] and res.epochs == 4 and res.best_epoch == 4
     assert not model.training
+
+
+def test_sparc_gradients_are_bit_identical_across_runs_with_several_threads():
+    """`sparc evaluate` trains with torch's default threads. Gathering rows of z by advanced indexing has a
+    backward (index_put_ with accumulate) whose sum order depends on the threads: two identical runs of SPARC on
+    Beauty ended 0.1% apart. Gathers go through F.embedding, whose backward is ordered. Sized so that the old
+    gather differed between repeats on this 2-core machine."""
+    items = 500
+    cfg = SparcConfig(num_items=items, num_attributes=N_ATTRS, encoder=EncoderConfig(dim=64, max_len=50, layers=1),
+                      codes=8, levels=2)
+    rng = np.random.default_rng(0)
+    b = make_batch([rng.integers(1, items + 1, size=51) for _ in range(128)], 50)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = SparcModel(cfg, pad_attributes({i: [1 + i % N_ATTRS] for i in range(1, items + 1)}, items))
+        model.update_codebooks_(b, torch.Generator().manual_seed(0))  # k-means init of the codebooks
+        grads = []
+        for _ in range(6):
+            torch.manual_seed(1)
+            model.zero_grad()
+            model.loss(b)[0].backward()
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    finally:
+        torch.set_num_threads(threads)
+    assert "items.id_embedding" in grads[0]
+    for other in grads[1:]:
+        assert all(torch.equal(grads[0][k], other[k]) for k in grads[0])

@@ -87,7 +87,7 @@ class SparcModel(nn.Module):
     ) -> UserState:
         """inputs (B, T) right-padded item ids -> UserState. length_buckets: run the encoder per length bucket
         (CausalEncoder.forward_in_buckets: the same states at real positions, less work on padding)."""
-        x = z[inputs] if z is not None else self.items(inputs)  # (B, T, D)
+        x = F.embedding(inputs, z) if z is not None else self.items(inputs)  # (B, T, D)
         H = self.encoder.forward_in_buckets(x, lengths) if length_buckets else self.encoder(x, lengths)
         return UserState(H=H, lengths=lengths, h=last_state(H, lengths))
 
@@ -155,7 +155,7 @@ class SparcModel(nn.Module):
             return full_softmax_ce(users, z[1:], y - 1)  # the padding row is never a candidate
         counts = self.items.counts
         log_q = torch.log((counts[y] + 1.0) / (counts.sum() + counts.shape[0]))
-        return sampled_softmax_ce(users, z[y], y, log_q)
+        return sampled_softmax_ce(users, F.embedding(y, z), y, log_q)
 
     def _within_code_ce(self, u: torch.Tensor, z: torch.Tensor, y: torch.Tensor, code1: torch.Tensor) -> torch.Tensor:
         """Mean CE of y among the items that share its level-1 code: -log softmax_{j: c(j)=c(y)}(u . z_j)[y].
@@ -218,14 +218,15 @@ class SparcModel(nn.Module):
         if self.cfg.shuffle_bpr_weight > 0:
             perm = torch.randperm(y.shape[0])
             u_neg = self._target_code_vectors(state.H, rows, cols, e[perm])
-            zy = cat.z[y]
+            zy = F.embedding(y, cat.z)
             differs = target_code != target_code[perm]
             bpr = -F.logsigmoid(((u - u_neg) * zy).sum(-1))[differs].mean() if differs.any() else u.sum() * 0
             total = total + self.cfg.shuffle_bpr_weight * bpr
             metrics["loss_shuffle_bpr"] = float(bpr.detach())
         if self.cfg.commitment > 0:
-            _, quantised = self.rq.encode(cat.z[y])
-            commit = F.mse_loss(cat.z[y], quantised)
+            zy = F.embedding(y, cat.z)
+            _, quantised = self.rq.encode(zy)
+            commit = F.mse_loss(zy, quantised)
             total = total + self.cfg.commitment * commit
             metrics["loss_commit"] = float(commit.detach())
         metrics["loss"] = float(total.detach())

@@ -63,7 +63,7 @@ class ItemTower(nn.Module):
                 z = z + self._attribute_term(self.attributes, dropout)
             return z
         flat = items.reshape(-1)
-        z = self.id_embedding[flat]
+        z = F.embedding(flat, self.id_embedding)
         if self.use_attributes:
             z = z + self._attribute_term(self.attributes[flat], dropout)
         return z.reshape(*items.shape, self.dim)
