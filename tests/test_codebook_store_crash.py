@@ -62,8 +62,11 @@ def spawn_writer(url: str, seed: int) -> subprocess.Popen:
     )
 
 
-def let_go(proc: subprocess.Popen) -> tuple[threading.Thread, list[tuple[str, int]], threading.Event]:
-    """Start the writer; a thread collects its (event, version) lines and flags each "begin" of a put."""
+def let_go(
+    proc: subprocess.Popen,
+) -> tuple[threading.Thread, list[tuple[str, int]], threading.Event, list[float]]:
+    """Start the writer; a thread collects its (event, version) lines, flags each "begin" of a put and records
+    how long each put took as seen from here (begin line to end line)."""
     proc.stdin.write("go\n")
     proc.stdin.flush()
     line = proc.stdout.readline()
@@ -71,20 +74,25 @@ def let_go(proc: subprocess.Popen) -> tuple[threading.Thread, list[tuple[str, in
         proc.kill()
         pytest.fail(f"writer did not start: {line!r} {proc.stderr.read()}")
     events: list[tuple[str, int]] = []
+    durations: list[float] = []
     began = threading.Event()
 
     def collect() -> None:
+        start = 0.0
         for line in proc.stdout:
             if not line.endswith("\n"):  # the last line, torn by the SIGKILL
                 break
             kind, _, version = line.strip().partition(" ")
             events.append((kind, int(version)))
             if kind == "begin":
+                start = time.monotonic()
                 began.set()
+            else:
+                durations.append(time.monotonic() - start)
 
     thread = threading.Thread(target=collect, daemon=True)
     thread.start()
-    return thread, events, began
+    return thread, events, began, durations
 
 
 def read_while_writing(url: str, seconds: float) -> int:
@@ -108,13 +116,14 @@ def test_killing_the_writer_never_exposes_a_partial_snapshot(backend: str, tmp_p
     try:
         for round_ in range(ROUNDS):
             proc, upcoming = upcoming, (spawn_writer(url, round_ + 1) if round_ + 1 < ROUNDS else None)
-            collector, events, began = let_go(proc)
+            collector, events, began, durations = let_go(proc)
             try:
                 reads += read_while_writing(url, rng.uniform(0.05, 0.6))
-                if round_ % 2:  # every other round: aim the kill into a put, 0-40 ms after it begins
+                if round_ % 2:  # every other round: aim the kill into a put, within its first half
                     began.clear()
                     began.wait(timeout=30)
-                    time.sleep(rng.uniform(0.0, 0.04))
+                    typical = sorted(durations)[len(durations) // 2] if durations else 0.04  # this round's median
+                    time.sleep(rng.uniform(0.0, 0.5 * typical))
             finally:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
