@@ -182,8 +182,8 @@ def run_evaluation(
         results["comirec-sa"] = _metrics_block(m.score, split, max_len, train_counts)
         results["comirec-sa"].update(train_seconds=secs, epochs=epochs, **info)
 
-    trained_sparc = "sparc" in models or "sparc-hard" in models
-    if trained_sparc:
+    has_sparc = "sparc" in models or "sparc-hard" in models
+    if has_sparc:
         m, res = fit_sparc(ds, split, settings, valid_idx)
         secs, epochs, info = trained("sparc", res)
 
@@ -215,7 +215,7 @@ def run_evaluation(
                 results["sparc-hard"].update(served("hard"))
 
     # how many interests a top-20 list spans, every model's lists measured by the one SPARC model's level-1 codes
-    _add_interests(results, m.catalogue().level1().numpy() if trained_sparc else None)
+    _add_interests(results, m.catalogue().level1().numpy() if has_sparc else None)
     return {
         "dataset": ds.summary(),
         "protocol": "leave-one-out/full-ranking",

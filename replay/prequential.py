@@ -80,7 +80,7 @@ from replay.metrics import ranking_metrics, target_ranks
 from replay.sources import is_feedback
 from streams.history import apply_feedback
 from trainer.batches import bucketed_batches, pad_histories
-from trainer.config import SparcConfig, TrainConfig
+from trainer.config import ONLINE_TRAINING, SparcConfig, TrainConfig
 from trainer.online import OnlineLearner
 from trainer.rq import code_health
 
@@ -90,11 +90,9 @@ NEVER = np.iinfo(np.int64).max  # known_at of an item not known yet
 
 
 def worker_model_config(**overrides) -> SparcConfig:
-    """The worker's model defaults (streams.settings.WorkerSettings), without reading the environment. They
-    differ from SparcConfig's offline defaults in two training options: one pass over a stream learns best
-    without attribute dropout and without the conditioned stop-gradient (README, Replay)."""
-    online = {"attribute_dropout": 0.0, "conditioned_detach": False}
-    return SparcConfig(**{"num_items": 0, "num_attributes": 1024, **online, **overrides})
+    """The worker's model defaults (streams.settings.WorkerSettings), without reading the environment: SparcConfig's
+    with the online training options (trainer.config.ONLINE_TRAINING)."""
+    return SparcConfig(**{"num_items": 0, "num_attributes": 1024, **ONLINE_TRAINING, **overrides})
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from trainer.config import EncoderConfig, SparcConfig, TrainConfig
+from trainer.config import ONLINE_TRAINING, EncoderConfig, SparcConfig, TrainConfig
 
 
 class WorkerSettings(BaseSettings):
@@ -124,13 +124,14 @@ class WorkerSettings(BaseSettings):
     codes: int = Field(64, ge=2)
     top_codes: int = Field(4, ge=1, description="codes soft search draws per user")
     retrieval_loss: Literal["full", "sampled"] = "full"
-    # online learning (one pass over a stream) measured best without these two (README, Replay); offline
-    # training (sparc evaluate / train) defaults to attribute_dropout 0.3 and conditioned_detach true
+    # the online defaults (trainer.config.ONLINE_TRAINING), not SparcConfig's offline ones
     attribute_dropout: float = Field(
-        0.0, ge=0, lt=1, description="dropout on the item tower's attribute term while training (0: none)"
+        ONLINE_TRAINING["attribute_dropout"], ge=0, lt=1,
+        description="dropout on the item tower's attribute term while training (0: none)",
     )
     conditioned_detach: bool = Field(
-        False, description="the code-conditioned loss trains only the tower's own weights, not h and z"
+        ONLINE_TRAINING["conditioned_detach"],
+        description="the code-conditioned loss trains only the tower's own weights, not h and z",
     )
     lr: float = Field(1e-3, gt=0)
     seed: int = 0

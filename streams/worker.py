@@ -160,9 +160,9 @@ class StreamWorker:
         self.start_message = (f"warm start from {snapshot.model} v{snapshot.version} (step {steps}, "
                               f"{self.learner.num_items} items, train position {position})")
         if bridged:
-            self.start_message += ("; learning goes on with this worker's " + ", ".join(
-                f"{k}={getattr(self.learner.model.cfg, k)!r}" for k in bridged)
-                + f" (the snapshot's: {', '.join(f'{k}={snapshot.config.get(k)!r}' for k in bridged)})")
+            own = ", ".join(f"{k}={getattr(self.learner.model.cfg, k)!r}" for k in bridged)
+            theirs = ", ".join(f"{k}={snapshot.config.get(k)!r}" for k in bridged)
+            self.start_message += f"; learning goes on with this worker's {own} (the snapshot's: {theirs})"
 
     def get_history(self, user: str, event: Any) -> dict | None:
         """A user's history-table value (None: unknown user), read for feedback `event` (a Faust event).

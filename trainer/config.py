@@ -6,6 +6,7 @@ Model hyperparameters travel inside snapshots as JSON (`asdict`), so every field
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from types import MappingProxyType
 from typing import Literal
 
 
@@ -84,6 +85,11 @@ TRAINING_ONLY_FIELDS = (
     "attribute_dropout",
     "retrieval_loss",
 )
+
+
+# The online defaults of those (the worker, and replay reproducing it): one pass over a stream learns best without
+# the offline defaults' attribute dropout and conditioned stop-gradient (README, Replay: "Training options online").
+ONLINE_TRAINING = MappingProxyType({"attribute_dropout": 0.0, "conditioned_detach": False})
 
 
 @dataclass(frozen=True)

@@ -215,16 +215,15 @@ class SparcModel(nn.Module):
             total = total + self.cfg.interest_weight * interest
             metrics["loss_interest"] = float(interest.detach())
             metrics["interest_top1"] = float((logits.argmax(-1) == target_code).float().mean())
+        zy = F.embedding(y, cat.z)  # the targets' z (F.embedding: its backward sums in a fixed order)
         if self.cfg.shuffle_bpr_weight > 0:
             perm = torch.randperm(y.shape[0])
             u_neg = self._target_code_vectors(state.H, rows, cols, e[perm])
-            zy = F.embedding(y, cat.z)
             differs = target_code != target_code[perm]
             bpr = -F.logsigmoid(((u - u_neg) * zy).sum(-1))[differs].mean() if differs.any() else u.sum() * 0
             total = total + self.cfg.shuffle_bpr_weight * bpr
             metrics["loss_shuffle_bpr"] = float(bpr.detach())
         if self.cfg.commitment > 0:
-            zy = F.embedding(y, cat.z)
             _, quantised = self.rq.encode(zy)
             commit = F.mse_loss(zy, quantised)
             total = total + self.cfg.commitment * commit

@@ -158,8 +158,8 @@ class OnlineLearner:
         differ = config_differences(config, self.model.cfg)
         if differ:
             raise ValueError(f"the snapshot's model differs from this learner's in {', '.join(differ)}")
-        own = {k: getattr(self.model.cfg, k) for k in TRAINING_ONLY_FIELDS}
-        continued = {**dict(config), **own}
+        bridged = config_differences(config, self.model.cfg, training_only=True)
+        continued = {**dict(config), **{k: getattr(self.model.cfg, k) for k in TRAINING_ONLY_FIELDS}}
         with private_rng(seed=restart_seed(self.train_cfg.seed, steps)) as rng:
             model = _build_model(continued, weights)
         model.train()
@@ -167,7 +167,7 @@ class OnlineLearner:
         trainer.steps = int(steps)
         trainer.generator.manual_seed(restart_seed(self.train_cfg.seed, steps))
         self.model, self.trainer, self._rng_state = model, trainer, rng.state
-        return config_differences(config, self.model.cfg, training_only=True)
+        return bridged
 
     @property
     def max_len(self) -> int:
