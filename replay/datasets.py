@@ -55,20 +55,37 @@ class SequenceDataset:
         }
 
 
+COMPANION_SUFFIXES = ("_timestamps", "_sample", "_seq_original_ids")  # .txt files beside <Name>.txt
+
+
+def _sequence_file(folder: Path) -> Path:
+    """The one `<Name>.txt` of an S3-Rec folder; the name may contain underscores (`Toys_and_Games.txt`).
+
+    Companions are not candidates: `<x>_timestamps.txt`, `<x>_sample.txt`, `<x>_seq_original_ids.txt`, and any
+    `<Stem>_<more>.txt` beside another candidate `<Stem>.txt`. When several candidates remain, a name with an
+    underscore counts only with its own `_timestamps.txt` or `_item2attributes.json` beside it (so side tables
+    such as `sas_to_original_items.txt` do not make a folder ambiguous).
+    """
+    candidates = sorted(f for f in folder.glob("*.txt") if not f.stem.endswith(COMPANION_SUFFIXES))
+    stems = {f.stem for f in candidates}
+    candidates = [f for f in candidates if not any(f.stem.startswith(f"{s}_") for s in stems)]
+    if len(candidates) > 1:
+        candidates = [f for f in candidates if "_" not in f.stem
+                      or (folder / f"{f.stem}_timestamps.txt").exists()
+                      or (folder / f"{f.stem}_item2attributes.json").exists()]
+    if len(candidates) != 1:
+        names = ", ".join(f.name for f in candidates) or "none"
+        raise DataError(
+            f"{folder}: expected exactly one <Name>.txt sequence file in the folder, found {names}; "
+            "pass the file itself with --data"
+        )
+    return candidates[0]
+
+
 def _resolve(path: str | Path) -> tuple[Path, str]:
     p = Path(path)
     if p.is_dir():
-        candidates = sorted(
-            f for f in p.glob("*.txt") if not f.stem.endswith(("_timestamps", "_seq_original_ids"))
-        )
-        candidates = [f for f in candidates if "_" not in f.stem or (p / f"{f.stem}_timestamps.txt").exists()]
-        if len(candidates) != 1:
-            names = ", ".join(f.name for f in candidates) or "none"
-            raise DataError(
-                f"{p}: expected exactly one <Name>.txt sequence file in the folder, found {names}; "
-                "pass the file itself with --data"
-            )
-        p = candidates[0]
+        p = _sequence_file(p)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     if p.suffix != ".txt":

@@ -143,6 +143,33 @@ def test_missing_path_and_ambiguous_folder(tmp_path):
     assert load_s3rec(folder / "Toy.txt").num_users == 4  # the file form still works
 
 
+def test_folder_whose_name_has_underscores(tmp_path):
+    """Issue 16: `sparc evaluate --data DIR` refused a standard S3-Rec folder named `<Name_with_parts>.txt`
+    ("found none"). Any name works, with or without timestamps, beside S3-Rec's `_sample.txt` negatives."""
+    bare = write_dataset(tmp_path / "bare", name="Toys_and_Games", timestamps=None, attributes="")
+    with_attrs = write_dataset(tmp_path / "attrs", name="Toys_and_Games", timestamps=None)
+    (with_attrs / "Toys_and_Games_sample.txt").write_text("1 9 8 7\n")
+    full = write_dataset(tmp_path / "full", name="Cell_Phones_and_Accessories")
+    (full / "Cell_Phones_and_Accessories_sample.txt").write_text("1 9 8 7\n")
+    for folder, name in ((bare, "Toys_and_Games"), (with_attrs, "Toys_and_Games"),
+                         (full, "Cell_Phones_and_Accessories")):
+        ds = load_s3rec(folder)
+        assert ds.name == name and ds.num_users == 4 and ds.num_interactions == 14
+    assert load_s3rec(with_attrs).num_attributes == 3
+    assert load_s3rec(full).timestamps is not None
+
+
+def test_side_tables_with_underscores_do_not_make_a_folder_ambiguous(tmp_path):
+    folder = write_dataset(tmp_path / "ml", name="ml-1m", timestamps=None, attributes="")
+    (folder / "ml-1m_seq.txt").write_text("1 1 2 3\n")  # a companion by name
+    (folder / "sas_to_original_items.txt").write_text("1 1198\n2 3552\n")  # an id map, no companions
+    assert load_s3rec(folder).name == "ml-1m"
+    (folder / "Other_name.txt").write_text("1 1 2\n")
+    (folder / "Other_name_item2attributes.json").write_text("{}")
+    with pytest.raises(DataError, match="found Other_name.txt, ml-1m.txt"):
+        load_s3rec(folder)
+
+
 # ----------------------------------------------------------------- leave-one-out
 
 
