@@ -646,24 +646,22 @@ def test_fit_validates_without_dropout_and_leaves_the_model_in_eval_mode():
     assert not model.training
 
 
-def test_sparc_gradients_are_bit_identical_across_runs_with_several_threads():
-    """`sparc evaluate` trains with torch's default threads. Gathering rows of z by advanced indexing has a
-    backward (index_put_ with accumulate) whose sum order depends on the threads: two identical runs of SPARC on
-    Beauty ended 0.1% apart. Gathers go through F.embedding, whose backward is ordered. Sized so that the old
-    gather differed between repeats on this 2-core machine."""
-    items = 500
-    cfg = SparcConfig(num_items=items, num_attributes=N_ATTRS, encoder=EncoderConfig(dim=64, max_len=50, layers=1),
-                      codes=8, levels=2)
+def repeated_gradients(build, items: int = 500, repeats: int = 6) -> list[dict]:
+    """The gradients of `repeats` identical backward passes of the model `build()` returns, with 2 torch threads,
+    on one batch of 128 sequences of 51 items (sized so that a gather by advanced indexing differed between
+    repeats on this 2-core machine)."""
     rng = np.random.default_rng(0)
     b = make_batch([rng.integers(1, items + 1, size=51) for _ in range(128)], 50)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         torch.manual_seed(0)
-        model = SparcModel(cfg, pad_attributes({i: [1 + i % N_ATTRS] for i in range(1, items + 1)}, items))
-        model.update_codebooks_(b, torch.Generator().manual_seed(0))  # k-means init of the codebooks
+        model = build()
+        update = getattr(model, "update_codebooks_", None)
+        if update is not None:
+            update(b, torch.Generator().manual_seed(0))  # k-means init of the codebooks
         grads = []
-        for _ in range(6):
+        for _ in range(repeats):
             torch.manual_seed(1)
             model.zero_grad()
             model.loss(b)[0].backward()
@@ -671,5 +669,26 @@ def test_sparc_gradients_are_bit_identical_across_runs_with_several_threads():
     finally:
         torch.set_num_threads(threads)
     assert "items.id_embedding" in grads[0]
+    return grads
+
+
+def test_sparc_gradients_are_bit_identical_across_runs_with_several_threads():
+    """`sparc evaluate` trains with torch's default threads. Gathering rows of z by advanced indexing has a
+    backward (index_put_ with accumulate) whose sum order depends on the threads: two identical runs of SPARC on
+    Beauty ended 0.1% apart. Gathers go through F.embedding, whose backward is ordered."""
+    items = 500
+    cfg = SparcConfig(num_items=items, num_attributes=N_ATTRS, encoder=EncoderConfig(dim=64, max_len=50, layers=1),
+                      codes=8, levels=2)
+    grads = repeated_gradients(
+        lambda: SparcModel(cfg, pad_attributes({i: [1 + i % N_ATTRS] for i in range(1, items + 1)}, items)), items)
+    for other in grads[1:]:
+        assert all(torch.equal(grads[0][k], other[k]) for k in grads[0])
+
+
+@pytest.mark.parametrize("baseline", [SASRec, ComiRecSA])
+def test_baseline_gradients_are_bit_identical_across_runs_with_several_threads(baseline):
+    """Issue 16: ComiRec-SA moved 4% between identical Beauty runs. The baselines gather item rows with the same
+    deterministic lookup as SPARC (F.embedding)."""
+    grads = repeated_gradients(lambda: baseline(500, EncoderConfig(dim=64, max_len=50, layers=1)))
     for other in grads[1:]:
         assert all(torch.equal(grads[0][k], other[k]) for k in grads[0])

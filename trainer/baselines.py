@@ -34,7 +34,7 @@ class SASRec(nn.Module):
         self.encoder = CausalEncoder(cfg)
 
     def _states(self, inputs: torch.Tensor, lengths: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.encoder(z[inputs], lengths)  # (B, T, D)
+        return self.encoder(F.embedding(inputs, z), lengths)  # (B, T, D)
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         z = self.items()
@@ -73,7 +73,7 @@ class ComiRecSA(nn.Module):
         """-> (B, T, K, D): the K interest vectors of every prefix 0..t."""
         b, t = inputs.shape
         pos = (lengths[:, None] - 1 - torch.arange(t)[None, :]).clamp(min=0, max=self.cfg.max_len - 1)
-        x = z[inputs] + self.position(pos)  # (B, T, D)
+        x = F.embedding(inputs, z) + self.position(pos)  # (B, T, D)
         x = F.dropout(x, self.cfg.dropout, self.training)
         a = self.w2(torch.tanh(self.w1(x))).transpose(1, 2)  # (B, K, T): attention logits per key position
         causal = torch.ones(t, t, dtype=torch.bool).tril()  # query t sees keys <= t
@@ -85,7 +85,7 @@ class ComiRecSA(nn.Module):
         V = self._interests(batch.inputs, batch.lengths, z)
         valid = batch.targets > 0
         v, y = V[valid], batch.targets[valid]  # (M, K, D), (M,)
-        pick = (v * z[y][:, None, :]).sum(-1).argmax(-1)  # (M,)
+        pick = (v * F.embedding(y, z)[:, None, :]).sum(-1).argmax(-1)  # (M,)
         u = v[torch.arange(v.shape[0]), pick]
         loss = full_softmax_ce(u, z[1:], y - 1)
         return loss, {"loss": float(loss.detach())}
