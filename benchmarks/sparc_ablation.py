@@ -11,8 +11,8 @@ validation is the soft scoring with the highest validation NDCG@10 among `sparc 
 reported as "chosen"; mix 1.0 (the single vector alone) is scored for comparison.
 
 Training is `sparc evaluate`'s: early stopping on validation NDCG@10 of 8,000 users (soft search, global mix 0),
-with a larger time budget by default (--max-seconds 3000) so that runs sharing the machine are not cut short.
-Two variants can run side by side with --threads 1 each; say so when quoting their times.
+no time budget (the result never depends on the machine's load). Two variants can run side by side with
+--threads 1 each; say so when quoting their times.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="sparc_set", action="append", default=[], metavar="FIELD=VALUE",
                    help="SparcConfig override, as `sparc evaluate --set` (repeatable)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seconds", type=float, default=3000.0, help="training time budget (default 3000)")
+    p.add_argument("--max-seconds", type=float, default=None, help="training time budget (default: none)")
     p.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: TrainConfig's 200)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--top-codes", type=int, default=4, help="codes soft search draws (default 4)")
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = EvalSettings(seed=args.seed, progress=False, sparc=parse_sparc_set(args.sparc_set))
     except (DataError, UserError) as exc:
         p.exit(2, f"sparc_ablation: {exc}\n")
-    train = replace(settings.train, max_seconds=args.max_seconds,
+    train = replace(settings.train, max_seconds=args.max_seconds or settings.train.max_seconds,
                     max_epochs=args.max_epochs or settings.train.max_epochs)
     settings = replace(settings, train=train, top_codes=args.top_codes)
     split = leave_one_out(ds)

@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, batching and sampling")
     p.add_argument("--out", type=Path, help="write the JSON report here (default: print it)")
     p.add_argument("--max-epochs", type=int, default=None, help="cap on epochs per model (default 200)")
-    p.add_argument("--max-seconds", type=float, default=None, help="training time budget per model")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="training time budget per model (default: none; a budget makes the results "
+                        "depend on the machine's load)")
     p.add_argument("--codes", type=int, default=None, help="codes per RQ level for SPARC (default 64)")
     p.add_argument("--top-codes", type=int, default=None, help="codes soft search draws (default 4)")
     p.add_argument("--served", type=int, default=0, metavar="SLOTS",

@@ -41,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None,
                    help="cap on epochs (default 200; early stopping may stop sooner)")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, batching and validation users")
-    p.add_argument("--max-seconds", type=float, default=None, help="training time budget (default 900)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="training time budget (default: none; a budget makes the "
+                        "model depend on the machine's load)")
     p.add_argument("--codes", type=int, default=None, help="codes per RQ level (default 64, as the worker)")
     p.add_argument("--num-attributes", type=int, default=None,
                    help="attribute vocabulary of the model (default: the dataset's largest attribute id); set it "

@@ -111,7 +111,8 @@ def test_results_table_shows_interests_where_the_run_measured_them():
 
     block = {"recall@10": 0.1, "ndcg@10": 0.05, "recall@20": 0.2, "ndcg@20": 0.07}
     row = {"test": block, "test_masked": block, "cold_test": block, "coverage@20": 0.5, "tail_share@20": 0.25,
-           "train_seconds": 3.0}
+           "train_seconds": 3.0, "epochs": 7}
     lines = results_table({"results": {"sasrec": row, "sparc": {**row, "interests@20": 3.456}}}).splitlines()
     assert "intr@20" in lines[0]
-    assert lines[2].split()[-2:] == ["-", "3"] and lines[3].split()[-2:] == ["3.46", "3"]
+    assert "epochs" in lines[0]
+    assert lines[2].split()[-3:] == ["-", "3", "7"] and lines[3].split()[-3:] == ["3.46", "3", "7"]

@@ -5,6 +5,7 @@ Model hyperparameters travel inside snapshots as JSON (`asdict`), so every field
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from types import MappingProxyType
 from typing import Literal
@@ -102,5 +103,7 @@ class TrainConfig:
     max_epochs: int = 200
     eval_every: int = 2  # epochs between validation checks
     patience: int = 5  # validation checks without improvement before stopping
-    max_seconds: float = 900.0  # wall-clock budget for one model's training
+    # wall-clock budget for one model's training; none by default: a budget makes the trained model (and every
+    # quality number) depend on the machine's load. Opt-in for long exploratory runs only
+    max_seconds: float = math.inf
     seed: int = 0
