@@ -15,7 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 METRIC_PANELS = ("recall@20", "ndcg@20", "recall@20_first", "coverage@20", "tail_share@20", "new_share@20")
-HEALTH_PANELS = ("level1_utilisation", "level1_perplexity", "collision_rate", "code_changed_share")
+HEALTH_PANELS = ("level1_utilisation", "level1_perplexity", "collision_rate", "code_changed_share",
+                 "level1_changed_share", "top_interest_changed_share")
 TITLES = {
     "recall@20": "Recall@20",
     "ndcg@20": "NDCG@20",
@@ -27,6 +28,8 @@ TITLES = {
     "level1_perplexity": "level-1 code perplexity",
     "collision_rate": "code-tuple collision rate",
     "code_changed_share": "items whose codes changed since the last window",
+    "level1_changed_share": "items whose level-1 code (interest) changed",
+    "top_interest_changed_share": "users whose top interest changed",
 }
 COLORS = {"evolving": "tab:blue", "frozen": "tab:orange", "periodic": "tab:green"}
 STYLES = ("-", "--", ":", "-.")
@@ -207,6 +210,24 @@ def modes_section(report: dict) -> list[str]:
             *_table(["variant", "scored", *keys, "R@20 vs soft", "new_share vs soft"], rows)]
 
 
+def churn_section(report: dict) -> list[str]:
+    """Per regime and window: the share of items whose level-1 code changed, and of users whose top interest
+    changed (all users seen at both ends; idle: those without an event in the window); then the means."""
+    regimes = {v["regime"]: v for v in report["variants"].values()}
+    windows = next(iter(regimes.values()))["windows"]
+    keys = ("level1_changed_share", "top_interest_changed_share", "top_interest_changed_share_idle")
+    summary = ("level1_churn", "level1_churn_max", "top_interest_churn", "top_interest_churn_idle")
+    return ["", "## Churn of interests per window (per regime)", "",
+            "level-1: items whose level-1 code changed since the previous window; users: users whose top interest "
+            "(argmax of the interest distribution) changed; idle users: those of them without an event in between "
+            "(a change is the model's alone).", "",
+            *_table(["end event", *(f"{r} {k}" for r in regimes for k in ("level-1", "users", "idle users"))],
+                    [[w["end_event"], *(regimes[r]["windows"][i].get(k) for r in regimes for k in keys)]
+                     for i, w in enumerate(windows)]),
+            "", *_table(["regime", *summary], [[r, *(v["overall"].get(k) for k in summary)]
+                                               for r, v in regimes.items()])]
+
+
 def markdown(report: dict, figures: Sequence[str] = ()) -> str:
     """The report as Markdown: overall and after-freeze tables, per-window Recall@20 and health tables."""
     variants = report["variants"]
@@ -256,6 +277,7 @@ def markdown(report: dict, figures: Sequence[str] = ()) -> str:
                                                                           "changed"))],
                     [[w["end_event"], *(regimes[r]["windows"][i].get(k) for r in regimes for k in keys)]
                      for i, w in enumerate(windows)])
+    lines += churn_section(report)
     if figures:
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"

@@ -52,10 +52,17 @@ seen at most one window length before the scored event; the catalogue known befo
 new); new_items_reached@N (items that reached N top-20 retrievals while still new); first_interactions and
 recall@20_first / recall@20_rest (Recall@20 apart on events that are their item's first interaction, and on
 the others); codebook health of the model at the window's end over the known items (trainer.rq.code_health)
-and its drift from the regime's previous window (codebook_store.drift.code_drift).
+and its drift from the regime's previous window (codebook_store.drift.code_drift: code_changed_share, and
+level1_changed_share, the share of items whose level-1 code -- their interest -- changed); the interest churn
+of users (`top_interests`: the argmax of each user's interest distribution at the window's end, for every user
+seen so far): top_interest_changed_share over the users seen at both ends of the window, and
+top_interest_changed_share_idle over those of them without an event in the window (their history is unchanged:
+a change is the model's alone).
 "overall" pools every scored event (windows add up to it: rank metrics are scored-weighted means, shares are
 slot-weighted means, reach counts sum; coverage is the union); "after_freeze" pools the events scored after the
-freeze point, where the regimes differ. With `eval_per_batch`, retrieval counts come from the scored sample.
+freeze point, where the regimes differ. The overall churn figures are the mean and the largest value over the
+windows that have a previous one (level1_churn, level1_churn_max, top_interest_churn, top_interest_churn_idle).
+With `eval_per_batch`, retrieval counts come from the scored sample.
 
 Finer than windows: `windowed_recall` (Recall@k over any event windows, from an observer's positions and ranks)
 and `recovery` (after a shift in the stream: the pre-shift level and the events until a model is back at a share
@@ -78,7 +85,7 @@ import torch
 from codebook_store.drift import code_drift
 from replay.metrics import ranking_metrics, target_ranks
 from replay.sources import is_feedback
-from streams.history import apply_feedback
+from streams.history import apply_feedback, history_of
 from trainer.batches import bucketed_batches, pad_histories
 from trainer.config import ONLINE_TRAINING, SparcConfig, TrainConfig
 from trainer.online import OnlineLearner
@@ -392,6 +399,50 @@ def first_interaction_split(ranks: np.ndarray, firsts: np.ndarray) -> dict:
     return out
 
 
+@torch.no_grad()
+def top_interests(model, histories: Sequence[Sequence[int]], catalogue, batch_size: int = 1024) -> np.ndarray:
+    """The most probable level-1 code under `model`'s interest distribution for each history (items the model's
+    table does not hold are left out, as in scoring); -1 for a history left empty."""
+    model.eval()
+    n = model.items.num_items
+    out = np.full(len(histories), -1, dtype=np.int64)
+    kept = [np.asarray([i for i in h if i <= n], dtype=np.int64) for h in histories]
+    rows = [r for r, h in enumerate(kept) if len(h)]
+    for start in range(0, len(rows), batch_size):
+        part = rows[start : start + batch_size]
+        inputs, lengths = pad_histories([kept[r] for r in part], model.cfg.encoder.max_len)
+        state = model.encode(inputs, lengths, catalogue.z)
+        out[part] = model.interest_logits(state.h, catalogue.z, catalogue.codes).argmax(-1).numpy()
+    return out
+
+
+def interest_churn(before: Mapping | None, after: Mapping) -> dict:
+    """Users' top interests at two moments, {user: (top interest, last event id)} each -> the share of the users
+    in both whose top interest changed, and the same over those without an event in between (_idle). None where
+    there is nothing to compare."""
+    both = [u for u in after if before is not None and u in before]
+    idle = [u for u in both if before[u][1] == after[u][1]]
+
+    def share(users: list) -> float | None:
+        return sum(before[u][0] != after[u][0] for u in users) / len(users) if users else None
+
+    return {"top_interest_changed_share": share(both), "top_interest_changed_share_idle": share(idle),
+            "churn_users": len(both), "churn_users_idle": len(idle)}
+
+
+def churn_summary(windows: Sequence[Mapping]) -> dict:
+    """A variant's churn over its windows: the mean and the largest level-1 churn, and the mean top-interest
+    churn (all users, idle users), over the windows that have a previous one (None without any)."""
+    out: dict = {}
+    for name, key in (("level1_churn", "level1_changed_share"), ("top_interest_churn", "top_interest_changed_share"),
+                      ("top_interest_churn_idle", "top_interest_changed_share_idle")):
+        values = [w[key] for w in windows if w.get(key) is not None]
+        out[name] = float(np.mean(values)) if values else None
+        if name == "level1_churn":
+            out["level1_churn_max"] = float(max(values)) if values else None
+    return out
+
+
 class _Pending(NamedTuple):
     position: int
     timestamp: float
@@ -478,6 +529,7 @@ class Prequential:
         self.duplicates = 0
         self.cold = 0
         self._prev_codes: dict[str, tuple[np.ndarray, torch.Tensor, torch.Tensor]] = {}
+        self._prev_interests: dict[str, dict] = {}  # regime -> {user: (top interest, last event id)}
         self.catalogues = CatalogueCache()
         # False: every (model, mode) is scored on its own with a catalogue computed afresh, as before the shared
         # scoring existed (the same results, slower: the benchmarks' baseline and the tests' reference)
@@ -530,6 +582,7 @@ class Prequential:
                 f"tail_share@{self.s.top_n}": t.tail_slots / t.slots if t.slots else 0.0,
                 f"new_share@{self.s.top_n}": t.all_new_slots / t.slots if t.slots else 0.0,
                 f"new_items_reached@{self.s.reach_n}": t.all_reached,
+                **churn_summary(t.windows),
             }
             variants[name] = {
                 "regime": regime,
@@ -826,18 +879,23 @@ class Prequential:
 
     @torch.no_grad()
     def _health(self, known_ids: np.ndarray) -> dict[str, dict]:
-        """Per regime: code health over the known items its model holds, and drift from its previous window."""
-        by_model: dict[int, tuple[np.ndarray, torch.Tensor, torch.Tensor, dict]] = {}
+        """Per regime: code health over the known items its model holds, drift from its previous window, and the
+        churn of users' top interests since then."""
+        by_model: dict[int, tuple] = {}
         out = {}
         for regime in self.s.all_regimes:
             learner = self.models[regime]
             if id(learner) not in by_model:
                 model = learner.model
-                codes = model.catalogue().codes  # (N+1, L)
+                cat = model.catalogue()
                 ids = known_ids[known_ids <= model.items.num_items]
-                h = code_health(codes[torch.from_numpy(ids)], model.cfg.codes)
-                by_model[id(learner)] = (ids, codes, model.rq.codebooks.detach().clone(), h)
-            ids, codes, codebooks, h = by_model[id(learner)]
+                h = code_health(cat.codes[torch.from_numpy(ids)], model.cfg.codes)
+                users = list(self.ingest)
+                tops = top_interests(model, [history_of(self.ingest[u]) for u in users], cat).tolist()
+                last = [self.ingest[u]["recent"][-1] for u in users]  # changes with every event of the user
+                interests = dict(zip(users, zip(tops, last, strict=True), strict=True))
+                by_model[id(learner)] = (ids, cat.codes, model.rq.codebooks.detach().clone(), h, interests)
+            ids, codes, codebooks, h, interests = by_model[id(learner)]
             row = {k: v for k, v in h.items() if k != "items"}
             prev = self._prev_codes.get(regime)
             if prev is not None:
@@ -850,7 +908,9 @@ class Prequential:
                 row["level1_codeword_movement"] = d["codeword_movement"][0]
             else:
                 row.update(code_changed_share=None, level1_changed_share=None, level1_codeword_movement=None)
+            row.update(interest_churn(self._prev_interests.get(regime), interests))
             self._prev_codes[regime] = (ids, codes, codebooks)
+            self._prev_interests[regime] = interests
             out[regime] = row
         return out
 

@@ -38,13 +38,15 @@ def test_replay_writes_the_documented_report(tmp_path, capsys):
     assert list(report["variants"]) == names
     for name, v in report["variants"].items():
         assert set(v["overall"]) >= METRICS, name
-        assert {"coverage@20", "tail_share@20", "new_share@20", "new_items_reached@10"} <= set(v["overall"])
+        assert {"coverage@20", "tail_share@20", "new_share@20", "new_items_reached@10", "level1_churn",
+                "level1_churn_max", "top_interest_churn", "top_interest_churn_idle"} <= set(v["overall"])
         assert set(v["after_freeze"]) >= METRICS
         assert len(v["windows"]) == 4
         for w in v["windows"]:
             assert {"end_ts", "end_event", "events", "scored", *METRICS, "coverage@20", "tail_share@20",
                     "new_share@20", "level1_utilisation", "level1_perplexity", "collision_rate",
-                    "code_changed_share"} <= set(w), name
+                    "code_changed_share", "level1_changed_share", "top_interest_changed_share",
+                    "top_interest_changed_share_idle"} <= set(w), name
             assert all(0.0 <= w[k] <= 1.0 for k in METRICS)
             assert isinstance(w["end_ts"], int | float)
     assert report["markers"] and all(at <= 640 for at, _ in report["markers"])
@@ -52,6 +54,9 @@ def test_replay_writes_the_documented_report(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert md.startswith("# Prequential replay: synthetic:2")
     assert "| evolving/soft |" in md and "![metrics](metrics.png)" in md and "![exploration](exploration.png)" in md
+    churn = md[md.index("## Churn of interests per window"):]
+    assert "| evolving level-1 | evolving users | evolving idle users |" in churn
+    assert f"| evolving | {report['variants']['evolving/soft']['overall']['level1_churn']:.4f} |" in churn
     for png in ("metrics.png", "health.png", "exploration.png"):  # two score modes: the trade-off figure too
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -16,10 +16,13 @@ from replay.prequential import (
     Prequential,
     ReplaySettings,
     ScoreMode,
+    churn_summary,
+    interest_churn,
     parse_variants,
     recovery,
     replay,
     score_modes,
+    top_interests,
     windowed_recall,
     with_seed,
     worker_model_config,
@@ -456,3 +459,51 @@ def test_the_replayed_model_defaults_are_the_workers(monkeypatch):
     online, offline = worker_model_config(), SparcConfig(num_items=0, num_attributes=1024)
     assert (online.attribute_dropout, online.conditioned_detach) == (0.0, False)
     assert (offline.attribute_dropout, offline.conditioned_detach) == (0.3, True)
+
+
+# ------------------------------------------------------------------ churn of interests
+def test_interest_churn_counts_users_by_hand():
+    before = {"a": (1, "e1"), "b": (2, "e2"), "c": (3, "e3"), "d": (4, "e4")}
+    after = {"a": (1, "e1"), "b": (5, "e2"), "c": (3, "e9"), "d": (7, "e8"), "new": (0, "e5")}
+    churn = interest_churn(before, after)
+    assert churn == {"top_interest_changed_share": 2 / 4, "top_interest_changed_share_idle": 1 / 2,
+                     "churn_users": 4, "churn_users_idle": 2}  # idle: a (same), b (changed by the model alone)
+    assert interest_churn(None, after)["top_interest_changed_share"] is None
+    windows = [{"level1_changed_share": None}, {"level1_changed_share": 0.2, "top_interest_changed_share": 0.5},
+               {"level1_changed_share": 0.4, "top_interest_changed_share": 0.1}]
+    summary = churn_summary(windows)
+    assert summary["level1_churn"] == pytest.approx(0.3) and summary["level1_churn_max"] == 0.4
+    assert summary["top_interest_churn"] == pytest.approx(0.3) and summary["top_interest_churn_idle"] is None
+
+
+def test_top_interests_are_the_codes_hard_search_serves():
+    source = drifting_stream(events=800)
+    engine, _ = run_scored(source.records(), small_settings(regimes=("evolving",)), 800)
+    model = engine.models["evolving"].model
+    users = list(engine.ingest)[:40]
+    histories = [engine.ingest[u]["items"] for u in users]
+    cat = model.catalogue()
+    tops = top_interests(model, histories, cat, batch_size=16)  # several batches
+    index = BruteForce(cat.z.detach().numpy(), cat.level1().numpy(), model.cfg.codes)
+    served = [int(retrieve(model, np.asarray(h), index, k=5, hard=True, catalogue=cat).codes[0]) for h in histories]
+    assert tops.tolist() == served
+    assert top_interests(model, [[], [model.items.num_items + 5]], cat).tolist() == [-1, -1]  # nothing known
+
+
+def test_churn_per_window_and_overall(drift_report):
+    v = drift_report["variants"]
+    for variant in v.values():
+        windows = variant["windows"]
+        assert windows[0]["level1_changed_share"] is None and windows[0]["top_interest_changed_share"] is None
+        later = windows[1:]
+        assert all(0 <= w["level1_changed_share"] <= w["code_changed_share"] <= 1 for w in later)
+        assert all(0 <= w["top_interest_changed_share"] <= 1 and w["churn_users"] > 0 for w in later)
+        o = variant["overall"]
+        assert o["level1_churn"] == pytest.approx(np.mean([w["level1_changed_share"] for w in later]))
+        assert o["level1_churn_max"] == max(w["level1_changed_share"] for w in later)
+        assert o["top_interest_churn"] == pytest.approx(np.mean([w["top_interest_changed_share"] for w in later]))
+    # the frozen model changes nothing: an idle user keeps its top interest; the online learner moves both
+    frozen = [w for w in v["frozen/soft"]["windows"] if w["start_event"] >= 1000]
+    assert frozen and all(w["churn_users_idle"] > 0 and w["top_interest_changed_share_idle"] == 0 for w in frozen)
+    assert v["evolving/soft"]["overall"]["level1_churn"] > 0
+    assert v["evolving/soft"]["overall"]["top_interest_churn"] > 0
