@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli.errors import UserError
+from cli.evaluate import parse_sparc_set
 from replay.plots import plot_recovery
 from replay.prequential import Prequential, ReplaySettings, Scored, recovery, windowed_recall, worker_model_config
 from replay.synthetic import SyntheticConfig, SyntheticStream, generate
@@ -189,9 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--codes", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--set", dest="sparc_set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="SparcConfig override of the replayed model, as `sparc replay --set` (repeatable)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
+    try:
+        overrides = parse_sparc_set(args.sparc_set)
+    except UserError as exc:
+        p.exit(2, f"drift_bench: {exc}\n")
     cfg = stream_config(args.seed, parse_overrides(args.stream))
     stream = generate(cfg)
     shifts = stream.drift_event_indices.tolist()
@@ -199,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the stream has no shifts (n_drifts = 0)")
     freeze = max(1, shifts[0] - args.pre)
     settings = ReplaySettings(
-        model=worker_model_config(codes=args.codes, encoder=EncoderConfig(dim=args.dim, layers=args.layers)),
+        model=worker_model_config(codes=args.codes, encoder=EncoderConfig(dim=args.dim, layers=args.layers),
+                                  **overrides),
         train=TrainConfig(batch_size=64, seed=args.seed), regimes=VARIANTS, batch_size=64, freeze_at=freeze,
         eval_per_batch=args.eval_per_batch, seed=args.seed,
     )

@@ -430,9 +430,10 @@ def test_drift_benchmark_end_to_end(tmp_path):
     out = tmp_path / "drift.json"
     stream = ["n_users=100", "n_events=2400", "n_initial_items=160", "n_topics=8", "max_interests=3"]
     rc = drift_bench.main(["--out", str(out), "--pre", "300", "--width", "300", "--step", "100", "--dim", "16",
-                           "--codes", "8", "--layers", "1", "--stream", *stream])
+                           "--codes", "8", "--layers", "1", "--set", "ema_decay=0.9", "--stream", *stream])
     assert rc == 0
     result = json.loads(out.read_text())
+    assert result["settings"]["replay"]["model"]["ema_decay"] == 0.9  # --set reaches the replayed model
     assert result["stream"]["n_events"] == 2400 and result["stream"]["dormant_topics"] == 3
     assert result["settings"]["freeze_event"] >= 600 - 300
     assert [s["shift"] for s in result["shifts"]] == [600, 1200, 1800]
@@ -444,6 +445,9 @@ def test_drift_benchmark_end_to_end(tmp_path):
         assert "reaches_evolving_target_after" in shift["frozen"]
     assert [g["swapped_in_topics_never_seen_before_freeze"] for g in result["ground_truth"]] == [100, 100, 100]
     assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as info:
+        drift_bench.main(["--out", str(out), "--set", "no_such_field=1"])
+    assert info.value.code == 2
 
 
 def test_the_replayed_model_defaults_are_the_workers(monkeypatch):
