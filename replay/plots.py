@@ -135,6 +135,28 @@ def plot_recovery(curves: dict, shifts: Sequence[int], freeze: int | None, resul
     return Path(path)
 
 
+def plot_churn_tradeoff(points: Sequence[dict], path: str | Path) -> Path:
+    """Stable interests against accuracy and adaptation (benchmarks/churn_bench.py), one labelled point per model
+    configuration: level-1 churn per window on the replayed dataset against served Recall@20 (left) and against
+    the mean events to recover from the synthetic shifts (right)."""
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    for p in sorted(points, key=lambda p: p["data"]["level1_churn"]):
+        x = p["data"]["level1_churn"]
+        for ax, y in ((left, p["data"]["served_recall@20"]), (right, p["shift_stream"]["mean_recovery_events"])):
+            ax.plot([x], [y], marker="o", color="tab:blue")
+            ax.annotate(p["label"], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    left.set_ylabel("served soft search Recall@20 (replay in time order)")
+    right.set_ylabel("events to recover 90% of pre-shift Recall@20 (mean of 3 shifts)")
+    for ax in (left, right):
+        ax.set_xlabel("items whose level-1 code changed, per window (mean)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Interest churn against accuracy and against recovery after shifts", fontsize=12)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 # ------------------------------------------------------------------ Markdown
 def plot_exploration(report: dict, path: str | Path) -> Path | None:
     """Accuracy against new-item reach, one point per score mode (soft vs hard search, the exploration sweep),

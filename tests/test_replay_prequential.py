@@ -511,3 +511,29 @@ def test_churn_per_window_and_overall(drift_report):
     assert frozen and all(w["churn_users_idle"] > 0 and w["top_interest_changed_share_idle"] == 0 for w in frozen)
     assert v["evolving/soft"]["overall"]["level1_churn"] > 0
     assert v["evolving/soft"]["overall"]["top_interest_churn"] > 0
+
+
+def test_churn_benchmark_end_to_end(tmp_path):
+    """benchmarks/churn_bench.py on tiny streams: a configuration's JSON of churn, accuracy and recovery; the
+    trade-off plot from several of them."""
+    from benchmarks import churn_bench
+
+    stream = ["n_users=60", "n_events=1200", "n_initial_items=120", "n_topics=8", "max_interests=3"]
+    out = tmp_path / "slow.json"
+    assert churn_bench.main(["--data", "synthetic:2?users=30&events=480&items=60&topics=4", "--window", "160",
+                             "--pre", "150", "--width", "150", "--step", "50", "--set", "codes=8", "--set",
+                             "ema_decay=0.999", "--label", "slow EMA", "--out", str(out), "--stream", *stream]) == 0
+    r = json.loads(out.read_text())
+    assert r["label"] == "slow EMA" and r["model"]["ema_decay"] == 0.999 and r["model"]["codes"] == 8
+    d, s = r["data"], r["shift_stream"]
+    assert d["events"] == 480 and len(d["level1_churn_per_window"]) == 2
+    assert d["level1_churn"] == pytest.approx(np.mean(d["level1_churn_per_window"]))
+    assert 0 <= d["served_recall@20"] <= 1 and 0 <= d["ranked_recall@20"] <= 1 and d["new_items_reached@10"] >= 0
+    assert s["shifts"] == [300, 600, 900] and len(s["recovered_after"]) == 3
+    assert 0 < s["mean_recovery_events"] <= 300
+    assert s["level1_churn_stationary"] is not None and s["level1_churn_at_shifts"] is not None
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**r, "label": "other", "data": {**d, "level1_churn": 0.5}}))
+    png = tmp_path / "tradeoff.png"
+    assert churn_bench.main(["--plot", str(png), str(out), str(other)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
