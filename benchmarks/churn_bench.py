@@ -40,7 +40,7 @@ from replay.plots import plot_churn_tradeoff
 from replay.prequential import ReplaySettings, ScoreMode, recovery, replay, worker_model_config
 from replay.sources import SourceError, open_source, take_feedback
 from replay.synthetic import generate
-from trainer.config import TrainConfig
+from trainer.config import SparcConfig, TrainConfig
 
 SERVED, RANKED = ScoreMode(served=20), ScoreMode()
 
@@ -52,7 +52,12 @@ def beauty(data: str, overrides: dict, limit: int | None, window: int, per_batch
     settings = ReplaySettings(model=worker_model_config(**overrides), train=TrainConfig(batch_size=64),
                               regimes=("evolving",), modes=(SERVED, RANKED), window_events=window,
                               eval_per_batch=per_batch)
-    report = replay(take_feedback(source.records(), limit), settings, total)
+    return summarise(replay(take_feedback(source.records(), limit), settings, total))
+
+
+def summarise(report: dict) -> dict:
+    """What the trade-off needs from a replay report with the evolving variants soft:served=20 and soft (the
+    `sparc replay --variants evolving --modes soft,soft:served=20` report of the same model is one)."""
     served, ranked = (report["variants"][f"evolving/{m.name}"] for m in (SERVED, RANKED))
     o = served["overall"]
     last = served["windows"][-1]
@@ -69,6 +74,17 @@ def beauty(data: str, overrides: dict, limit: int | None, window: int, per_batch
         "final_level1_perplexity": last["level1_perplexity"], "final_collision_rate": last["collision_rate"],
         "seconds": report["seconds"],
     }
+
+
+def reported(path: Path, overrides: dict) -> dict:
+    """`summarise` of an earlier replay report, after checking that it replayed the same model."""
+    report = json.loads(path.read_text())
+    model = SparcConfig.from_json(report["settings"]["model"]).to_json()  # fields added since: their defaults
+    expected = worker_model_config(**overrides).to_json()
+    differs = sorted(k for k in expected if k != "num_items" and model[k] != expected[k])
+    if differs:
+        raise ValueError(f"{path}: its model differs from this configuration in {', '.join(differs)}")
+    return summarise(report)
 
 
 def shifts(seed: int, overrides: dict, stream_overrides: dict, pre: int, width: int, step: int) -> dict:
@@ -104,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.churn_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="S3-Rec dataset folder replayed in time order (e.g. amazon_beauty)")
+    p.add_argument("--data-report", type=Path, metavar="JSON",
+                   help="instead of replaying --data: the report.json of `sparc replay --variants evolving --modes "
+                        "soft,soft:served=20` run with the same --set (its settings must match: checked)")
     p.add_argument("--label", help="name of this configuration in the plot (default: its --set values)")
     p.add_argument("--set", dest="sparc_set", action="append", default=[], metavar="FIELD=VALUE",
                    help="SparcConfig override on top of the worker's online defaults (repeatable)")
@@ -127,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         points = [json.loads(path.read_text()) for path in args.results]
         print(f"written to {plot_churn_tradeoff(points, args.plot)}")
         return 0
-    if not args.data or not args.out:
-        p.exit(2, "churn_bench: --data and --out are required (or --plot PNG FILES)\n")
+    if not (args.data or args.data_report) or not args.out:
+        p.exit(2, "churn_bench: --data (or --data-report) and --out are required (or --plot PNG FILES)\n")
     try:
         overrides = parse_sparc_set(args.sparc_set)
         worker_model_config(**overrides)
@@ -138,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     try:
-        on_data = beauty(args.data, overrides, args.limit, args.window, args.eval_per_batch)
-    except SourceError as exc:
+        on_data = (reported(args.data_report, overrides) if args.data_report
+                   else beauty(args.data, overrides, args.limit, args.window, args.eval_per_batch))
+    except (SourceError, ValueError) as exc:
         p.exit(2, f"churn_bench: {exc}\n")
     print(f"{args.data}: served R@20 {on_data['served_recall@20']:.4f}, reached@10 {on_data['new_items_reached@10']}, "
           f"level-1 churn {on_data['level1_churn']:.3f} (max {on_data['level1_churn_max']:.3f}), top-interest churn "

@@ -532,6 +532,17 @@ def test_churn_benchmark_end_to_end(tmp_path):
     assert s["shifts"] == [300, 600, 900] and len(s["recovered_after"]) == 3
     assert 0 < s["mean_recovery_events"] <= 300
     assert s["level1_churn_stationary"] is not None and s["level1_churn_at_shifts"] is not None
+    # the same Beauty-side numbers from an earlier `sparc replay` report of the same model; another model refused
+    from cli.main import main as sparc
+
+    rep = tmp_path / "rep"
+    assert sparc(["replay", "--events", "synthetic:2?users=30&events=480&items=60&topics=4", "--variants",
+                  "evolving", "--modes", "soft,soft:served=20", "--window", "160", "--eval-per-batch", "16",
+                  "--codes", "8", "--set", "ema_decay=0.999", "--report", str(rep), "--quiet"]) == 0
+    again = churn_bench.reported(rep / "report.json", {"codes": 8, "ema_decay": 0.999})
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in d.items() if k != "seconds"}
+    with pytest.raises(ValueError, match="differs from this configuration in ema_decay"):
+        churn_bench.reported(rep / "report.json", {"codes": 8})
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**r, "label": "other", "data": {**d, "level1_churn": 0.5}}))
     png = tmp_path / "tradeoff.png"
