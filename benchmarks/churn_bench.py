@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                    else beauty(args.data, overrides, args.limit, args.window, args.eval_per_batch))
     except (SourceError, ValueError) as exc:
         p.exit(2, f"churn_bench: {exc}\n")
-    print(f"{args.data}: served R@20 {on_data['served_recall@20']:.4f}, reached@10 {on_data['new_items_reached@10']}, "
+    print(f"{args.data or args.data_report}: served R@20 {on_data['served_recall@20']:.4f}, "
+          f"reached@10 {on_data['new_items_reached@10']}, "
           f"level-1 churn {on_data['level1_churn']:.3f} (max {on_data['level1_churn_max']:.3f}), top-interest churn "
           f"{on_data['top_interest_churn']:.3f}", flush=True)
     on_shifts = shifts(args.seed, overrides, stream_overrides, args.pre, args.width, args.step)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -692,3 +694,38 @@ def test_baseline_gradients_are_bit_identical_across_runs_with_several_threads(b
     grads = repeated_gradients(lambda: baseline(500, EncoderConfig(dim=64, max_len=50, layers=1)))
     for other in grads[1:]:
         assert all(torch.equal(grads[0][k], other[k]) for k in grads[0])
+
+
+def test_popularity_adjustment_adds_t_log_q_to_every_training_logit():
+    """Logit adjustment: the global CE and the within-code CE score u . z + t log q(i), q from items.counts;
+    t = 0 is the plain loss."""
+    model = make_model(interest="marginal", conditioned_scope="code", conditioned_detach=False,
+                       attribute_dropout=0.0)
+    warm(model, steps=2)
+    model.items.counts.copy_(torch.arange(N_ITEMS + 1, dtype=torch.float) ** 2)
+    log_q = torch.log((model.items.counts + 1) / (model.items.counts.sum() + N_ITEMS + 1))
+    b = batch(7)
+    cat = model.catalogue()
+    state = model.encode(b.inputs, b.lengths, cat.z)
+    rows, cols = (b.targets > 0).nonzero(as_tuple=True)
+    y, h = b.targets[rows, cols], state.H[rows, cols]
+    code1 = cat.codes[:, 0]
+    u = model._target_code_vectors(state.H, rows, cols, model.rq.levels[0].codebook[code1[y]])
+
+    def by_hand(t: float) -> tuple[float, float]:
+        glob = F.cross_entropy(h @ cat.z[1:].T + t * log_q[1:], y - 1).detach()
+        within = []
+        for m in range(len(y)):
+            members = (code1 == code1[y[m]]).nonzero().flatten()
+            members = members[members > 0]
+            logits = u[m] @ cat.z[members].T + t * log_q[members]
+            within.append(-torch.log_softmax(logits, 0)[(members == y[m]).nonzero()[0, 0]])
+        return float(glob), float(torch.stack(within).mean().detach())
+
+    for t in (0.0, 0.7):
+        adjusted = copy.deepcopy(model)
+        adjusted.cfg = replace(model.cfg, popularity_adjustment=t)
+        glob = adjusted._retrieval_loss(h, cat.z, y)
+        within = adjusted._within_code_ce(u, cat.z, y, code1)
+        assert (float(glob.detach()), float(within.detach())) == pytest.approx(by_hand(t), rel=1e-5)
+    assert by_hand(0.7) != pytest.approx(by_hand(0.0))  # the adjustment changes the loss

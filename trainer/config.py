@@ -57,6 +57,10 @@ class SparcConfig:
     attribute_dropout: float = 0.3  # dropout on the item tower's attribute term while training (0: none)
     # main retrieval loss: exact softmax over the catalogue, or in-batch sampled softmax with logQ correction
     retrieval_loss: Literal["full", "sampled"] = "full"
+    # logit adjustment (Menon et al. 2021): the training losses score u . z + t log q(i), q(i) the item's share of
+    # the interactions learnt so far (items.counts); scores are u . z alone, i.e. ~ p(i | u) / q(i)^t: the
+    # popularity the training signal carries is taken out of what is served (0: none)
+    popularity_adjustment: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -85,6 +89,7 @@ TRAINING_ONLY_FIELDS = (
     "shuffle_bpr_weight",
     "attribute_dropout",
     "retrieval_loss",
+    "popularity_adjustment",
 )
 
 

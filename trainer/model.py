@@ -149,13 +149,22 @@ class SparcModel(nn.Module):
         a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=causal[:, None])
         return u + a[:, 0][rows, slot]
 
-    def _retrieval_loss(self, users: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """users (M, D), z (N+1, D) the catalogue, y (M,) targets in 1..N."""
-        if self.cfg.retrieval_loss == "full":
-            return full_softmax_ce(users, z[1:], y - 1)  # the padding row is never a candidate
+    def _log_popularity(self) -> torch.Tensor:
+        """(N+1,) log of each item's share of the interactions learnt so far (add-one smoothed)."""
         counts = self.items.counts
-        log_q = torch.log((counts[y] + 1.0) / (counts.sum() + counts.shape[0]))
-        return sampled_softmax_ce(users, F.embedding(y, z), y, log_q)
+        return torch.log((counts + 1.0) / (counts.sum() + counts.shape[0]))
+
+    def _retrieval_loss(self, users: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """users (M, D), z (N+1, D) the catalogue, y (M,) targets in 1..N. With popularity_adjustment t, every
+        candidate's training logit is u . z + t log q (logit adjustment)."""
+        t = self.cfg.popularity_adjustment
+        if self.cfg.retrieval_loss == "full":
+            if t:  # u . z + t log q as one product: [u, t] . [z, log q]
+                users = torch.cat([users, users.new_full((users.shape[0], 1), t)], dim=1)
+                z = torch.cat([z, self._log_popularity()[:, None]], dim=1)
+            return full_softmax_ce(users, z[1:], y - 1)  # the padding row is never a candidate
+        log_q = self._log_popularity()[y]  # the in-batch negatives' sampling bias, less the adjustment
+        return sampled_softmax_ce(users, F.embedding(y, z), y, (1.0 - t) * log_q)
 
     def _within_code_ce(self, u: torch.Tensor, z: torch.Tensor, y: torch.Tensor, code1: torch.Tensor) -> torch.Tensor:
         """Mean CE of y among the items that share its level-1 code: -log softmax_{j: c(j)=c(y)}(u . z_j)[y].
@@ -166,6 +175,8 @@ class SparcModel(nn.Module):
         if u.shape[0] == 0:
             return u.sum() * 0.0
         item_codes = code1[1:]
+        t = self.cfg.popularity_adjustment
+        bias = t * self._log_popularity() if t else None  # (N+1,) the logit adjustment
         order = torch.argsort(item_codes, stable=True) + 1  # item ids grouped by code
         ends = torch.bincount(item_codes, minlength=self.cfg.codes).cumsum(0)
         rank = torch.empty_like(order)
@@ -177,6 +188,8 @@ class SparcModel(nn.Module):
             rows = (target_code == c).nonzero(as_tuple=True)[0]
             members = order[start : int(ends[c])]
             logits = u[rows] @ z[members].T  # (M_c, N_c)
+            if bias is not None:
+                logits = logits + bias[members]
             total = total + F.cross_entropy(logits, rank[y[rows] - 1] - start, reduction="sum")
         return total / u.shape[0]
 
