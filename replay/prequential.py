@@ -113,6 +113,9 @@ class ScoreMode:
     # > 0: rank within what serving returns with this many slots (trainer.search.soft_search's quotas over the
     # top codes' lists, or hard_search's one list); every other item is a miss. 0: rank the whole catalogue.
     served: int = 0
+    # exploration slots (soft search): the first `exploit` slots by probability, the rest by p(i|u) / q(i)^lift
+    exploit: int | None = None
+    lift: float = 0.0
 
     def __post_init__(self) -> None:
         if self.search not in ("soft", "hard"):
@@ -123,10 +126,14 @@ class ScoreMode:
             raise ValueError("served lists need served >= top_codes (a slot per code), or 0 for full ranking")
         if self.served and self.global_mix:
             raise ValueError("served lists have no global mix")
+        if self.exploit is not None and (self.search != "soft" or self.exploit < self.top_codes):
+            raise ValueError("exploration slots are soft search's, with exploit >= top_codes (a slot per code)")
 
     @property
     def name(self) -> str:
         suffix = f":served={self.served}" if self.served else ""
+        if self.exploit is not None:
+            suffix += f":x={self.exploit}:lift={self.lift:g}"
         if self.search == "hard":
             return "hard" + suffix
         default = ScoreMode()
@@ -141,18 +148,18 @@ class ScoreMode:
 
     @classmethod
     def parse(cls, text: str) -> ScoreMode:
-        """"soft", "hard", "soft:k=8:t=2:mix=0.25", "hard:served=50" (k = top_codes, t = temperature,
-        mix = global_mix, served = served list length)."""
+        """"soft", "hard", "soft:k=8:t=2:mix=0.25", "hard:served=50", "soft:served=20:x=10:lift=1" (k = top_codes,
+        t = temperature, mix = global_mix, served = served list length, x = exploit slots, lift = their lift)."""
         head, *opts = text.strip().split(":")
         keys = {"k": ("top_codes", int), "t": ("temperature", float), "mix": ("global_mix", float),
-                "served": ("served", int)}
+                "served": ("served", int), "x": ("exploit", int), "lift": ("lift", float)}
         kwargs: dict = {"search": head}
         if head == "hard" and any(not o.startswith("served=") for o in opts):
             raise ValueError(f"{text!r}: hard search takes only served= (it uses the single most probable code)")
         for opt in opts:
             key, _, value = opt.partition("=")
             if key not in keys:
-                raise ValueError(f"{text!r}: unknown option {key!r}; expected k=, t=, mix= or served=")
+                raise ValueError(f"{text!r}: unknown option {key!r}; expected k=, t=, mix=, served=, x= or lift=")
             name, kind = keys[key]
             try:
                 kwargs[name] = kind(value)
@@ -301,7 +308,7 @@ class CatalogueCache:
         # paths for a matrix of very few rows, whose rounding differs from the full catalogue's
         pad = torch.arange(1, max(0, self.MIN_ROWS - len(todo)) + 1).clamp(max=rows - 1)
         z_new = model.items(torch.cat([idx, pad]))
-        codes_new = model.rq.encode(z_new)[0][: len(todo)]
+        codes_new = model.codes_of(z_new, torch.cat([idx, pad]))[: len(todo)]
         z_new = z_new[: len(todo)]
         z, codes = cat.z, cat.codes
         if rows > held:  # out of place: a catalogue handed out earlier never changes under its holder
@@ -362,7 +369,8 @@ def score_modes(
     for mode in modes:
         scores = model.score_encoded(state, cat, search=mode.search, top_codes=mode.top_codes,
                                      temperature=mode.temperature, global_mix=mode.global_mix,
-                                     served=mode.served, exclude=hidden).float()  # (S, N+1)
+                                     served=mode.served, exclude=hidden, exploit=mode.exploit,
+                                     lift=mode.lift).float()  # (S, N+1)
         ranks = target_ranks(scores, t).numpy().copy()
         rankable = (targets <= n) & torch.isfinite(scores.gather(1, t[:, None]))[:, 0].numpy()
         ranks[~rankable] = n + 1

@@ -729,3 +729,36 @@ def test_popularity_adjustment_adds_t_log_q_to_every_training_logit():
         within = adjusted._within_code_ce(u, cat.z, y, code1)
         assert (float(glob.detach()), float(within.detach())) == pytest.approx(by_hand(t), rel=1e-5)
     assert by_hand(0.7) != pytest.approx(by_hand(0.0))  # the adjustment changes the loss
+
+
+def test_code_hysteresis_holds_level1_codes_across_steps_growth_and_snapshots():
+    from trainer.online import capture_state, load_model
+
+    model = make_model(interest="marginal", conditioned_scope="code", code_hysteresis=0.5)
+    trainer = warm(model, steps=3)
+    cat = model.catalogue()
+    assert model.held_codes[0] == -1 and torch.equal(model.held_codes[1:], cat.codes[1:, 0])
+    # an item held in its second-nearest code keeps it within the margin, and leaves a far one
+    rq = model.rq.levels[0]
+    dist = torch.cdist(cat.z.detach(), rq.codebook) ** 2  # (N+1, C)
+    ratio = dist.sort(dim=1).values[:, 1] / dist.min(dim=1).values
+    near = int(torch.nonzero(ratio[1:] < 1.5)[0, 0]) + 1
+    far = int(torch.nonzero(dist[1:].max(dim=1).values > 1.6 * dist[1:].min(dim=1).values)[0, 0]) + 1
+    second, farthest = int(dist[near].argsort()[1]), int(dist[far].argmax())
+    model.held_codes[near], model.held_codes[far] = second, farthest
+    codes = model.catalogue().codes[:, 0]
+    assert codes[near] == second and codes[far] == dist[far].argmin()
+    # rows of one item give the same codes alone as in the whole catalogue
+    assert torch.equal(model.codes_of(cat.z[[far, near]], torch.tensor([far, near]))[:, 0], codes[[far, near]])
+    # the held table grows with the item table; new items hold nothing and take the nearest code
+    trainer.grow_items(N_ITEMS + 4, {N_ITEMS + 2: [1, 2]})
+    assert model.held_codes.shape == (N_ITEMS + 5,) and (model.held_codes[N_ITEMS + 1:] == -1).all()
+    grown = model.catalogue()
+    assert torch.equal(grown.codes[: N_ITEMS + 1, 0], codes)
+    # a snapshot of the grown model (no step since) restores with the same codes
+    state = capture_state(model)
+    restored = load_model(state.config, state.weights)
+    assert torch.equal(restored.catalogue().codes, grown.codes)
+    # a training step commits what the items hold now
+    trainer.step(batch(9))
+    assert torch.equal(model.held_codes[1:], model.catalogue().codes[1:, 0])

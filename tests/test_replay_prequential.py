@@ -76,6 +76,12 @@ def test_score_modes_parse_and_name():
                 "soft:mix=0.5:served=20", "hard:served=-1"):
         with pytest.raises(ValueError):
             ScoreMode.parse(bad)
+    explore = ScoreMode.parse("soft:served=20:x=10:lift=0.5")
+    assert (explore.served, explore.exploit, explore.lift) == (20, 10, 0.5)
+    assert explore.name == "soft:served=20:x=10:lift=0.5" and ScoreMode.parse(explore.name) == explore
+    for bad in ("hard:x=10", "soft:x=2", "soft:x=ten"):
+        with pytest.raises(ValueError):
+            ScoreMode.parse(bad)
     for text in ("soft:k=8:served=50", "hard:served=20"):
         assert ScoreMode.parse(text).name == text and ScoreMode.parse(text).served == int(text.rpartition("=")[2])
 
@@ -102,15 +108,17 @@ def test_served_modes_rank_only_what_serving_returns():
     n = model.items.num_items
     histories = [rng.integers(1, n + 1, size=5).tolist() for _ in range(6)]
     known = np.zeros(n + 1, dtype=np.int64)  # everything known since event 0
-    (_, soft_top, _), (_, hard_top, _) = score_modes(
+    (_, soft_top, _), (_, hard_top, _), (_, explore_top, _) = score_modes(
         learner, histories, rng.integers(1, n + 1, size=6), np.full(6, 10), known,
-        [ScoreMode(served=20), ScoreMode(search="hard", served=20)], 20)
+        [ScoreMode(served=20), ScoreMode(search="hard", served=20), ScoreMode(served=20, exploit=8, lift=1.0)], 20)
     cat = model.catalogue()
     retriever = BruteForce(cat.z.detach().numpy(), codes, model.cfg.codes)
-    for history, soft_row, hard_row in zip(histories, soft_top, hard_top, strict=True):
+    for history, soft_row, hard_row, explore_row in zip(histories, soft_top, hard_top, explore_top, strict=True):
         # the same items (the order may differ between exactly tied items: new items share attribute vectors)
         soft = retrieve(model, np.array(history), retriever, k=20, top_codes=4).items
         assert sorted(soft_row.tolist()) == sorted(soft.tolist())
+        explore = retrieve(model, np.array(history), retriever, k=20, top_codes=4, exploit=8, lift=1.0).items
+        assert sorted(explore_row.tolist()) == sorted(explore.tolist())
         assert len(set(codes[hard_row[hard_row > 0]].tolist())) == 1
         hard = retrieve(model, np.array(history), retriever, k=20, hard=True).items
         assert sorted(hard_row[hard_row > 0].tolist()) == sorted(hard.tolist())
@@ -346,9 +354,12 @@ def test_shared_scoring_gives_exactly_the_reference_results():
     assert cache.partial > 10  # fixed models took new items into their kept catalogue
 
 
-def test_kept_catalogue_rows_equal_a_full_recomputation():
+@pytest.mark.parametrize("hysteresis", [0.0, 0.3])
+def test_kept_catalogue_rows_equal_a_full_recomputation(hysteresis):
     source = drifting_stream(events=640)
-    engine = Prequential(small_settings(regimes=("evolving",), freeze_at=10_000), 640)
+    settings = small_settings(regimes=("evolving",), freeze_at=10_000)
+    settings = replace(settings, model=replace(settings.model, code_hysteresis=hysteresis))
+    engine = Prequential(settings, 640)
     for _ in engine.run(source.records()):
         pass
     learner = copy.deepcopy(engine.online)

@@ -274,3 +274,28 @@ def test_code_health_extremes():
     assert same["collision_rate"] == 1.0
     empty = code_health(torch.zeros(0, 2, dtype=torch.long), codes_per_level=4)
     assert empty["items"] == 0 and empty["collision_rate"] == 0.0 and empty["level1_utilisation"] == 0.0
+
+
+def test_assignment_hysteresis_keeps_a_held_code_within_the_margin():
+    q = VectorQuantizer(codes=3, dim=2)
+    q.codebook.copy_(torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 10.0]]))
+    # squared distances to codes 0 / 1: x=0.9 -> 0.81 / 1.21; x=1.1 -> 1.21 / 0.81; x=1.6 -> 2.56 / 0.16
+    x = torch.tensor([[0.9, 0.0], [1.1, 0.0], [1.6, 0.0], [1.1, 0.0]])
+    held = torch.tensor([1, 0, 0, -1])
+    assert q.assign(x).tolist() == [0, 1, 1, 1]  # nearest
+    assert q.assign(x, held, 0.0).tolist() == [0, 1, 1, 1]  # no margin: nearest
+    # margin 0.5: 1.21 <= 1.5 * 0.81 keeps rows 0 and 1 where they were; 2.56 > 1.5 * 0.16 moves row 2; row 3
+    # holds nothing and takes the nearest
+    assert q.assign(x, held, 0.5).tolist() == [1, 0, 1, 1]
+
+
+def test_residual_levels_below_the_first_assign_plainly_under_hysteresis():
+    rq = trained_rq(levels=2)
+    z = clustered(n=64, seed=3)
+    codes, quantised = rq.encode(z)
+    held = (codes[:, 0] + 1) % 8  # every row holds another level-1 code
+    kept, _ = rq.encode(z, held, 1e9)  # an unbounded margin: every row keeps its held code
+    assert torch.equal(kept[:, 0], held)
+    second = rq.levels[1].assign(z - rq.levels[0].codebook[held])
+    assert torch.equal(kept[:, 1], second)  # level 2 quantises the residual of the HELD codeword
+    assert torch.equal(rq.encode(z, held, 0.0)[0], codes)

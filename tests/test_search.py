@@ -3,6 +3,9 @@ against the brute-force reference of the same definition, exact LSE, serving a m
 
 from __future__ import annotations
 
+import copy
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +19,7 @@ from trainer.search import (
     allocate_quotas,
     allocate_quotas_rows,
     choose_codes,
+    explore_ranking,
     hard_search,
     hard_search_reference,
     logsumexp,
@@ -462,3 +466,119 @@ def test_served_scores_need_the_factorised_model():
     inputs, lengths = pad_histories([HISTORY], ENC.max_len)
     with pytest.raises(ValueError, match="served lists"):
         m.score(inputs, lengths, served=10)
+
+
+# ----------------------------------------------------------------- exploration slots
+
+
+@pytest.mark.parametrize("make", RETRIEVERS, ids=IDS)
+def test_soft_search_with_exploration_slots_equals_the_reference(make):
+    explored = 0
+    for seed in range(40):
+        items, item_codes, num_codes, users, weights, codes, k = random_case(seed)
+        bias = np.random.default_rng(seed).normal(scale=2.0, size=len(items))
+        exploit = int(np.random.default_rng(seed).integers(len(codes), k + 1))
+        retriever = make(items, item_codes, num_codes)
+        got = soft_search(users, weights, codes, retriever, k, exploit=exploit, bias=bias)
+        ref = soft_search_reference(users, weights, codes, items, item_codes, k, exploit=exploit, bias=bias)
+        np.testing.assert_array_equal(got.items, ref.items, err_msg=f"seed {seed}")
+        np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5, atol=1e-5)
+        assert got.explored == ref.explored
+        plain = soft_search(users, weights, codes, retriever, exploit)
+        head = len(got.items) - got.explored
+        np.testing.assert_array_equal(got.items[:head], plain.items)  # the first slots are plain soft search's
+        assert len(got.items) == min(k, np.isin(item_codes[1:], codes).sum())
+        assert len(set(got.items.tolist())) == len(got.items) and np.isin(item_codes[got.items], codes).all()
+        lift = got.scores[head:].astype(np.float64) + bias[got.items[head:]]
+        assert (np.diff(lift) <= 1e-5).all()  # explored slots by score + bias
+        explored += got.explored
+    assert explored > 100
+    with pytest.raises(ValueError, match="exploration slots need"):
+        soft_search(users, weights, codes, retriever, k + 1, exploit=k)  # no bias
+
+
+def test_exploration_slots_by_lift_reach_unpopular_items():
+    """Two lists; with a popularity bias the slots after the first go to the items the user likes for their
+    popularity, not to the most probable ones."""
+    items, item_codes, users = disjoint_codes([4, 4])
+    retriever = BruteForce(items, item_codes, 2)
+    plain = soft_search(users, np.array([0.5, 0.5]), np.array([0, 1]), retriever, 6)
+    popular = np.zeros(len(items))
+    popular[plain.items[2:]] = 50.0  # the plain list's slots 3-6 are very popular items
+    bias = -1.0 * np.log1p(popular)
+    explored = soft_search(users, np.array([0.5, 0.5]), np.array([0, 1]), retriever, 6, exploit=2, bias=bias)
+    np.testing.assert_array_equal(explored.items[:2], soft_search(users, np.array([0.5, 0.5]), np.array([0, 1]),
+                                                                  retriever, 2).items)
+    assert explored.explored == 4
+    unpopular = set(range(1, len(items))) - set(plain.items[2:].tolist()) - set(explored.items[:2].tolist())
+    assert set(explored.items[2:4].tolist()) == unpopular  # the two unpopular items come before the popular
+
+
+def test_served_scores_with_exploration_keep_soft_searchs_slots_in_order():
+    for seed in range(30):
+        items, item_codes, num_codes, _, _, _, k = random_case(seed)
+        rng = np.random.default_rng(200 + seed)
+        rows, n_codes = 5, min(3, num_codes)
+        codes = np.stack([rng.choice(num_codes, size=n_codes, replace=False) for _ in range(rows)])
+        weights = rng.dirichlet(np.ones(n_codes), size=rows)
+        users = rng.normal(size=(rows, n_codes, items.shape[1])).astype(np.float32)
+        k = max(k, n_codes + 1)
+        exploit = int(rng.integers(n_codes, k))
+        bias = rng.normal(scale=2.0, size=len(items))
+        scores = np.full((rows, len(items)), -5.0)
+        for r in range(rows):
+            for j in range(n_codes):
+                member = np.flatnonzero(item_codes == codes[r, j])
+                member = member[member > 0]
+                dots = (items[member] @ users[r, j]).astype(np.float64)
+                scores[r, member] = np.log(weights[r, j]) + dots - logsumexp(dots)
+        scores[:, 0] = -np.inf
+        served = served_scores(torch.from_numpy(scores), torch.from_numpy(np.where(np.arange(len(items)) == 0, -1,
+                                                                                    item_codes)),
+                               torch.from_numpy(codes), weights, k, exploit=exploit,
+                               bias=torch.from_numpy(bias)).numpy()
+        for r in range(rows):
+            ref = soft_search(users[r], weights[r], codes[r], BruteForce(items, item_codes, num_codes), k,
+                              exploit=exploit, bias=bias)
+            kept = np.flatnonzero(np.isfinite(served[r]))
+            order = kept[np.argsort(-served[r, kept], kind="stable")]
+            np.testing.assert_array_equal(order, ref.items, err_msg=f"seed {seed} row {r}")
+
+
+def test_explore_ranking_keeps_the_best_first_then_ranks_by_lift():
+    scores = torch.tensor([[-math.inf, -1.0, -2.0, -3.0, -4.0, -math.inf]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 5.0, 9.0])
+    ranked = explore_ranking(scores, bias, 2)[0]
+    order = torch.argsort(ranked, descending=True).tolist()
+    assert order[:4] == [1, 2, 4, 3]  # items 1, 2 kept first; then item 4 (lift 1.0) before item 3 (-3.0)
+    assert torch.isinf(ranked[[0, 5]]).all()  # padding and an excluded item stay -inf
+    assert torch.equal(explore_ranking(scores, torch.zeros(6), 2)[0].argsort(descending=True)[:5],
+                       scores[0].argsort(descending=True)[:5])  # no bias: the order is the scores'
+
+
+def test_the_models_exploration_slots_are_what_retrieve_serves(model):
+    """SparcModel.score(served=k, exploit=E, lift=...) orders exactly the items `retrieve` serves with the same
+    exploration slots (the model's own popularity bias), and the ranked form keeps the E best first."""
+    model = copy.deepcopy(model)  # the fixture is shared: popularity counts of our own
+    z, item_codes = catalogue_arrays(model)
+    model.items.counts.copy_(torch.arange(N_ITEMS + 1, dtype=torch.float) % 7 * 10)
+    rng = np.random.default_rng(2)
+    histories = [rng.integers(1, N_ITEMS + 1, size=int(rng.integers(1, ENC.max_len + 1))) for _ in range(12)]
+    inputs, lengths = pad_histories(histories, ENC.max_len)
+    served = model.score(inputs, lengths, top_codes=3, served=10, exploit=4, lift=1.0).numpy()
+    plain = model.score(inputs, lengths, top_codes=3).numpy()
+    ranked = model.score(inputs, lengths, top_codes=3, exploit=4, lift=1.0).numpy()
+    bias = model.lift_bias(1.0).numpy()
+    differs = 0
+    for row, history in enumerate(histories):
+        result = retrieve(model, history, BruteForce(z, item_codes, CODES), k=10, top_codes=3, exploit=4, lift=1.0)
+        kept = np.flatnonzero(np.isfinite(served[row]))
+        np.testing.assert_array_equal(kept[np.argsort(-served[row, kept], kind="stable")], result.items)
+        order = np.argsort(-ranked[row], kind="stable")
+        np.testing.assert_array_equal(order[:4], np.argsort(-plain[row], kind="stable")[:4])
+        rest = order[4:][np.isfinite(ranked[row, order[4:]])]
+        assert (np.diff(plain[row, rest] + bias[rest]) <= 1e-5).all()  # then by lift
+        differs += not np.array_equal(order[:10], np.argsort(-plain[row], kind="stable")[:10])
+    assert differs > 0  # the bias changed some lists
+    with pytest.raises(ValueError, match="exploration slots are soft search's"):
+        model.score(inputs, lengths, search="hard", exploit=4)

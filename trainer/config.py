@@ -37,6 +37,9 @@ class SparcConfig:
     levels: int = 3
     codes: int = 64
     ema_decay: float = 0.95
+    # level-1 hysteresis (trainer.rq.VectorQuantizer.assign): an item keeps its interest (level-1 code) until
+    # another codeword is closer by this relative margin in squared distance (0: always the nearest codeword)
+    code_hysteresis: float = 0.0
     commitment: float = 0.05  # weight of ||z - sg(quantised)||^2 (pulls items towards their codewords)
     dead_code_threshold: float = 0.5  # EMA cluster size under which a codeword is revived
     # interest module: "head" = a tower trained with CE on the target's level-1 code;

@@ -19,7 +19,7 @@ from trainer.batches import Batch
 from trainer.config import SparcConfig
 from trainer.losses import full_softmax_ce, sampled_softmax_ce
 from trainer.rq import ResidualQuantizer
-from trainer.search import served_scores
+from trainer.search import explore_ranking, served_scores
 from trainer.towers import CausalEncoder, ItemTower, last_state
 
 HARD_EPS = 1e-30  # hard search: probability left to the codes other than the argmax (they rank below its items)
@@ -61,6 +61,8 @@ class SparcModel(nn.Module):
                                attribute_dropout=cfg.attribute_dropout)
         self.encoder = CausalEncoder(cfg.encoder)
         self.rq = ResidualQuantizer(cfg.levels, cfg.codes, d, cfg.ema_decay, cfg.dead_code_threshold)
+        if cfg.code_hysteresis > 0:  # each item's level-1 code as of the last training step (-1: none yet)
+            self.register_buffer("held_codes", torch.full((cfg.num_items + 1,), -1, dtype=torch.long))
         self.interest = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))  # q(h); logits = q . E1^T
         self.code_proj = nn.Linear(d, d)  # W e_c
         nn.init.zeros_(self.code_proj.weight)
@@ -74,8 +76,30 @@ class SparcModel(nn.Module):
     def catalogue(self, *, dropout: bool = False) -> Catalogue:
         """The whole catalogue; dropout=True (the training loss only) applies the item tower's attribute dropout."""
         z = self.items(dropout=dropout)  # (N+1, D)
-        codes, _ = self.rq.encode(z)
-        return Catalogue(z=z, codes=codes)
+        return Catalogue(z=z, codes=self.codes_of(z))
+
+    def codes_of(self, z: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes (n, L) of item vectors z (n, D): those of `items` (n,), or of the whole catalogue (items None,
+        row i = item i). With code_hysteresis, level 1 keeps each item's held code within the margin."""
+        return self.rq.encode(z, self._held(z.shape[0], items), self.cfg.code_hysteresis)[0]
+
+    def _held(self, rows: int, items: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The held level-1 codes of `items` (or of rows 0..rows-1), -1 beyond the held table; None without
+        hysteresis."""
+        if self.cfg.code_hysteresis <= 0:
+            return None
+        held = self.held_codes
+        if items is None:
+            items = torch.arange(rows)
+        return torch.where(items < held.shape[0], held[items.clamp(max=held.shape[0] - 1)], -1)
+
+    def grow_(self, num_items: int, item_attributes: dict[int, list[int]] | None = None) -> bool:
+        """ItemTower.grow_, keeping the held codes as long as the item table (new items hold none)."""
+        grown = self.items.grow_(num_items, item_attributes)
+        if grown and self.cfg.code_hysteresis > 0:
+            pad = torch.full((num_items + 1 - self.held_codes.shape[0],), -1, dtype=torch.long)
+            self.held_codes = torch.cat([self.held_codes, pad])
+        return grown
 
     def encode(
         self,
@@ -237,7 +261,7 @@ class SparcModel(nn.Module):
             total = total + self.cfg.shuffle_bpr_weight * bpr
             metrics["loss_shuffle_bpr"] = float(bpr.detach())
         if self.cfg.commitment > 0:
-            _, quantised = self.rq.encode(zy)
+            _, quantised = self.rq.encode(zy, self._held(0, y), self.cfg.code_hysteresis)
             commit = F.mse_loss(zy, quantised)
             total = total + self.cfg.commitment * commit
             metrics["loss_commit"] = float(commit.detach())
@@ -252,7 +276,12 @@ class SparcModel(nn.Module):
             return {"revived": 0}
         y = batch.targets[batch.targets > 0]
         self.items.counts.index_add_(0, y, torch.ones(y.shape[0]))
-        return self.rq.update_(self.items(y, dropout=True), generator)
+        out = self.rq.update_(self.items(y, dropout=True), generator, self._held(0, y), self.cfg.code_hysteresis)
+        if self.cfg.code_hysteresis > 0 and not bool(self.rq.levels[0].frozen):
+            held = self.catalogue().codes[:, 0]  # what the items hold from now on
+            held[0] = -1
+            self.held_codes = held
+        return out
 
     # ----------------------------------------------------------------- scoring
     @torch.no_grad()
@@ -266,6 +295,8 @@ class SparcModel(nn.Module):
         temperature: float = 1.0,
         global_mix: float = 0.0,
         served: int = 0,
+        exploit: int | None = None,
+        lift: float = 0.0,
     ) -> torch.Tensor:
         """Full-catalogue scores (B, N+1) (higher is better; column 0 is padding and -inf).
 
@@ -278,12 +309,20 @@ class SparcModel(nn.Module):
         served=k > 0 (conditioned_scope "code", global_mix 0): what serving returns with k slots, as scores: the
               items of trainer.search.soft_search (the `top_codes` codes' lists, per-code quotas, free slots) or
               hard_search (the argmax code's top k) keep their scores above, every other item is -inf.
+        exploit=E (soft search): exploration slots (trainer.search, step 5) with the item bias `lift_bias(lift)`:
+              the E most probable items first, then the others by p(i | u) / q(i)^lift (the served lists'
+              remaining slots from the chosen codes' lists); the values then encode that order.
         """
         cat = self.catalogue()
         return self.score_encoded(
-            self.encode(inputs, lengths, cat.z), cat,
-            search=search, top_codes=top_codes, temperature=temperature, global_mix=global_mix, served=served,
+            self.encode(inputs, lengths, cat.z), cat, search=search, top_codes=top_codes, temperature=temperature,
+            global_mix=global_mix, served=served, exploit=exploit, lift=lift,
         )
+
+    def lift_bias(self, lift: float) -> torch.Tensor:
+        """(N+1,) -lift * log q(i), q(i) the item's share of the interactions learnt (items.counts): added to a log
+        probability it ranks items by p(i | u) / q(i)^lift, what a user takes unusually often for its popularity."""
+        return -lift * self._log_popularity()
 
     @torch.no_grad()
     def score_encoded(
@@ -297,18 +336,23 @@ class SparcModel(nn.Module):
         global_mix: float = 0.0,
         served: int = 0,
         exclude: torch.Tensor | None = None,
+        exploit: int | None = None,
+        lift: float = 0.0,
     ) -> torch.Tensor:
         """`score` from an encoded batch and its catalogue, for callers that score one batch several ways.
         exclude (B, N+1) bool: items a row must not be served (e.g. not known yet); with `served` they take no
         slot (they are removed before the lists are filled), otherwise they simply score -inf."""
+        if exploit is not None and search != "soft":
+            raise ValueError("exploration slots are soft search's (exploit needs search='soft')")
         logits_c = self._memo(state, cat, ("interest",),
                               lambda: self.interest_logits(state.h, cat.z, cat.codes)) / temperature  # (B, C)
         if served:
             return self._served_scores(state, cat, logits_c, search, top_codes, global_mix, served, exclude,
-                                       temperature)
+                                       temperature, exploit, lift)
         scores = self._memo(state, cat, ("scores", search, top_codes, temperature, global_mix),
                             lambda: self._scores(state, cat, logits_c, search, top_codes, global_mix))
-        return scores if exclude is None else scores.masked_fill(exclude, -math.inf)
+        scores = scores if exclude is None else scores.masked_fill(exclude, -math.inf)
+        return scores if exploit is None else explore_ranking(scores, self.lift_bias(lift), exploit)
 
     @staticmethod
     def _memo(state: UserState, cat: Catalogue, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -351,7 +395,7 @@ class SparcModel(nn.Module):
         return (torch.log_softmax(logits_c, dim=-1) + math.log(HARD_EPS)).scatter(1, best, 0.0)
 
     def _served_scores(self, state, cat, logits_c, search: str, top_codes: int, global_mix: float, k: int,
-                       exclude: torch.Tensor | None, temperature: float):
+                       exclude: torch.Tensor | None, temperature: float, exploit: int | None, lift: float):
         """`score_encoded(served=k)`: the factorised scores kept on the items serving returns, -inf elsewhere."""
         if self.cfg.conditioned_scope != "code" or global_mix > 0:
             raise ValueError("served lists are defined for conditioned_scope 'code' without a global mix")
@@ -366,7 +410,8 @@ class SparcModel(nn.Module):
             scores = scores.masked_fill(exclude, -math.inf)
         weights, codes = torch.softmax(logits_c, dim=-1).topk(top_codes, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).numpy()  # renormalised, as choose_codes does
-        return served_scores(scores, cat.level1(), codes, weights, k)
+        return served_scores(scores, cat.level1(), codes, weights, k, exploit=exploit,
+                             bias=None if exploit is None else self.lift_bias(lift))
 
     def _factorised_scores(self, state: UserState, cat: Catalogue, logits_c: torch.Tensor, top_codes: int):
         """log p(i) = log p(c(i)) + log p(i | c(i)) for the factorised model (conditioned_scope "code").

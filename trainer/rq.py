@@ -45,11 +45,21 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialised", torch.tensor(False))
         self.register_buffer("frozen", torch.tensor(False))
 
-    def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, D) -> nearest code ids (N,)."""
+    def assign(self, x: torch.Tensor, held: torch.Tensor | None = None, margin: float = 0.0) -> torch.Tensor:
+        """x: (N, D) -> nearest code ids (N,).
+
+        Hysteresis: with held (N,) codes (-1: none) and margin > 0, a row keeps its held code as long as
+        ||x - e_held||^2 <= (1 + margin) * min_c ||x - e_c||^2, so a vector near a boundary does not flip codes
+        with every small move of itself or of the codewords."""
         # ||x||^2 is constant per row: argmin ||x - e||^2 = argmin (||e||^2 - 2 x.e)
         dist = (self.codebook * self.codebook).sum(dim=1)[None, :] - 2.0 * (x @ self.codebook.T)
-        return dist.argmin(dim=1)
+        best = dist.argmin(dim=1)
+        if held is None or margin <= 0:
+            return best
+        full = (dist + (x * x).sum(dim=1, keepdim=True)).clamp(min=0)  # squared distances
+        near = full.gather(1, best[:, None])[:, 0]
+        kept = full.gather(1, held.clamp(min=0)[:, None])[:, 0]
+        return torch.where((held >= 0) & (kept <= (1.0 + margin) * near), held, best)
 
     def _updating(self) -> bool:
         return self.training and not bool(self.frozen)
@@ -108,13 +118,16 @@ class ResidualQuantizer(nn.Module):
         """(L, C, D) stacked codebooks."""
         return torch.stack([q.codebook for q in self.levels])
 
-    def encode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z: (N, D) -> codes (N, L) and the quantised sum (N, D) (no gradient through the codebooks)."""
+    def encode(
+        self, z: torch.Tensor, held: torch.Tensor | None = None, margin: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z: (N, D) -> codes (N, L) and the quantised sum (N, D) (no gradient through the codebooks).
+        held (N,), margin: the level-1 hysteresis of VectorQuantizer.assign (levels below assign plainly)."""
         residual = z.detach()
         quantised = torch.zeros_like(residual)
         codes = []
-        for q in self.levels:
-            c = q.assign(residual)
+        for level, q in enumerate(self.levels):
+            c = q.assign(residual, held, margin) if level == 0 else q.assign(residual)
             e = q.codebook[c]
             quantised = quantised + e
             residual = residual - e
@@ -126,17 +139,25 @@ class ResidualQuantizer(nn.Module):
         return sum(q.codebook[codes[:, l]] for l, q in enumerate(self.levels))
 
     @torch.no_grad()
-    def update_(self, z: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+    def update_(
+        self,
+        z: torch.Tensor,
+        generator: torch.Generator | None = None,
+        held: torch.Tensor | None = None,
+        margin: float = 0.0,
+    ) -> dict:
         """One streaming update from a batch of item vectors z (N, D): k-means init on first use, EMA,
-        dead-code revival from the batch's residuals. Returns {"revived": n}. No-op when frozen or in eval."""
+        dead-code revival from the batch's residuals. Returns {"revived": n}. No-op when frozen or in eval.
+        held, margin: level 1 assigns with `encode`'s hysteresis (its EMA follows the codes it serves)."""
         residual = z.detach().float()
         revived = 0
-        for q in self.levels:
+        for level, q in enumerate(self.levels):
+            sticky = (held, margin) if level == 0 else (None, 0.0)
             q.init_(residual, generator)
-            c = q.assign(residual)
+            c = q.assign(residual, *sticky)
             q.update_(residual, c)
             revived += q.revive_(residual, generator)
-            residual = residual - q.codebook[q.assign(residual)]
+            residual = residual - q.codebook[q.assign(residual, *sticky)]
         return {"revived": revived}
 
     def freeze_(self, frozen: bool = True) -> None:

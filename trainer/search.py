@@ -12,7 +12,11 @@ soft_search for one user, given chosen codes c_1..c_K (distinct), renormalised w
   3. free slots: when lists are shorter than their quotas, the slots left over go to the best remaining items
      of ALL chosen lists (those beyond their code's quota) by the same score (score descending, then id
      ascending); fewer than k items come back only when the chosen lists hold fewer than k items together;
-  4. the answer is sorted by score descending, ties by id ascending.
+  4. the answer is sorted by score descending, ties by id ascending;
+  5. exploration slots (exploit = E < k, and an item bias b, e.g. -lift * log popularity): steps 1-4 fill the first
+     E slots (the model's most probable items), and the k - E slots after them go to the best remaining items of
+     the same lists by score(i) + b(i) (ties by id), e.g. by p(i) / q(i)^lift: items this user is unusually likely
+     to take for how popular they are. Their scores stay log mixture probabilities; the order is the slots'.
 hard_search: the argmax code's list only, top-k by u . z (fewer than k when the list is smaller).
 
 Retrievers (the `CodeRetriever` protocol: per-list scans with exact LSE):
@@ -86,14 +90,17 @@ class CodeRetriever(Protocol):
     def list_sizes(self, codes: np.ndarray) -> np.ndarray:
         """(K,) codes -> (K,) number of items in each code's list."""
 
-    def scan(self, user_vectors: np.ndarray, codes: np.ndarray, m: np.ndarray) -> list[ListScan]:
-        """user_vectors (K, D), codes (K,), m (K,): the best m[k] items of list codes[k] by user_vectors[k] . z,
-        and the exact logsumexp over that whole list."""
+    def scan(
+        self, user_vectors: np.ndarray, codes: np.ndarray, m: np.ndarray, bias: np.ndarray | None = None
+    ) -> list[ListScan]:
+        """user_vectors (K, D), codes (K,), m (K,): the best m[k] items of list codes[k] by user_vectors[k] . z
+        (+ bias[item] when a bias (N+1,) is given), and the exact logsumexp of u . z over that whole list."""
 
 
-def _scan_list(ids: np.ndarray, dots: np.ndarray, want: int) -> ListScan:
-    """A whole list's u . z (`dots` over `ids`) -> its best `want` items and the exact LSE."""
-    order = top_order(dots, ids, want)
+def _scan_list(ids: np.ndarray, dots: np.ndarray, want: int, bias: np.ndarray | None = None) -> ListScan:
+    """A whole list's u . z (`dots` over `ids`) -> its best `want` items (by dots + bias[ids] with a bias) and the
+    exact LSE of the dots."""
+    order = top_order(dots if bias is None else dots + bias[ids], ids, want)
     return ListScan(ids=ids[order], dots=dots[order], lse=logsumexp(dots))
 
 
@@ -122,12 +129,14 @@ class BruteForce:
     def list_sizes(self, codes: np.ndarray) -> np.ndarray:
         return self._sizes[np.asarray(codes, dtype=np.int64)]
 
-    def scan(self, user_vectors: np.ndarray, codes: np.ndarray, m: np.ndarray) -> list[ListScan]:
+    def scan(
+        self, user_vectors: np.ndarray, codes: np.ndarray, m: np.ndarray, bias: np.ndarray | None = None
+    ) -> list[ListScan]:
         dots = np.asarray(user_vectors, dtype=np.float32) @ self.vectors.T  # (K, N+1): the whole catalogue
         out = []
         for row, code, want in zip(dots, np.asarray(codes).tolist(), np.asarray(m).tolist(), strict=True):
             ids = np.flatnonzero(self.codes == code)
-            out.append(_scan_list(ids, row[ids], want))
+            out.append(_scan_list(ids, row[ids], want, bias))
         return out
 
 
@@ -243,15 +252,17 @@ class CodeIndex:
         """(ids (n,), vectors (n, D)) of one list: read-only zero-copy views, in the index's own order."""
         return self._list_ids[code], self._list_vectors[code]
 
-    def scan(self, user_vectors: np.ndarray, codes: np.ndarray, m: np.ndarray) -> list[ListScan]:
+    def scan(
+        self, user_vectors: np.ndarray, codes: np.ndarray, m: np.ndarray, bias: np.ndarray | None = None
+    ) -> list[ListScan]:
         user_vectors = np.ascontiguousarray(user_vectors, dtype=np.float32)
         codes = np.asarray(codes, dtype=np.int64)
         wants = np.asarray(m, dtype=np.int64).tolist()
-        if self.method == "faiss":
+        if self.method == "faiss" and bias is None:  # faiss ranks by u . z alone: a bias takes the numpy scan
             return self._scan_faiss(user_vectors, codes, wants)
         out = []
         for u, code, want in zip(user_vectors, codes.tolist(), wants, strict=True):
-            out.append(_scan_list(self._list_ids[code], self._list_vectors[code] @ u, want))
+            out.append(_scan_list(self._list_ids[code], self._list_vectors[code] @ u, want, bias))
         return out
 
     def _scan_faiss(self, user_vectors: np.ndarray, codes: np.ndarray, wants: list[int]) -> list[ListScan]:
@@ -360,6 +371,7 @@ class SearchResult:
     codes: np.ndarray  # (K,) the level-1 codes searched
     weights: np.ndarray  # (K,) their renormalised probabilities
     quotas: np.ndarray  # (K,) slots given to each code before free slots were redistributed
+    explored: int = 0  # exploration slots: the last `explored` items, ordered by score + bias (module doc)
 
 
 def allocate_quotas(weights: np.ndarray, k: int) -> np.ndarray:
@@ -400,10 +412,27 @@ def _sorted_by_score(items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray,
 
 
 def soft_search(
-    user_vectors: np.ndarray, weights: np.ndarray, codes: np.ndarray, retriever: CodeRetriever, k: int
+    user_vectors: np.ndarray,
+    weights: np.ndarray,
+    codes: np.ndarray,
+    retriever: CodeRetriever,
+    k: int,
+    *,
+    exploit: int | None = None,
+    bias: np.ndarray | None = None,
 ) -> SearchResult:
     """user_vectors (K, D): one per chosen code; weights (K,) sum to 1; codes (K,) distinct. The merged top-k
-    (module docstring: per-code lists, exact LSE, quotas, free slots to the best remaining candidates)."""
+    (module docstring: per-code lists, exact LSE, quotas, free slots to the best remaining candidates); with
+    `exploit` < k and an item `bias` (N+1,), the slots after the first `exploit` explore (module doc, step 5)."""
+    if exploit is not None and exploit < k:
+        if bias is None or exploit < len(codes):
+            raise ValueError(f"exploration slots need an item bias and exploit >= the codes searched ({len(codes)})")
+        head = soft_search(user_vectors, weights, codes, retriever, exploit)
+        items, scores = _explore(user_vectors, weights, np.asarray(codes, dtype=np.int64), retriever,
+                                 k - len(head.items), bias, head.items)
+        return SearchResult(items=np.concatenate([head.items, items]),
+                            scores=np.concatenate([head.scores, scores.astype(np.float32)]), codes=head.codes,
+                            weights=weights, quotas=head.quotas, explored=len(items))
     codes = np.asarray(codes, dtype=np.int64)
     if len(np.unique(codes)) != len(codes):
         raise ValueError(f"codes searched must be distinct, got {codes.tolist()}")
@@ -430,6 +459,23 @@ def soft_search(
     return SearchResult(items=items, scores=merged.astype(np.float32), codes=codes, weights=weights, quotas=quotas)
 
 
+def _explore(user_vectors, weights, codes, retriever: CodeRetriever, n: int, bias: np.ndarray,
+             taken: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The best n items of the chosen lists that are not `taken`, by log p_k + u_k.z - LSE_k + bias (ties by id):
+    (ids, their log mixture probabilities), best first."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    wants = np.minimum(retriever.list_sizes(codes), n + len(taken))  # enough left after the taken ones
+    ids, scores = [], []
+    for scan, lw in zip(retriever.scan(user_vectors, codes, wants, bias), _log(weights).tolist(), strict=True):
+        fresh = ~np.isin(scan.ids, taken)
+        ids.append(scan.ids[fresh])
+        scores.append(lw + scan.dots[fresh].astype(np.float64) - scan.lse)
+    ids, scores = np.concatenate(ids).astype(np.int64), np.concatenate(scores)
+    order = np.lexsort((ids, -(scores + bias[ids])))[:n]
+    return ids[order], scores[order]
+
+
 def hard_search(user_vector: np.ndarray, code: int, retriever: CodeRetriever, k: int) -> SearchResult:
     """The list of `code` only: its top-k by u . z (fewer when the list is smaller)."""
     (scan,) = retriever.scan(np.asarray(user_vector, dtype=np.float32)[None], np.array([code]), np.array([k]))
@@ -444,9 +490,29 @@ def soft_search_reference(
     item_vectors: np.ndarray,
     item_codes: np.ndarray,
     k: int,
+    *,
+    exploit: int | None = None,
+    bias: np.ndarray | None = None,
 ) -> SearchResult:
     """The definition (module docstring) by brute force with numpy over ALL items and full sorts: u_k . z for
     every item, members of each list by mask. Independent of the retrievers (tests; recall in the benchmark)."""
+    if exploit is not None and exploit < k:
+        head = soft_search_reference(user_vectors, weights, codes, item_vectors, item_codes, exploit)
+        item_codes = np.asarray(item_codes, dtype=np.int64)
+        ids, scores = [], []
+        for u, code, lw in zip(np.asarray(user_vectors, dtype=np.float32), np.asarray(codes).tolist(),
+                                _log(weights).tolist(), strict=True):
+            members = np.flatnonzero(item_codes == code)
+            members = members[members > 0]
+            s = np.asarray(item_vectors, dtype=np.float32)[members] @ u
+            fresh = ~np.isin(members, head.items)
+            ids.append(members[fresh])
+            scores.append(lw + s[fresh].astype(np.float64) - logsumexp(s))
+        ids, scores = np.concatenate(ids).astype(np.int64), np.concatenate(scores)
+        order = np.lexsort((ids, -(scores + np.asarray(bias)[ids])))[: k - len(head.items)]
+        return SearchResult(items=np.concatenate([head.items, ids[order]]),
+                            scores=np.concatenate([head.scores, scores[order].astype(np.float32)]),
+                            codes=head.codes, weights=weights, quotas=head.quotas, explored=len(order))
     codes = np.asarray(codes, dtype=np.int64)
     item_codes = np.asarray(item_codes, dtype=np.int64)
     quotas = allocate_quotas(weights, k)
@@ -487,7 +553,7 @@ def allocate_quotas_rows(weights: np.ndarray, k: int) -> np.ndarray:
     return quotas + (position < rest[:, None]) + 1
 
 
-def served_scores(scores, item_codes, codes, weights, k: int):
+def served_scores(scores, item_codes, codes, weights, k: int, *, exploit: int | None = None, bias=None):
     """soft_search's answers for a batch, from full-catalogue scores: what a user is served, as a score matrix.
 
     scores (S, N+1): each row's log mixture probability of every item (torch; only the order within each list
@@ -496,9 +562,29 @@ def served_scores(scores, item_codes, codes, weights, k: int):
     probabilities (any positive scale per row). Returns scores (S, N+1) equal to `scores` on the items soft search
     serves with k slots (quotas, free slots: the module docstring) and -inf elsewhere. Ties are broken by torch's
     topk, not by id: exact equality with soft_search holds where scores are distinct.
+    With exploration slots (exploit < k, bias (N+1,) torch; module doc, step 5) the served items get values that
+    encode their slots instead (the first `exploit` by score, then the explored ones by score + bias: higher is
+    earlier), -inf elsewhere; here `scores` must be exact log mixture probabilities within the chosen lists.
     """
     import torch
 
+    if exploit is not None and exploit < k:
+        head = served_scores(scores, item_codes, codes, weights, exploit)
+        taken = torch.isfinite(head)
+        member = (item_codes[None, None, :] == codes[:, :, None]).any(dim=1)  # (S, N+1) in a chosen list
+        lift = (scores + bias).masked_fill(~member | taken, -math.inf)
+        width = min(k, scores.shape[1])
+        explore_v, explore_at = lift.topk(width, dim=1)
+        room = k - taken.sum(dim=1, keepdim=True)  # (S, 1)
+        explore_ok = (torch.arange(width)[None, :] < room) & torch.isfinite(explore_v)
+        head_v, head_at = head.topk(min(exploit, scores.shape[1]), dim=1)
+        out = torch.full_like(scores, -math.inf)
+        slots = torch.arange(2 * k, 0, -1, dtype=scores.dtype)  # 2k, 2k-1, ..., 1: a value per slot
+        out.scatter_(1, head_at, torch.where(torch.isfinite(head_v), slots[None, : head_at.shape[1]], -math.inf))
+        value = torch.where(explore_ok, slots[k : k + width][None, :], -math.inf)
+        rows = torch.arange(scores.shape[0])[:, None].expand_as(explore_at)
+        out[rows[explore_ok], explore_at[explore_ok]] = value[explore_ok]
+        return out
     S, K = codes.shape
     quotas = torch.from_numpy(allocate_quotas_rows(np.asarray(weights), k))  # (S, K)
     vals, ids = [], []
@@ -522,6 +608,19 @@ def served_scores(scores, item_codes, codes, weights, k: int):
     rows = torch.arange(S)[:, None].expand_as(chosen)
     out[rows[keep], chosen[keep]] = scores[rows[keep], chosen[keep]]
     return out
+
+
+def explore_ranking(scores, bias, exploit: int):
+    """Full-catalogue scores (S, N+1, torch) ranked with exploration slots (module doc, step 5, over the whole
+    catalogue): the `exploit` highest-scoring items of each row first, in score order, then every other item by
+    score + bias (N+1,). Returns values that encode this order (higher is earlier); -inf stays -inf."""
+    import torch
+
+    lift = scores + bias
+    top_v, top_at = scores.topk(min(exploit, scores.shape[1]), dim=1)
+    ceiling = lift.masked_fill(~torch.isfinite(lift), -math.inf).amax(dim=1, keepdim=True)
+    above = ceiling + torch.arange(top_at.shape[1], 0, -1, dtype=scores.dtype)[None, :]  # ceiling + E, ..., + 1
+    return lift.scatter(1, top_at, torch.where(torch.isfinite(top_v), above, -math.inf))
 
 
 def hard_search_reference(
@@ -550,12 +649,15 @@ def retrieve(
     hard: bool = False,
     rng: np.random.Generator | None = None,
     catalogue=None,
+    exploit: int | None = None,
+    lift: float = 0.0,
 ) -> SearchResult:
     """Serve one user with a SparcModel: interest distribution -> codes -> user vectors -> per-code search.
 
     history: the user's items, oldest first. The retriever must index the model's current item vectors and
     level-1 codes (model.catalogue()); `catalogue` passes that catalogue in, computed once (a frozen model's
-    catalogue does not change), instead of recomputing it for every request.
+    catalogue does not change), instead of recomputing it for every request. exploit < k: the slots after the
+    first `exploit` explore by p(i | u) / q(i)^lift (soft_search's step 5, model.lift_bias).
     """
     import torch
 
@@ -577,4 +679,5 @@ def retrieve(
             return hard_search(u, code, retriever, k)
         codes, weights = choose_codes(probs, top_codes, explore, rng)
         u = model.code_vectors(state, torch.from_numpy(codes)[None])[0].numpy()  # (K, D)
-    return soft_search(u, weights, codes, retriever, k)
+        bias = None if exploit is None else model.lift_bias(lift).double().numpy()
+    return soft_search(u, weights, codes, retriever, k, exploit=exploit, bias=bias)

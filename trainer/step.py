@@ -42,7 +42,7 @@ class Trainer:
         """Grow the model's item table to `num_items` and carry the optimiser state of the grown parameter."""
         tower = self.model.items
         old = tower.id_embedding
-        if not tower.grow_(num_items, item_attributes):
+        if not getattr(self.model, "grow_", tower.grow_)(num_items, item_attributes):
             return
         new = tower.id_embedding
         state = self.optimizer.state.pop(old, None)
