@@ -5,7 +5,8 @@ validation and test users, so variants can be compared on validation before any 
         --set attribute_dropout=0.3 --set conditioned_detach=true --out runs/ablation/ad03_detach.json
 
 Scorings of the one trained model: soft search at each global mix of the grid (the weight of the single-vector
-softmax in the mixture; `sparc evaluate` picks one on 8,000 validation users) and hard search. Each gets raw
+softmax in the mixture; `sparc evaluate` picks one on 8,000 validation users), soft search with exploration slots
+(the first 10 by probability, the rest by p(i|u) / q(i)^lift, at each --lift-grid value) and hard search. Each gets raw
 validation and test Recall/NDCG@10, R@20, masked test NDCG@10, coverage@20 and tail share. The variant chosen on
 validation is the soft scoring with the highest validation NDCG@10 among `sparc evaluate`'s grid (0, 0.5, 0.9),
 reported as "chosen"; mix 1.0 (the single vector alone) is scored for comparison.
@@ -33,6 +34,7 @@ from replay.evaluate import EvalSettings, _metrics_block, fit_sparc, soft_scorer
 from replay.metrics import interests_per_list
 
 MIX_GRID = (0.0, 0.5, 0.9, 1.0)
+EXPLOIT = 10  # exploration scorings: the top 10 by probability (what Recall/NDCG@10 see), then by lift
 
 
 def summary(block: dict, item_codes: np.ndarray) -> dict:
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: TrainConfig's 200)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--top-codes", type=int, default=4, help="codes soft search draws (default 4)")
+    p.add_argument("--lift-grid", default="0.5,1.0", help="lifts of the exploration-slot scorings (default 0.5,1.0)")
     p.add_argument("--out", type=Path, required=True, help="write the JSON result here")
     args = p.parse_args(argv)
     if args.threads:
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained: {res.epochs} epochs (best {res.best_epoch}, {res.stopped}), {res.seconds:.0f} s", flush=True)
 
     scorings = {f"soft/mix={mix}": soft_scorer(model, args.top_codes, mix) for mix in MIX_GRID}
+    for lift in (float(x) for x in args.lift_grid.split(",") if x.strip()):
+        scorings[f"soft/x={EXPLOIT}:lift={lift:g}"] = soft_scorer(model, args.top_codes, 0.0, EXPLOIT, lift)
     scorings["hard"] = lambda inputs, lengths: model.score(inputs, lengths, search="hard")
     results, codes = {}, model.catalogue().level1().numpy()
     for name, fn in scorings.items():

@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "per-code quotas over the top codes; hard search's single code list; items not served are "
                         "misses), reported under \"served\" in each model's results (default 0: off; 20 matches "
                         "the top-20 metrics)")
+    p.add_argument("--exploit", type=int, default=None, metavar="E",
+                   help="exploration slots of soft search: the first E slots by the model's probability, the rest "
+                        "by p(i|u) / q(i)^LIFT, q the item's popularity (default: off)")
+    p.add_argument("--lift", type=float, default=1.0,
+                   help="with --exploit: the popularity exponent of the exploration slots (default 1.0)")
     p.add_argument("--set", dest="sparc_set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a SparcConfig field for sparc/sparc-hard, VALUE as JSON or a bare word "
                         "(repeatable), e.g. --set tower_attention=false --set interest=head")
@@ -92,7 +97,11 @@ def settings_from_args(args: argparse.Namespace):
     if args.served and args.served < max(top_codes, 20):
         raise UserError(f"--served {args.served}: needs at least 20 slots (the top-20 metrics) and one per code "
                         f"searched ({top_codes})")
-    return replace(s, train=train, sparc=sparc, top_codes=top_codes, served=args.served)
+    if args.exploit is not None and (args.exploit < top_codes or not args.lift >= 0):
+        raise UserError(f"--exploit {args.exploit} --lift {args.lift}: needs at least one slot per code searched "
+                        f"({top_codes}) and a lift >= 0")
+    explore = {} if args.exploit is None else {"exploit": args.exploit, "lift": args.lift}
+    return replace(s, train=train, sparc=sparc, top_codes=top_codes, served=args.served, **explore)
 
 
 def run(args: argparse.Namespace) -> int:

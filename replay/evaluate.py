@@ -41,6 +41,10 @@ class EvalSettings:
     # > 0: also score sparc and sparc-hard by the lists serving returns with this many slots (SparcModel.score's
     # `served`: soft_search's quotas over the top codes, hard_search's one list), reported under "served"
     served: int = 0
+    # exploration slots of soft search (trainer.search, step 5): the first `exploit` slots by probability, the
+    # rest by p(i | u) / q(i)^lift (None: off). Validation NDCG@10 does not see them when exploit >= 10
+    exploit: int | None = None
+    lift: float = 0.0
     progress: bool = True
 
 
@@ -109,10 +113,11 @@ def interest_hit_rates(model: SparcModel, split: LeaveOneOut, max_len: int, ks=(
     return {f"interest_hit@{k}": hits[k] / len(split.test_targets) for k in ks}
 
 
-def soft_scorer(model: SparcModel, top_codes: int, global_mix: float):
-    """Full-catalogue soft-search scores of `model`, as a ScoreFn."""
+def soft_scorer(model: SparcModel, top_codes: int, global_mix: float, exploit: int | None = None,
+                lift: float = 0.0):
+    """Full-catalogue soft-search scores of `model` (with exploration slots when `exploit` is set), as a ScoreFn."""
     return lambda inputs, lengths: model.score(
-        inputs, lengths, search="soft", top_codes=top_codes, global_mix=global_mix
+        inputs, lengths, search="soft", top_codes=top_codes, global_mix=global_mix, exploit=exploit, lift=lift
     )
 
 
@@ -123,7 +128,7 @@ def fit_sparc(ds: SequenceDataset, split: LeaveOneOut, settings: EvalSettings, v
     the grid's first global mix. The model is returned in eval mode."""
     torch.manual_seed(settings.seed)
     model = build_sparc(ds, settings, num_attributes)
-    score = soft_scorer(model, settings.top_codes, settings.global_mix_grid[0])
+    score = soft_scorer(model, settings.top_codes, settings.global_mix_grid[0], settings.exploit, settings.lift)
     max_len = settings.encoder.max_len
     result = fit(model, split.train, max_len, replace(settings.train, seed=settings.seed),
                  validate=lambda: valid_ndcg10(score, split, valid_idx, max_len), desc="sparc",
@@ -188,7 +193,7 @@ def run_evaluation(
         secs, epochs, info = trained("sparc", res)
 
         def soft(mix: float):
-            return soft_scorer(m, settings.top_codes, mix)
+            return soft_scorer(m, settings.top_codes, mix, settings.exploit, settings.lift)
 
         # serving calibration on validation: the weight of the single-vector component in the mixture
         tried = {mix: valid_ndcg10(soft(mix), split, valid_idx, max_len) for mix in settings.global_mix_grid}
@@ -197,13 +202,15 @@ def run_evaluation(
         shared = {"train_seconds": secs, "epochs": epochs, **info}
 
         def served(search: str) -> dict:
+            explore = {"exploit": settings.exploit, "lift": settings.lift} if search == "soft" else {}
             fn = lambda i, l: m.score(i, l, search=search, top_codes=settings.top_codes,  # noqa: E731
-                                      served=settings.served)
+                                      served=settings.served, **explore)
             return {"served": {**_metrics_block(fn, split, max_len, train_counts), "slots": settings.served}}
 
         if "sparc" in models:
             results["sparc"] = _metrics_block(soft(mix), split, max_len, train_counts)
-            results["sparc"].update(shared, global_mix=mix, top_codes=settings.top_codes,
+            results["sparc"].update(shared, global_mix=mix, top_codes=settings.top_codes, exploit=settings.exploit,
+                                    lift=settings.lift,
                                     valid_by_global_mix=tried, **interest_hit_rates(m, split, max_len))
             if settings.served:
                 results["sparc"].update(served("soft"))

@@ -140,3 +140,26 @@ def test_served_needs_twenty_slots_and_one_per_code(tmp_path, capsys):
     rc = main(["evaluate", "--data", str(data), "--models", "sparc", "--served", "10", "--quiet"])
     assert rc == 2
     assert "--served 10" in one_error_line(capsys.readouterr().err)
+
+
+def test_exploration_slots_leave_the_top_ten_alone(tmp_path, capsys):
+    """--exploit 10: the 10 most probable items keep their ranks (Recall/NDCG@10 and validation are the plain
+    model's), the slots after them rank by lift, and the report says so."""
+    data = write_dataset(tmp_path / "tiny", users=40, items=60)
+    reports = []
+    for extra in ([], ["--exploit", "10", "--lift", "2"]):
+        out = tmp_path / f"{len(reports)}.json"
+        args = ["evaluate", "--data", str(data), "--models", "sparc", "--max-epochs", "2", "--quiet", "--out",
+                str(out), "--served", "20", *extra]
+        assert main(args) == 0, capsys.readouterr().err
+        reports.append(json.loads(out.read_text())["results"]["sparc"])
+    plain, explored = reports
+    assert (explored["exploit"], explored["lift"]) == (10, 2.0) and plain["exploit"] is None
+    for key in ("recall@10", "ndcg@10", "recall@5", "ndcg@5"):
+        assert explored["test"][key] == plain["test"][key] and explored["valid"][key] == plain["valid"][key]
+    assert explored["test"]["recall@20"] != plain["test"]["recall@20"] or explored["coverage@20"] != \
+        plain["coverage@20"]  # the slots after the tenth moved
+    assert explored["tail_share@20"] >= plain["tail_share@20"]
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(data), "--models", "sparc", "--exploit", "3", "--quiet"]) == 2
+    assert "--exploit 3" in one_error_line(capsys.readouterr().err)

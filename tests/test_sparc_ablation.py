@@ -19,7 +19,10 @@ def test_scores_one_model_every_way_and_chooses_on_validation(tmp_path):
     report = json.loads(out.read_text())
     assert report["set"] == {"attribute_dropout": 0.5, "conditioned_detach": False}
     assert report["epochs"] == 4 and report["threads"] == 1
-    assert set(report["scorings"]) == {"soft/mix=0.0", "soft/mix=0.5", "soft/mix=0.9", "soft/mix=1.0", "hard"}
+    assert set(report["scorings"]) == {"soft/mix=0.0", "soft/mix=0.5", "soft/mix=0.9", "soft/mix=1.0", "hard",
+                                       "soft/x=10:lift=0.5", "soft/x=10:lift=1"}
+    plain, explored = report["scorings"]["soft/mix=0.0"], report["scorings"]["soft/x=10:lift=1"]
+    assert (explored["recall@10"], explored["valid_ndcg@10"]) == (plain["recall@10"], plain["valid_ndcg@10"])
     grid = [f"soft/mix={mix}" for mix in EvalSettings().global_mix_grid]
     best = max(report["scorings"][name]["valid_ndcg@10"] for name in grid)
     assert report["chosen"] in grid and report["scorings"][report["chosen"]]["valid_ndcg@10"] == best
