@@ -284,3 +284,29 @@ def test_models_built_in_another_thread_do_not_disturb_training(stream):
     before = torch.get_rng_state()
     load_model(state.config, state.weights)
     assert torch.equal(torch.get_rng_state(), before)  # nor does building one move the process's generator
+
+
+def test_hysteresis_is_a_training_option_a_warm_start_bridges_both_ways(stream):
+    """A snapshot without held codes continues under hysteresis (every item starts from its nearest code), and a
+    snapshot with them continues without (they go unused); a snapshot with hysteresis serves its held codes."""
+    items, feedback = split(stream)
+    plain = OnlineLearner(small_config(), TrainConfig(seed=0))
+    drive(plain, items, feedback[:480])
+    state = plain.snapshot_state()
+    sticky = OnlineLearner(small_config(code_hysteresis=2.0), TrainConfig(seed=0))
+    assert sticky.restore(state.config, state.weights, steps=state.steps) == ["code_hysteresis"]
+    assert torch.equal(sticky.snapshot_state().item_codes, state.item_codes)  # nothing held yet: nearest codes
+    histories: dict = {}
+    advance_histories(histories, feedback[:480], sticky.max_len)
+    for start in range(480, 800, 32):
+        sticky.learn(feedback[start : start + 32], histories)
+        advance_histories(histories, feedback[start : start + 32], sticky.max_len)
+    held = sticky.snapshot_state()
+    assert "held_codes" in held.weights and held.config["code_hysteresis"] == 2.0
+    served = load_model(held.config, held.weights)  # what the serving index builds from the snapshot
+    assert torch.equal(served.catalogue().codes, held.item_codes)
+    nearest = served.rq.encode(served.catalogue().z)[0]
+    assert (nearest[1:, 0] != held.item_codes[1:, 0]).any()  # some items kept a code that is not their nearest
+    again = OnlineLearner(small_config(), TrainConfig(seed=0))
+    assert again.restore(held.config, held.weights, steps=held.steps) == ["code_hysteresis"]
+    assert "held_codes" not in again.snapshot_state().weights

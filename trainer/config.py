@@ -84,6 +84,7 @@ class SparcConfig:
 # snapshot keeps its own online settings); every other field, num_items aside, must match.
 TRAINING_ONLY_FIELDS = (
     "ema_decay",
+    "code_hysteresis",
     "commitment",
     "dead_code_threshold",
     "interest_weight",

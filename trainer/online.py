@@ -261,8 +261,13 @@ def load_model(config: Mapping, weights: Mapping[str, torch.Tensor]) -> SparcMod
 def _build_model(config: Mapping, weights: Mapping[str, torch.Tensor]) -> SparcModel:
     cfg = SparcConfig.from_json(dict(config))
     model = SparcModel(cfg, attributes=weights.get("items.attributes"))
+    weights = dict(weights)
+    if cfg.code_hysteresis > 0 and "held_codes" not in weights:  # a snapshot without hysteresis: nothing held
+        weights["held_codes"] = model.held_codes
+    if cfg.code_hysteresis <= 0:  # a snapshot with hysteresis continued without: the held codes go unused
+        weights.pop("held_codes", None)
     try:
-        model.load_state_dict(dict(weights), strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"the weights do not fit the config: {exc}") from None
     return model
