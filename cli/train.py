@@ -19,8 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from cli.errors import UserError
+from streams.gate import GateThresholds
 
-DEFAULT_MIN_UTILISATION = 0.05  # the worker's default floor (streams.settings.WorkerSettings.min_utilisation)
+DEFAULT_MIN_UTILISATION = GateThresholds().min_utilisation  # the worker's default floor
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attribute vocabulary of the model (default: the dataset's largest attribute id); set it "
                         "to the worker's (SPARC_NUM_ATTRIBUTES, 1024) for a snapshot the worker can start from")
     p.add_argument("--min-utilisation", type=float, default=DEFAULT_MIN_UTILISATION,
-                   help=f"health gate: level-1 codebook utilisation floor (default {DEFAULT_MIN_UTILISATION})")
+                   help=f"health gate: level-1 codebook utilisation floor (default {DEFAULT_MIN_UTILISATION}); "
+                        "the gate's other thresholds are the worker's defaults (streams.gate.GateThresholds)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -146,10 +148,12 @@ def store_snapshot(store, model: str, min_utilisation: float, fields: dict) -> t
     gate reasons). The next version is one above the highest stored, not above latest: after a rollback latest
     is lower and latest+1 may already exist."""
     from codebook_store import Snapshot, VersionExistsError
-    from streams.publisher import gate
+    from streams.gate import gate, verdict
 
-    reasons = gate(fields["health"], min_utilisation)
-    health = {**fields["health"], "gate": {"passed": not reasons, "reasons": reasons}}
+    thresholds = GateThresholds(min_utilisation=min_utilisation)
+    refusals = gate(fields["health"], thresholds, int(fields["config"]["codes"]))
+    reasons = [r.detail for r in refusals]
+    health = {**fields["health"], "gate": verdict(refusals)}
     for _ in range(3):  # a worker writing to the same store may take a version meanwhile
         versions = store.versions(model=model)
         version = versions[-1] + 1 if versions else 0

@@ -20,8 +20,9 @@ DEFAULT_MODEL = "sparc"
 # Model names become directory names and key prefixes: keep them to a safe alphabet.
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
-# Names the compatibility check uses for the two fixed tensors; weights may not take them.
-RESERVED_TENSOR_NAMES = ("codebooks", "item_codes")
+# Names of the fixed tensors (and of the vocabulary's, format.py); weights may not take them.
+RESERVED_TENSOR_NAMES = ("codebooks", "item_codes", "item_ids")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def check_model_name(model: str) -> str:
@@ -54,6 +55,9 @@ class Snapshot:
     item_codes : int64 (N+1, L): row i holds item i's code per level, each in [0, C); row 0 is padding
     weights    : name -> tensor, the model weights serving needs (e.g. an item-embedding table (N+1, D))
     health     : JSON dict of health metrics (trainer.rq.code_health; drift.drift for the drift part)
+    item_ids   : the external item id (an int64 or a non-empty string, all distinct) of rows 1..N of every
+                 per-item tensor, or None when row i is item i; an identity tuple (1, 2, ..., N) is kept as None.
+                 Rows are not ids: a learner with a bounded catalogue reuses an evicted item's row.
 
     Equality is by value via `same_as` (bit-for-bit tensors); `==` is identity because tensors are involved.
     """
@@ -68,6 +72,7 @@ class Snapshot:
     item_codes: torch.Tensor
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
+    item_ids: tuple[int | str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
@@ -86,6 +91,7 @@ class Snapshot:
                 raise InvalidSnapshotError(f"{name} must be a dict, got {type(value).__name__}")
             object.__setattr__(self, name, normalise_json(value, name))
         _check_tensors(self.codebooks, self.item_codes, self.weights)
+        object.__setattr__(self, "item_ids", _check_item_ids(self.item_ids, self.num_items))
 
     @property
     def num_levels(self) -> int:
@@ -110,7 +116,7 @@ class Snapshot:
 
     def same_as(self, other: Snapshot) -> bool:
         """True when every field is equal and every tensor is equal bit for bit (dtype and shape included)."""
-        meta = ("model", "version", "parent", "created_at", "watermark", "config", "health")
+        meta = ("model", "version", "parent", "created_at", "watermark", "config", "health", "item_ids")
         if any(getattr(self, k) != getattr(other, k) for k in meta):
             return False
         if sorted(self.weights) != sorted(other.weights):
@@ -153,6 +159,26 @@ def _check_tensors(codebooks: torch.Tensor, item_codes: torch.Tensor, weights: d
             )
         if not isinstance(tensor, torch.Tensor):
             raise InvalidSnapshotError(f"weight {name!r} must be a tensor, got {type(tensor).__name__}")
+
+
+def _check_item_ids(item_ids: Any, num_items: int) -> tuple[int | str, ...] | None:
+    if item_ids is None:
+        return None
+    if isinstance(item_ids, str | bytes) or not hasattr(item_ids, "__iter__"):
+        raise InvalidSnapshotError(f"item_ids must be a sequence of ids, got {type(item_ids).__name__}")
+    ids = tuple(item_ids)
+    if len(ids) != num_items:
+        raise InvalidSnapshotError(f"item_ids names {len(ids)} items, item_codes has {num_items}")
+    for item in ids:
+        if isinstance(item, bool) or not (
+            (isinstance(item, int) and INT64_MIN <= item <= INT64_MAX) or (isinstance(item, str) and item)
+        ):
+            raise InvalidSnapshotError(f"an item id is an int64 or a non-empty string, got {item!r}")
+    if len(set(ids)) != len(ids):
+        raise InvalidSnapshotError("item_ids holds an id twice")
+    if all(type(item) is int and item == row for row, item in enumerate(ids, start=1)):
+        return None
+    return ids
 
 
 def _describe(value: Any) -> str:
