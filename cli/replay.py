@@ -9,6 +9,7 @@ import re
 import time
 from pathlib import Path
 
+from cli.device import add_device_flag, check_device
 from cli.errors import UserError
 
 ALL_VARIANTS = (
@@ -110,6 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "e.g. --set retrieval_loss=sampled")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_flag(p)
     p.set_defaults(func=run)
 
 
@@ -151,6 +153,7 @@ def settings_from_args(args: argparse.Namespace):
             retrain_epochs=args.retrain_epochs,
             eval_per_batch=args.eval_per_batch,
             reach_n=args.reach,
+            device=str(check_device(args.device)),
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cli.device import add_device_flag, check_device
 from cli.errors import UserError
 
 # flag -> WorkerSettings field
@@ -24,6 +25,7 @@ FLAGS = {
     "snapshot_every_seconds": "snapshot_every_seconds",
     "warm_start": "warm_start",
     "processed_log": "processed_log",
+    "device": "device",
 }
 
 
@@ -61,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="append a JSON line per learnt micro-batch (event ids, train offsets) and per start to this file",
     )
+    add_device_flag(p, default=None)
     p.set_defaults(func=run)
 
 
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from streams.worker import StreamWorker
 
     settings = build_settings(**{field: getattr(args, flag) for flag, field in FLAGS.items()})
+    check_device(settings.device)
     try:
         ensure_topics(settings)
     except TopicError as exc:

@@ -86,6 +86,11 @@ class WorkerSettings(BaseSettings):
         0.05, ge=0, le=1, description="health gate: level-1 codebook utilisation floor"
     )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the learner")
+    device: str = Field(
+        "cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="where the learner trains: cpu, cuda[:N] or auto (trainer.device); snapshots and serving stay "
+        "on the CPU",
+    )
     switch_interval: float = Field(
         0.0005,
         gt=0,

@@ -100,7 +100,7 @@ class StreamWorker:
             value_type=bytes,  # Faust's raw serializer: JSON bytes of streams.history.encode_state (get_history)
             help="per user: last items and recent event ids (streams.history)",
         )
-        self.learner = OnlineLearner(settings.sparc_config(), settings.train_config())
+        self.learner = OnlineLearner(settings.sparc_config(), settings.train_config(), settings.device)
         self.publisher = Publisher(settings.store_url, settings.model_name, settings.min_utilisation)
         self.index = IndexHolder()
         self.metrics = WorkerMetrics(settings.levels, clock)
