@@ -10,9 +10,11 @@ from __future__ import annotations
 import zlib
 from collections.abc import Hashable, Sequence
 
+from test_online import drive  # items first, then micro-batches of feedback (what replay does)
+
 from replay.synthetic import SyntheticConfig, generate
 from trainer.config import EncoderConfig, SparcConfig, TrainConfig
-from trainer.online import OnlineLearner, advance_histories
+from trainer.online import OnlineLearner
 
 
 def stream_events(n_events: int = 640, seed: int = 5) -> list[dict]:
@@ -31,19 +33,6 @@ def small_config(**over) -> SparcConfig:
     base = dict(num_items=0, num_attributes=64, codes=8,
                 encoder=EncoderConfig(dim=16, max_len=8, layers=1, dropout=0.2))
     return SparcConfig(**{**base, **over})
-
-
-def drive(learner: OnlineLearner, items: Sequence[dict], feedback: Sequence[dict], batch_size: int = 32,
-          histories: dict[Hashable, list[int]] | None = None) -> list[dict]:
-    """Items first, then micro-batches of feedback, histories advanced after each (what replay does)."""
-    learner.observe_items(items)
-    histories = {} if histories is None else histories
-    out = []
-    for start in range(0, len(feedback), batch_size):
-        batch = feedback[start : start + batch_size]
-        out.append(learner.learn(batch, histories))
-        advance_histories(histories, batch, learner.max_len)
-    return out
 
 
 def reference_learner(**learner_kwargs) -> OnlineLearner:
