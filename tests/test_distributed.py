@@ -143,7 +143,8 @@ def key_biases_apart(weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return rest, keys
 
 
-def test_a_group_of_one_is_the_plain_learner_bit_for_bit(tmp_path):
+def test_a_group_of_one_is_the_plain_learner_bit_for_bit(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     init_group(0, 1, f"file://{tmp_path / 'store'}", backend="gloo", timeout_s=60)
     try:
         learner = DataParallelLearner(small_config(**NO_DROPOUT), TrainConfig(seed=0))

@@ -45,8 +45,9 @@ from trainer.step import Trainer
 
 def init_group(rank: int, world_size: int, init_method: str = "env://", backend: str | None = None,
                timeout_s: float = 300.0) -> None:
-    """Join the default process group: gloo for CPU learners, nccl when this process has a GPU (backend None).
-    `timeout_s` bounds every collective: a rank that stops answering fails the others instead of hanging them."""
+    """Join the default process group: gloo for CPU learners, nccl when this process has a GPU (backend None;
+    with nccl, give each rank's learner its own GPU: device cuda:LOCAL_RANK). `timeout_s` bounds every
+    collective: a rank that stops answering fails the others instead of hanging them."""
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
@@ -64,6 +65,8 @@ class DataParallel:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call trainer.distributed.init_group first")
         self.device, self.group = torch.device(device), group
+        if self.device.type == "cuda":  # nccl runs its collectives on the current device
+            torch.cuda.set_device(self.device)
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.src = dist.get_global_rank(group, 0) if group is not None else 0  # the group's rank 0
