@@ -6,8 +6,9 @@
   {"time", "level", "logger", "message", "pid"} and "exception" (the traceback) when there is one.
 - A broker outage makes the Kafka clients log the same few lines thousands of times a second (aiokafka retries
   its connection in a tight loop). `RateLimitedHandler` lets through at most `burst` records per call site
-  (logger, level, message template) in every `period` seconds and then says, once the period is over, how many
-  it held back: an outage costs a bounded number of lines however long it lasts.
+  (logger, level, message template with its digits masked: Faust formats some messages itself, e.g. "producer
+  buffer full size 17") in every `period` seconds and then says, once the period is over, how many it held back:
+  an outage costs a bounded number of lines however long it lasts.
 - A client's malformed request (an over-long URL, a bad method) is the client's error, not the server's: aiohttp
   logs it as an ERROR with a traceback; `ClientErrorFilter` turns it into one INFO line.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 BURST = 10  # records per call site ...
 PERIOD_S = 60.0  # ... per this many seconds
 MAX_SITES = 1024  # call sites tracked at once (the oldest windows are dropped first)
+_DIGITS = re.compile(r"\d+")
 
 
 class JsonFormatter(logging.Formatter):
@@ -67,7 +70,7 @@ class RateLimitedHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         now = self.clock()
         self._report_ended(now)
-        key = (record.name, record.levelno, str(record.msg))
+        key = (record.name, record.levelno, _DIGITS.sub("#", str(record.msg)))
         window = self._windows.get(key)
         if window is None:
             if len(self._windows) >= MAX_SITES:

@@ -51,8 +51,11 @@ def test_rate_limit_keys_on_the_template_not_the_arguments():
         limited.handle(record("topic %r created", name, level=logging.INFO))
     limited.handle(record("different template", level=logging.INFO))
     limited.handle(record("topic %r created", "d", level=logging.WARNING))  # another level: another site
+    for size in (17, 18, 19):  # a message formatted before logging (Faust's f-strings): digits do not count
+        limited.handle(record(f"producer buffer full size {size}", level=logging.INFO))
     assert [r.getMessage() for r in out.records] == ["topic 'a' created", "topic 'b' created",
-                                                      "different template", "topic 'd' created"]
+                                                      "different template", "topic 'd' created",
+                                                      "producer buffer full size 17", "producer buffer full size 18"]
 
 
 def test_json_lines_carry_level_logger_message_and_exception():
