@@ -321,19 +321,10 @@ class WorkerSettings(BaseSettings):
             _config_file_values.reset(token)
 
     def kafka_connection(self) -> KafkaConnection:
-        """The connection every Kafka client of the project uses (streams.kafka_connection)."""
-        return KafkaConnection(
-            bootstrap_servers=tuple(self.bootstrap_servers),
-            security_protocol=self.security_protocol,
-            sasl_mechanism=self.sasl_mechanism,
-            sasl_username=self.sasl_username,
-            sasl_password=self.sasl_password,
-            ssl_cafile=self.ssl_cafile,
-            ssl_certfile=self.ssl_certfile,
-            ssl_keyfile=self.ssl_keyfile,
-            ssl_key_password=self.ssl_key_password,
-            ssl_check_hostname=self.ssl_check_hostname,
-        )
+        """The connection every Kafka client of the project uses (streams.kafka_connection): the servers, and the
+        settings of the same names as KafkaConnection's fields."""
+        same = set(KafkaConnection.model_fields) - {"bootstrap_servers"}
+        return KafkaConnection(bootstrap_servers=tuple(self.bootstrap_servers), **{f: getattr(self, f) for f in same})
 
     @field_validator("table_store")
     @classmethod

@@ -1,11 +1,11 @@
 """Kafka security for every client, against the test broker's secured listeners (deploy/kafka/broker.sh with
-SPARC_KAFKA_SECURITY=sasl_ssl: SASL_SSL with PLAIN / SCRAM-SHA-256 / SCRAM-SHA-512, and SSL with client
-certificates required; its CA, certificates and user's password made by openssl when the broker starts).
+SPARC_KAFKA_SECURITY=sasl_ssl: SASL_SSL with PLAIN / SCRAM-SHA-256 / SCRAM-SHA-512, and SSL with client certificates
+required; its CA, certificates and user's password made by openssl when the broker starts).
 
 End to end over SASL_SSL + SCRAM-SHA-512 with hostname checking: `sparc worker` (its admin calls and Faust's
-aiokafka clients), `sparc produce` and the codebook-updates subscriber; the password never appears in a log or in
-`sparc config show`. A wrong password is one clear line and a non-zero exit, for produce and for the worker.
-No timing is asserted.
+aiokafka clients), `sparc produce`, the codebook-updates subscriber and `sparc replay`'s Kafka source; the password
+never appears in a log or in `sparc config show`. A wrong password is one clear line and a non-zero exit, for
+produce and for the worker. No timing is asserted.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from worker_harness import ROOT, WorkerProcess, delete_topics_of, get, get_json
 
 from cli.main import main as sparc
 from codebook_store import subscribe
+from replay.sources import open_source
 from streams.settings import WorkerSettings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
@@ -104,6 +105,8 @@ def test_worker_produce_and_subscriber_over_sasl_ssl(kafka_secured, kafka_bootst
         with subscribe(servers, topics["updates"], start=0, timeout=120, kafka_config=client) as updates:
             first = next(iter(updates))
         assert first.version >= 0 and first.item_codes is not None
+        replayed = open_source(f"kafka://{servers[0]}/{topics['feedback']}", client)  # sparc replay's source
+        assert replayed.feedback == 1500 and replayed.info["invalid"] == 0
         status, ready = w.wait_for("/readyz 200", lambda: (s := get_json(w.port, "/readyz"))[0] == 200 and s, 120)
         assert ready["ready"] and ready["tables_recovered"] and ready["served_version"] is not None
     finally:
