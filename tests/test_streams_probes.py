@@ -72,3 +72,4 @@ def test_metrics_have_the_latency_histograms_build_info_process_and_gc(tmp_path)
         assert name in text, name
     build = next(line for line in text.splitlines() if line.startswith("sparc_build_info{"))
     assert 'faust="0.15.3"' in build and "version=" in build
+

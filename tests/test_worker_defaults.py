@@ -1,10 +1,12 @@
 """The defects an operator measured in the worker's defaults (issue 13), each reproduced without a broker:
-Faust's own unprefixed environment variables overriding the settings, the web server listening on 0.0.0.0 and
-Faust's `kafka://` broker URL form (tests/test_streams_probes.py: /health answering 200 whatever its status)."""
+Faust's own unprefixed environment variables overriding the settings, the web server listening on 0.0.0.0,
+Faust's `kafka://` broker URL form and the history changelog's replication (tests/test_streams_probes.py: /health
+answering 200 whatever its status)."""
 
 from __future__ import annotations
 
 import pytest
+from test_streams_agents import make_worker
 
 from cli.errors import UserError
 from cli.main import main as sparc
@@ -63,3 +65,16 @@ def test_a_bad_broker_is_one_clear_line(bad, capsys):
     assert sparc(["worker", "--broker", bad]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sparc worker: error:") and "broker" in err[0]
+
+
+def test_the_history_changelog_gets_the_workers_replication_and_min_insync(tmp_path):
+    """Faust creates the changelog (issue 13: it got replication 1 whatever the cluster): with the worker's
+    replication factor (streams.topics.ensure_topics resolves an unset one) and min.insync.replicas."""
+    w = make_worker(tmp_path, replication_factor=3, min_insync_replicas=2)
+    try:
+        changelog = w.history.changelog_topic
+        assert changelog.get_topic_name() == w.settings.changelog_topic
+        assert w.app.conf.topic_replication_factor == 3 and changelog.replicas is None  # None: the app's
+        assert changelog.compacting and changelog.config == {"min.insync.replicas": "2"}
+    finally:
+        w.close()
