@@ -9,14 +9,14 @@ from cli import errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import demo, evaluate, kafka, produce, replay, snapshots, train, worker
+    from cli import config, demo, evaluate, kafka, produce, replay, snapshots, train, worker
 
     parser = argparse.ArgumentParser(
         prog="sparc",
         description="SPARC streaming retrieval: train, evaluate, replay and serve multi-interest codebooks.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (demo, evaluate, train, kafka, snapshots, worker, produce, replay):
+    for module in (demo, evaluate, train, kafka, snapshots, worker, produce, replay, config):
         module.register(sub)
     return parser
 

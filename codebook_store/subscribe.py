@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -171,8 +171,9 @@ class Subscription:
 
     def __init__(self, bootstrap: str | list[str], topic: str, model: str = DEFAULT_MODEL, start: Start = "latest",
                  store_url: str | None = None, group_id: str | None = None, timeout: float | None = None,
-                 *, poll_ms: int = 200, max_pending: int = 8) -> None:
+                 *, kafka_config: Mapping[str, Any] | None = None, poll_ms: int = 200, max_pending: int = 8) -> None:
         self.bootstrap, self.topic, self.group_id, self.timeout = bootstrap, topic, group_id, timeout
+        self.kafka_config = dict(kafka_config or {})
         self.poll_ms = poll_ms
         self.stats = SubscribeStats()
         self.store = open_store(store_url) if store_url else None
@@ -206,7 +207,7 @@ class Subscription:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         consumer = self._consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap, group_id=self.group_id, enable_auto_commit=False,
-            client_id=f"sparc-subscribe-{self.follower.model}",
+            client_id=f"sparc-subscribe-{self.follower.model}", **self.kafka_config,
         )
         partitions = consumer.partitions_for_topic(self.topic)
         while not partitions:
@@ -269,7 +270,7 @@ class Subscription:
 
 def subscribe(bootstrap: str | list[str], topic: str, model: str = DEFAULT_MODEL, start: Start = "latest",
               store_url: str | None = None, group_id: str | None = None,
-              timeout: float | None = None) -> Subscription:
+              timeout: float | None = None, *, kafka_config: Mapping[str, Any] | None = None) -> Subscription:
     """Verified updates of `model` from `topic`, in version order (see the module doc).
 
     bootstrap : Kafka bootstrap servers ("host:port" or a list)
@@ -277,5 +278,7 @@ def subscribe(bootstrap: str | list[str], topic: str, model: str = DEFAULT_MODEL
     store_url : materialise each yielded update into this store (codebook_store.open_store URL)
     group_id  : the consumer group the reader commits its positions under (for lag monitoring); None: none
     timeout   : stop after this many seconds without a record; None: follow until closed
+    kafka_config : more kafka-python consumer settings, e.g. security (streams.kafka_connection.KafkaConnection
+                   .kafka_python() less bootstrap_servers)
     """
-    return Subscription(bootstrap, topic, model, start, store_url, group_id, timeout)
+    return Subscription(bootstrap, topic, model, start, store_url, group_id, timeout, kafka_config=kafka_config)
