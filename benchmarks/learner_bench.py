@@ -107,7 +107,7 @@ def _rank(rank: int, ranks: int, store: str, out: str, events: int, batch_size: 
     import torch
     import torch.distributed as dist
 
-    from trainer.distributed import DataParallelLearner, init_group
+    from trainer.distributed import DataParallelLearner, init_group, leave_group
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(threads)
@@ -125,7 +125,7 @@ def _rank(rank: int, ranks: int, store: str, out: str, events: int, batch_size: 
             Path(out).write_text(json.dumps({"ranks": ranks, "threads_per_rank": threads, "batch_per_rank": batch_size,
                                              **timing, "in_sync": in_sync}))
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 def data_parallel_runs(events: int, batch_size: int, warmup: int, ranks: Sequence[int], threads: int

@@ -44,7 +44,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                "min_insync_replicas", "events_retention_ms", "train_retention_ms", "dlq_retention_ms",
                "updates_retention_ms"),
     "worker": ("app_id", "store_url", "model_name", "data_dir", "table_store", "warm_start", "processed_log",
-               "torch_threads", "switch_interval"),
+               "torch_threads", "device", "switch_interval"),
     "web": ("web_host", "web_port"),
     "logging": ("log_format", "log_level"),
     "ingest": ("max_event_bytes", "max_item_id", "dedup_window", "batch_size", "batch_seconds",

@@ -19,7 +19,7 @@ from learner_fixture import reference_learner, rounds, small_config, stream_even
 from safetensors.torch import load_file, save_file
 
 from trainer.config import TrainConfig
-from trainer.distributed import DataParallel, DataParallelLearner, init_group
+from trainer.distributed import DataParallel, DataParallelLearner, init_group, leave_group
 from trainer.online import OnlineLearner, advance_histories
 
 REFERENCE = Path(__file__).parent / "data" / "learner_reference.safetensors"
@@ -78,7 +78,7 @@ def _rank_main(rank: int, world_size: int, store: str, out: str) -> None:
                   f"{out}/rank{rank}.safetensors")
         Path(f"{out}/rank{rank}.json").write_text(json.dumps({"metrics": metrics, "in_sync": in_sync}))
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 def run_ranks(fn, world_size: int, tmp_path: Path, *args) -> None:
@@ -155,7 +155,7 @@ def test_a_group_of_one_is_the_plain_learner_bit_for_bit(tmp_path, monkeypatch):
             learner.learn(feedback, histories)
             advance_histories(histories, feedback, learner.max_len)
     finally:
-        dist.destroy_process_group()
+        leave_group()
     one, _ = one_learner_on_the_whole_batches(1)
     want = one.snapshot_state().weights
     for key, value in learner.snapshot_state().weights.items():

@@ -4,6 +4,7 @@
     learner = DataParallelLearner(model_cfg, train_cfg)      # same configs on every rank: joins the group
     learner.observe_items(item_events_this_rank_read)        # every rank, every round, in the same order ...
     metrics = learner.learn(feedback_of_my_partitions, histories)   # ... with or without events of its own
+    leave_group()                                            # at the end: a barrier, then the group goes
 
 One step of K ranks is one step of a single learner on the ranks' batches concatenated in rank order, within float
 rounding (tests/test_distributed.py):
@@ -52,6 +53,15 @@ def init_group(rank: int, world_size: int, init_method: str = "env://", backend:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
+
+
+def leave_group() -> None:
+    """Leave the default process group: wait for every rank first (a barrier), so that no rank tears its
+    connections down while another still uses them (gloo can abort the process then), and destroy it."""
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 class DataParallel:
