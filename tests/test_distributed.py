@@ -76,7 +76,13 @@ def _rank_main(rank: int, world_size: int, store: str, out: str) -> None:
         in_sync = learner.parallel.in_sync(learner.model)
         save_file({k: v.contiguous() for k, v in learner.snapshot_state().weights.items()},
                   f"{out}/rank{rank}.safetensors")
-        Path(f"{out}/rank{rank}.json").write_text(json.dumps({"metrics": metrics, "in_sync": in_sync}))
+        try:  # ranks that would join with models of different shapes are refused, every one of them
+            DataParallelLearner(small_config(codes=8 if rank == 0 else 16), TrainConfig(seed=0))
+            refused = ""
+        except ValueError as exc:
+            refused = str(exc)
+        Path(f"{out}/rank{rank}.json").write_text(json.dumps({"metrics": metrics, "in_sync": in_sync,
+                                                              "refused": refused}))
     finally:
         leave_group()
 
@@ -118,6 +124,7 @@ def test_two_ranks_on_two_halves_take_the_steps_of_one_learner_on_the_whole(tmp_
     weights, key_biases = key_biases_apart(one.snapshot_state().weights)
     for r, report in enumerate(reports):
         assert report["in_sync"]
+        assert "differ in shape" in report["refused"]
         for got, want in zip(report["metrics"], expected, strict=True):
             assert got["step"] == want["step"] and got["step_examples"] == want["examples"]
             assert got.get("revived") == want.get("revived")

@@ -129,7 +129,8 @@ class DataParallel:
         """Make every rank's parameters and buffers rank 0's (after building or restoring a model). Raises
         ValueError on every rank when the ranks' tensors differ in shape (another snapshot, another catalogue)."""
         tensors = [*module.parameters(), *module.buffers()]
-        shapes = self.gather_ints([t.numel() for t in tensors])
+        counts = self.gather_ints([len(tensors)])  # first: the sizes below are gathered only if they line up
+        shapes = self.gather_ints([t.numel() for t in tensors]) if bool((counts == counts[0]).all()) else counts
         if not bool((shapes == shapes[0]).all()):
             differ = (shapes != shapes[0]).any(dim=0).nonzero().flatten().tolist()
             raise ValueError(f"the ranks' models differ in shape (tensors {differ}): ranks must start from the "
