@@ -223,3 +223,48 @@ def test_pending_updates_are_bounded(parent):
         records = encode(make_snapshot(version, items=30), None, 1024)
         assert r.accept(*records[0]) is None
     assert r.pending == [("sparc", 2), ("sparc", 3)] and r.dropped == 2
+
+
+# --- the defects measured against a real worker's stream (issue 14)
+def test_a_remap_rebuilds_codes_whose_padding_row_changed(parent):
+    """The model codes its padding row too: row 0 differs between versions, and the rebuilt table must match."""
+    moved = make_snapshot(5, 4, base=parent)
+    codes = moved.item_codes.clone()
+    codes[0] = torch.tensor([3, 1, 6])  # v4's row 0 is [0, 0, 0]
+    moved = Snapshot(**{**moved.__dict__, "item_codes": codes})
+    (update,) = feed(Reassembler(), encode(moved, parent))
+    assert torch.equal(update.with_base(parent.item_codes).item_codes, moved.item_codes)
+
+
+def test_a_poisoned_chunk_before_the_genuine_one_does_not_block_the_update(parent, child):
+    """A truncated chunk that carries its own correct chunk sha256 arrives first; the clean copy completes."""
+    records = encode(child, parent, 1024)
+    poisoned = rehash(records, 1, records[1][1][:-10])[1]
+    r, got = Reassembler(), []
+    for record in [poisoned, *records]:
+        try:
+            update = r.accept(*record)
+        except CorruptUpdateError:
+            continue
+        if update is not None:
+            got.append(update)
+    assert [u.version for u in got] == [5]
+
+
+def test_a_consistent_nan_forgery_is_refused_and_later_versions_still_arrive(parent, child):
+    """Anyone who can write to the topic can encode a self-consistent update: a far-future version with NaN
+    codebooks must not be applied, nor hide the genuine versions after it."""
+    from codebook_store import Follower
+
+    forged = Snapshot(**{**parent.__dict__, "version": 1_000_000_000, "parent": None,
+                         "codebooks": torch.full_like(parent.codebooks, float("nan"))})
+    r, follower = Reassembler(), Follower("sparc", start=0, store=open_store("memory://"))
+    yielded = []
+    for record in [*encode(parent, None), *encode(forged, None), *encode(child, parent)]:
+        try:
+            update = r.accept(*record)
+        except CorruptUpdateError:
+            continue
+        if update is not None and (got := follower.offer(update)) is not None:
+            yielded.append(got.version)
+    assert yielded == [4, 5] and follower.store.latest_version() == 5
