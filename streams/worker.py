@@ -101,7 +101,9 @@ class StreamWorker:
             help="per user: last items and recent event ids (streams.history)",
         )
         self.learner = OnlineLearner(settings.sparc_config(), settings.train_config())
-        self.publisher = Publisher(settings.store_url, settings.model_name, settings.min_utilisation)
+        self.publisher = Publisher(settings.store_url, settings.model_name, settings.min_utilisation,
+                                   full_codes_every=settings.full_codes_every,
+                                   announce_weights=settings.announce_weights, signing_key=settings.signing_key)
         self.index = IndexHolder()
         self.metrics = WorkerMetrics(settings.levels, clock)
         self.recovery = RecoveryMetrics(self.metrics.registry)
