@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from codebook_store import Reassembler, open_store
 from codebook_store.messages import SCHEMA
@@ -132,7 +131,8 @@ def test_the_publisher_signs_with_its_key_file(tmp_path, learner):
     pub = Publisher("memory://", "sparc", 0.1, signing_key=key)
     published = pub.publish(learner.snapshot_state(), learner.health(), {"fb:0": 1}, 1_700_000_000.0)
     pub.close()
-    (update,) = [u for r in published.messages if (u := Reassembler(verifier=load_verifier([key])).accept(*r))]
+    r = Reassembler(verifier=load_verifier([key]))
+    (update,) = [u for record in published.messages if (u := r.accept(*record))]
     assert update.signed_by == pub.signer.key_id
     key.write_bytes(b"short")
     with pytest.raises(KeyFileError, match="at least 32 bytes"):
