@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sparc {args.command}: interrupted", file=sys.stderr)
         return 130
-    except ModuleNotFoundError as exc:  # a slim install (README "Install"): say which extra the command needs
+    except ModuleNotFoundError as exc:  # a slim install (README "Subscribing"): name the extra the command needs
         extra = errors.extra_providing(exc.name)
         if extra is None:
             raise
