@@ -23,8 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_codebook_signing import write_ed25519
 from test_subscribe_cli import schema
 from worker_harness import ROOT, TINY_MODEL, Reader, WorkerProcess, delete_topics_of, log_tail
 
@@ -37,17 +36,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(900)]
 VERSIONS = 12
 PHASES = (640, 1280, 1920)  # feedback events produced so far after each phase; new items arrive in each
 JAVA_BUILD = ROOT / "tests" / "java" / "build.sh"
-
-
-def write_key_pair(folder: Path, name: str) -> tuple[Path, Path]:
-    key = Ed25519PrivateKey.generate()
-    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    private.chmod(0o600)
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private, public
 
 
 def state(url: str, version: int | None = None) -> dict[str, str]:
@@ -69,7 +57,7 @@ def published(kafka_bootstrap, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("published")
     run = uuid.uuid4().hex[:10]
     topics = {name: f"subs-{name.lower()}-{run}" for name in ("FEEDBACK", "ITEM", "UPDATES", "DLQ")}
-    private, public = write_key_pair(tmp, "updates")
+    private, public = write_ed25519(tmp, "updates")
     env = {**{f"SPARC_{name}_TOPIC": topic for name, topic in topics.items()}, **TINY_MODEL,
            "SPARC_ANNOUNCE_WEIGHTS": "true", "SPARC_FULL_CODES_EVERY": "5"}
     store = f"file://{tmp}/store"
@@ -186,6 +174,6 @@ def test_a_java_reader_verifies_an_update_and_prints_its_manifest(kafka_bootstra
     assert f"verified sparc v{last.version}" in report and f"ed25519 key {last.signed_by}" in report
     assert "remap.safetensors" in report and "weights.safetensors" in report
 
-    _, stranger = write_key_pair(tmp_path, "stranger")
+    _, stranger = write_ed25519(tmp_path, "stranger")
     refused = java(kafka_bootstrap, topic, "sparc", str(last.version), str(stranger))
     assert refused.returncode == 1 and b"no valid signature" in refused.stderr
