@@ -378,8 +378,9 @@ class Reassembler:
             return _assemble(h, p)
         if p.held > self.max_pending_bytes:
             self._pending.pop(ident, None)
-            self._finish(ident)
             self.dropped += 1
+            if p.header is not None:  # its genuine chunks alone are too many: refused for good
+                self._finish(ident)  # (before the header chunk, bad copies may be what overflowed: not final)
             raise bad("bound", f"makes the update hold {p.held} bytes, over max_pending_bytes="
                                f"{self.max_pending_bytes}: the update is dropped")
         self._pending[ident] = p

@@ -385,3 +385,13 @@ def test_copies_before_the_header_chunk_are_bounded(parent):
     with pytest.raises(CorruptUpdateError, match="2 different copies") as info:
         r.accept(*with_value(records[1], b"c"))
     assert info.value.kind == "bound"
+
+
+def test_copies_that_overflow_the_byte_bound_before_the_header_do_not_refuse_the_update(parent):
+    """Junk copies of an update's chunks, sent ahead of its header chunk, overflow the bound: that drops what was
+    held, but the genuine records that follow still complete the update."""
+    records = encode(parent, None, 2048)
+    junk = [with_value(records[i], bytes(1500) + bytes([n])) for i in range(1, len(records)) for n in range(3)]
+    r = Reassembler(max_pending_bytes=6000)
+    done, errors = survivors(r, [*junk, *records])
+    assert [u.version for u in done] == [4] and {e.kind for e in errors} == {"bound"} and r.dropped >= 1
