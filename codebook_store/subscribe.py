@@ -277,18 +277,18 @@ class Subscription:
         consumer.seek_to_beginning(*assigned)
         catch_up = consumer.end_offsets(assigned) if self.follower.start == "latest" else None
         candidate: CodebookUpdate | None = None
+        active = time.monotonic()  # idle time counts from the last record handled (and the caller's last turn)
         while True:
             if catch_up is not None and all(consumer.position(tp) >= end for tp, end in catch_up.items()):
                 catch_up = None  # the topic as it was when subscribing is read: its highest version first
                 if candidate is not None and (update := self.follower.offer(candidate)) is not None:
                     yield self._yielded(consumer, update)
+                    active = time.monotonic()
             batch = consumer.poll(timeout_ms=self.poll_ms)
             if not batch:
-                if deadline is not None and time.monotonic() > deadline:
+                if self.timeout is not None and time.monotonic() - active > self.timeout:
                     return
                 continue
-            if self.timeout is not None:
-                deadline = time.monotonic() + self.timeout
             for _, records in sorted(batch.items()):
                 for record in records:
                     update = self._accept(record)
@@ -307,6 +307,7 @@ class Subscription:
                             candidate = tracked
                     elif (update := self.follower.offer(update)) is not None:
                         yield self._yielded(consumer, update)
+            active = time.monotonic()
 
     def _accept(self, record: Any) -> CodebookUpdate | None:
         self.stats.records += 1

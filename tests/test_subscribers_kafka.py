@@ -118,12 +118,12 @@ def test_every_subscriber_ends_with_the_publishers_state(kafka_bootstrap, publis
 
     def follow(start: int):
         url = f"file://{tmp_path}/from-{start}"
-        sub = subscribe(kafka_bootstrap, topic, start=start, store_url=url, timeout=2, verifier=verifier)
+        sub = subscribe(kafka_bootstrap, topic, start=start, store_url=url, timeout=3, verifier=verifier)
         return [(u.version, u.item_codes is not None, u.complete) for u in sub], sub.stats, url
 
     def cli(start: str) -> subprocess.Popen:
         argv = ["subscribe", "--broker", kafka_bootstrap, "--topic", topic, "--from", start, "--jsonl",
-                "--to-store", f"file://{tmp_path}/cli-{start}", "--verify-key", str(public), "--idle-timeout", "2"]
+                "--to-store", f"file://{tmp_path}/cli-{start}", "--verify-key", str(public), "--idle-timeout", "3"]
         code = f"import sys; sys.modules['torch'] = None; from cli.main import main; sys.exit(main({argv!r}))"
         return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
