@@ -68,9 +68,9 @@ def published(kafka_bootstrap, tmp_path_factory):
     verifier = load_verifier([public])
     announced: list = []
 
-    def poll() -> int:
+    def poll(records=None) -> int:
         r = Reassembler(verifier=verifier)  # every update signed by the worker's key
-        announced[:] = [u for rec in updates.poll() if (u := r.accept(rec.key, rec.value, rec.headers))]
+        announced[:] = [u for rec in records or updates.poll() if (u := r.accept(rec.key, rec.value, rec.headers))]
         return len(announced)
 
     try:
@@ -84,7 +84,7 @@ def published(kafka_bootstrap, tmp_path_factory):
             w.wait_for(f"{wanted} signed codebook updates", lambda wanted=wanted: poll() >= wanted, 240)
         code = w.terminate(90)
         assert code == 0, f"worker exit status {code}; log tail:\n{log_tail(w.log, 30)}"
-        poll()
+        poll(updates.drain())  # the worker may have announced more since the last wait: read them all
         yield topics["UPDATES"], store, public, list(announced)
     finally:
         updates.close()
