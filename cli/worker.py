@@ -28,6 +28,7 @@ FLAGS = {
     "snapshot_every_seconds": "snapshot_every_seconds",
     "warm_start": "warm_start",
     "processed_log": "processed_log",
+    "signing_key": "signing_key",
 }
 
 
@@ -71,6 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--processed-log",
         type=Path,
         help="append a JSON line per learnt micro-batch (event ids, train offsets) and per start to this file",
+    )
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        help="sign every codebook update with this key file: an Ed25519 private key (PEM) or an HMAC-SHA256 shared "
+        "key (32+ raw bytes); see docs/codebook-updates.md (default: unsigned)",
     )
     p.set_defaults(func=run)
 
