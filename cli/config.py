@@ -9,8 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr
-
 from cli.worker import add_config_argument, build_settings
 
 MASK = "**********"
@@ -39,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def effective(settings) -> dict[str, dict[str, Any]]:
     """{section: {field: value}} in SECTIONS order (then any other section), secrets masked (left out when read
     from their *_file, which is shown), paths as text."""
+    from pydantic import SecretStr  # the full install's; imported here so `sparc subscribe` stays light
+
     from streams.settings import SECRETS, SECTIONS, section_of
 
     out: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}

@@ -30,6 +30,7 @@ FLAGS = {
     "warm_start": "warm_start",
     "processed_log": "processed_log",
     "device": "device",
+    "signing_key": "signing_key",
 }
 
 
@@ -75,6 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="append a JSON line per learnt micro-batch (event ids, train offsets) and per start to this file",
     )
     add_device_flag(p, default=None)
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        help="sign every codebook update with this key file: an Ed25519 private key (PEM) or an HMAC-SHA256 shared "
+        "key (32+ raw bytes); see docs/codebook-updates.md (default: unsigned)",
+    )
     p.set_defaults(func=run)
 
 

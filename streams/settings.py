@@ -213,6 +213,18 @@ class WorkerSettings(BaseSettings):
     snapshot_every_seconds: float = Field(
         60.0, gt=0, description="publish after this long if steps were taken"
     )
+    full_codes_every: int = Field(
+        10, ge=1, description="every N-th codebook update carries the whole item -> code table (the others a remap "
+        "from the previous one): where a subscriber that missed a version, or joins late, catches up",
+    )
+    announce_weights: bool = Field(
+        False, description="codebook updates carry the serving weights too, so subscribers mirror the exact "
+        "snapshot (a serving fleet can follow this learner); larger updates",
+    )
+    signing_key: Path | None = Field(
+        None, description="sign every codebook update with this key file: an Ed25519 private key (PEM) or an "
+        "HMAC-SHA256 shared key (32+ raw bytes); docs/codebook-updates.md. None: updates are unsigned",
+    )
     min_utilisation: float = Field(
         0.05, ge=0, le=1, description="health gate: level-1 codebook utilisation floor"
     )

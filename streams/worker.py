@@ -104,7 +104,9 @@ class StreamWorker:
             extra_topic_configs=changelog_configs(settings),
         )
         self.learner = OnlineLearner(settings.sparc_config(), settings.train_config(), settings.device)
-        self.publisher = Publisher(settings.store_url, settings.model_name, settings.min_utilisation)
+        self.publisher = Publisher(settings.store_url, settings.model_name, settings.min_utilisation,
+                                   full_codes_every=settings.full_codes_every,
+                                   announce_weights=settings.announce_weights, signing_key=settings.signing_key)
         self.index = IndexHolder()
         self.metrics = WorkerMetrics(settings.levels, clock)
         self.metrics.lag_source(self.consumer_lag)

@@ -89,6 +89,19 @@ class Reader:
             self.records.extend(batch)
         return self.records
 
+    def drain(self, timeout_s: float = 60) -> list:
+        """Poll until every record up to the topic's end offsets (as of this call) is read; fail after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while not self.consumer.assignment() and time.monotonic() < deadline:
+            self.poll()
+        parts = list(self.consumer.assignment())
+        end = self.consumer.end_offsets(parts)
+        while any(self.consumer.position(tp) < end[tp] for tp in parts):
+            if time.monotonic() > deadline:
+                pytest.fail(f"could not read {self.consumer.subscription()} to its end in {timeout_s} s")
+            self.poll()
+        return self.records
+
     def close(self) -> None:
         self.consumer.close()
 
