@@ -9,6 +9,7 @@ import re
 import time
 from pathlib import Path
 
+from cli.device import add_device_flag, check_device
 from cli.errors import UserError
 from cli.worker import add_config_argument, build_settings
 
@@ -111,6 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "e.g. --set retrieval_loss=sampled")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_flag(p)
     add_config_argument(p, "Kafka security settings of a kafka:// source ([kafka] section); SPARC_* variables "
                         "override it")
     p.set_defaults(func=run)
@@ -154,6 +156,7 @@ def settings_from_args(args: argparse.Namespace):
             retrain_epochs=args.retrain_epochs,
             eval_per_batch=args.eval_per_batch,
             reach_n=args.reach,
+            device=str(check_device(args.device)),
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from cli.device import add_device_flag, check_device
 from cli.errors import UserError
 
 DEFAULT_MIN_UTILISATION = 0.05  # the worker's default floor (streams.settings.WorkerSettings.min_utilisation)
@@ -49,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-utilisation", type=float, default=DEFAULT_MIN_UTILISATION,
                    help=f"health gate: level-1 codebook utilisation floor (default {DEFAULT_MIN_UTILISATION})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_flag(p)
     p.set_defaults(func=run)
 
 
@@ -67,6 +69,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
+    device = str(check_device(args.device))
     from codebook_store import CodebookStoreError, open_store
     from codebook_store.snapshot import check_model_name
     from replay.datasets import DataError, load_s3rec
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         summary = ds.summary()
         print(f"{summary['name']}: {summary['users']} users, {summary['items']} items, "
               f"{summary['interactions']} interactions")
-        snapshot_fields = train_sparc(ds, args, num_attributes)
+        snapshot_fields = train_sparc(ds, args, num_attributes, device)
         try:
             version, accepted, reasons = store_snapshot(store, args.model, args.min_utilisation, snapshot_fields)
         except CodebookStoreError as exc:
@@ -105,14 +108,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_sparc(ds, args: argparse.Namespace, num_attributes: int) -> dict:
+def train_sparc(ds, args: argparse.Namespace, num_attributes: int, device: str = "cpu") -> dict:
     """Train on the leave-one-out train part; returns the snapshot's fields (all but model and version)."""
 
     from replay.datasets import leave_one_out
     from replay.evaluate import EvalSettings, fit_sparc, validation_subset
     from trainer.online import capture_state, model_health
 
-    settings = EvalSettings(seed=args.seed, progress=not args.quiet, sparc={"codes": args.codes} if args.codes else {})
+    settings = EvalSettings(seed=args.seed, progress=not args.quiet, sparc={"codes": args.codes} if args.codes else {},
+                            device=device)
     train_cfg = replace(settings.train, seed=args.seed)
     if args.epochs is not None:
         train_cfg = replace(train_cfg, max_epochs=args.epochs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cli.device import add_device_flag, check_device
 from cli.errors import UserError
 
 # flag -> WorkerSettings field
@@ -28,6 +29,7 @@ FLAGS = {
     "snapshot_every_seconds": "snapshot_every_seconds",
     "warm_start": "warm_start",
     "processed_log": "processed_log",
+    "device": "device",
     "signing_key": "signing_key",
 }
 
@@ -73,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="append a JSON line per learnt micro-batch (event ids, train offsets) and per start to this file",
     )
+    add_device_flag(p, default=None)
     p.add_argument(
         "--signing-key",
         type=Path,
@@ -114,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from streams.worker import StreamWorker
 
     settings = build_settings(args.config, **{field: getattr(args, flag) for flag, field in FLAGS.items()})
+    check_device(settings.device)
     setup_logging(settings.log_format, settings.log_level)  # before the topics: their warnings are logged
     try:
         replication = ensure_topics(settings)

@@ -44,7 +44,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
                "min_insync_replicas", "events_retention_ms", "train_retention_ms", "dlq_retention_ms",
                "updates_retention_ms"),
     "worker": ("app_id", "store_url", "model_name", "data_dir", "table_store", "warm_start", "processed_log",
-               "torch_threads", "switch_interval"),
+               "torch_threads", "device", "switch_interval"),
     "web": ("web_host", "web_port"),
     "logging": ("log_format", "log_level"),
     "ingest": ("max_event_bytes", "max_item_id", "dedup_window", "batch_size", "batch_seconds",
@@ -229,6 +229,11 @@ class WorkerSettings(BaseSettings):
         0.05, ge=0, le=1, description="health gate: level-1 codebook utilisation floor"
     )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the learner")
+    device: str = Field(
+        "cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="where the learner trains: cpu, cuda[:N] or auto (trainer.device); snapshots and serving stay "
+        "on the CPU",
+    )
     switch_interval: float = Field(
         0.0005,
         gt=0,

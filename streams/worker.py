@@ -103,7 +103,7 @@ class StreamWorker:
             help="per user: last items and recent event ids (streams.history)",
             extra_topic_configs=changelog_configs(settings),
         )
-        self.learner = OnlineLearner(settings.sparc_config(), settings.train_config())
+        self.learner = OnlineLearner(settings.sparc_config(), settings.train_config(), settings.device)
         self.publisher = Publisher(settings.store_url, settings.model_name, settings.min_utilisation,
                                    full_codes_every=settings.full_codes_every,
                                    announce_weights=settings.announce_weights, signing_key=settings.signing_key)

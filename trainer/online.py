@@ -141,12 +141,12 @@ class LearnerState:
 class OnlineLearner:
     """A SparcModel and its Trainer, fed one micro-batch of events at a time."""
 
-    def __init__(self, model_cfg: SparcConfig, train_cfg: TrainConfig):
+    def __init__(self, model_cfg: SparcConfig, train_cfg: TrainConfig, device: str | torch.device = "cpu"):
         self.train_cfg = train_cfg
         with private_rng(seed=train_cfg.seed) as rng:
-            self.model = SparcModel(model_cfg)
-        self._rng_state = rng.state  # dropout etc. draw from this, not the process's RNG
-        self.trainer = Trainer(self.model, train_cfg)
+            self.model = SparcModel(model_cfg)  # built on the CPU: the same initial weights on any device
+        self._rng_state = rng.state  # dropout etc. draw from this, not the process's RNG (CUDA's own on a GPU)
+        self.trainer = Trainer(self.model, train_cfg, device)
 
     def restore(self, config: Mapping, weights: Mapping[str, torch.Tensor], steps: int = 0) -> list[str]:
         """Continue from a snapshot (a warm start): its model (config and weights; the item table has the
@@ -163,7 +163,7 @@ class OnlineLearner:
         with private_rng(seed=restart_seed(self.train_cfg.seed, steps)) as rng:
             model = _build_model(continued, weights)
         model.train()
-        trainer = Trainer(model, self.train_cfg)
+        trainer = Trainer(model, self.train_cfg, self.trainer.device)
         trainer.steps = int(steps)
         trainer.generator.manual_seed(restart_seed(self.train_cfg.seed, steps))
         self.model, self.trainer, self._rng_state = model, trainer, rng.state
@@ -211,11 +211,14 @@ class OnlineLearner:
         grow_to = max(max(h) for h, _ in examples)
         if grow_to > self.num_items:  # histories given by the caller may name items we were never told of
             self.trainer.grow_items(grow_to)
-        batch = next_item_batch(examples, self.max_len)
+        return {**self._step(next_item_batch(examples, self.max_len)), **out}
+
+    def _step(self, batch: Batch | None) -> dict:
+        """Trainer.step on the learner's private RNG (batch None: a data-parallel rank without examples)."""
         with private_rng(self._rng_state) as rng:
             metrics = self.trainer.step(batch)
         self._rng_state = rng.state
-        return {**metrics, **out}
+        return metrics
 
     @torch.no_grad()
     def health(self) -> dict:
@@ -281,14 +284,18 @@ def model_health(model: SparcModel, cat: Catalogue | None = None) -> dict:
 
 @torch.no_grad()
 def capture_state(model: SparcModel, steps: int = 0, cat: Catalogue | None = None) -> LearnerState:
-    """Copies of everything a snapshot and a serving index need, taken from `model` (offline or online).
-    `cat`: model.catalogue(), if at hand."""
+    """CPU copies of everything a snapshot and a serving index need, taken from `model` (offline or online, on
+    any device). `cat`: model.catalogue(), if at hand."""
     cat = model.catalogue() if cat is None else cat
     return LearnerState(
         config=replace(model.cfg, num_items=model.items.num_items).to_json(),
-        codebooks=model.rq.codebooks.detach().clone().float(),
-        item_codes=cat.codes.detach().clone().long(),
-        item_vectors=cat.z.detach().clone().float(),
-        weights={k: v.detach().clone() for k, v in model.state_dict().items()},
+        codebooks=_cpu_copy(model.rq.codebooks).float(),
+        item_codes=_cpu_copy(cat.codes).long(),
+        item_vectors=_cpu_copy(cat.z).float(),
+        weights={k: _cpu_copy(v) for k, v in model.state_dict().items()},
         steps=steps,
     )
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
