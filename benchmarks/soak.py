@@ -71,7 +71,7 @@ class Loop:
         torch.set_num_threads(1)
         self.args = args
         self.settings = s = WorkerSettings(batch_size=args.batch_size, store_url=f"file://{store_dir}")
-        self.learner = OnlineLearner(s.sparc_config(), s.train_config(), s.catalogue_config())
+        self.learner = OnlineLearner(s.sparc_config(), s.train_config(), catalogue=s.catalogue_config())
         self.publisher = Publisher(s.store_url, s.model_name, s.gate_thresholds())
         self.holder = IndexHolder()
         self.learner_pool = ThreadPoolExecutor(1, thread_name_prefix="learner")

@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from cli.device import add_device_flag, check_device
 from cli.errors import UserError
 
 DEFAULT_MODELS = "sparc,sparc-hard,sasrec,comirec-sa,popularity"
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a SparcConfig field for sparc/sparc-hard, VALUE as JSON or a bare word "
                         "(repeatable), e.g. --set tower_attention=false --set interest=head")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_flag(p)
     p.set_defaults(func=run)
 
 
@@ -90,11 +92,13 @@ def settings_from_args(args: argparse.Namespace):
     if args.served and args.served < max(top_codes, 20):
         raise UserError(f"--served {args.served}: needs at least 20 slots (the top-20 metrics) and one per code "
                         f"searched ({top_codes})")
-    return replace(s, train=train, sparc=sparc, top_codes=top_codes, served=args.served)
+    return replace(s, train=train, sparc=sparc, top_codes=top_codes, served=args.served,
+                   device=str(check_device(args.device)))
 
 
 def run(args: argparse.Namespace) -> int:
     models = parse_models(args.models)
+    settings = settings_from_args(args)
     from replay.datasets import DataError, load_s3rec
     from replay.evaluate import run_evaluation
     from replay.metrics import TOP_N
@@ -110,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     summary = ds.summary()
     print(f"{summary['name']}: {summary['users']} users, {summary['items']} items, "
           f"{summary['interactions']} interactions")
-    report = run_evaluation(ds, models, settings_from_args(args))
+    report = run_evaluation(ds, models, settings)
     print(results_table(report))
     text = json.dumps(report, indent=2)
     if args.out:

@@ -191,12 +191,13 @@ def _diff(args: argparse.Namespace) -> int:
         for level, (share, move) in enumerate(zip(d["level_changed_share"], d["codeword_movement"], strict=True))
     ]
     print(_table(["LEVEL", "CHANGED", "CODEWORD MOVEMENT (mean L2)"], rows))
-    shown = min(args.limit, int(remap.changed_items.numel()))
+    shown = min(args.limit, int(remap.changed_items.size))
     if shown:
-        print(f"changed items (first {shown} of {remap.changed_items.numel()}):")
+        print(f"changed items (first {shown} of {remap.changed_items.size}):")
         for i in range(shown):
             old, new = tuple(remap.old_codes[i].tolist()), tuple(remap.new_codes[i].tolist())
-            print(f"  item {int(remap.changed_items[i])}: {old} -> {new}")
+            row = int(remap.changed_items[i])
+            print(f"  {'row 0 (padding)' if row == 0 else f'item {row}'}: {old} -> {new}")
     return 0
 
 

@@ -29,8 +29,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from codebook_store.checks import DEFAULT_MODEL, check_model_name
 from codebook_store.drift import CodeRemap, code_drift, code_remap
 from codebook_store.errors import (
     CorruptSnapshotError,
@@ -43,13 +44,16 @@ from codebook_store.format import (
     CODEBOOKS_BLOB,
     ITEM_CODES_BLOB,
     Manifest,
+    check_raw,
     decode,
     encode,
-    load_blob,
+    load_arrays,
     parse_manifest,
     verify_blob,
 )
-from codebook_store.snapshot import DEFAULT_MODEL, Snapshot, check_model_name
+
+if TYPE_CHECKING:
+    from codebook_store.snapshot import Snapshot
 
 T = TypeVar("T")
 
@@ -111,9 +115,9 @@ class SnapshotDiff:
             "model": self.model,
             "from_version": self.from_version,
             "to_version": self.to_version,
-            "changed_items": int(self.remap.changed_items.numel()),
-            "added_items": int(self.remap.added_items.numel()),
-            "removed_items": int(self.remap.removed_items.numel()),
+            "changed_items": int(self.remap.changed_items.size),
+            "added_items": int(self.remap.added_items.size),
+            "removed_items": int(self.remap.removed_items.size),
             "drift": self.drift,
         }
         if with_items:
@@ -295,9 +299,9 @@ class SnapshotStore(ABC):
         """Store already-encoded bytes (e.g. copied from another store) after verifying them fully;
         same rules as `put`. Returns True if latest now points to the new version."""
         self._check_writable()
-        snapshot = decode(manifest, blobs)  # verifies every checksum and the content
-        wanted = {name: blobs[name] for name in parse_manifest(manifest).blobs}
-        return self._put_bytes(snapshot.model, snapshot.version, manifest, wanted, move_latest)
+        parsed = check_raw(manifest, blobs)  # verifies every checksum and the content (no torch needed)
+        wanted = {name: blobs[name] for name in parsed.blobs}
+        return self._put_bytes(parsed.model, parsed.version, manifest, wanted, move_latest)
 
     # --- lifecycle ---
     def close(self) -> None:
@@ -356,8 +360,8 @@ class SnapshotStore(ABC):
 
     def _read_codes(self, model: str, version: int) -> tuple[Any, Any]:
         manifest, _ = self._read_manifest_checked(model, version)
-        codes = load_blob(manifest, ITEM_CODES_BLOB, self._read_blob(model, version, ITEM_CODES_BLOB))
-        books = load_blob(manifest, CODEBOOKS_BLOB, self._read_blob(model, version, CODEBOOKS_BLOB))
+        codes = load_arrays(manifest, ITEM_CODES_BLOB, self._read_blob(model, version, ITEM_CODES_BLOB))
+        books = load_arrays(manifest, CODEBOOKS_BLOB, self._read_blob(model, version, CODEBOOKS_BLOB))
         return codes["item_codes"], books["codebooks"]
 
     # --- backend primitives ---

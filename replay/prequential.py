@@ -87,6 +87,7 @@ from replay.sources import is_feedback
 from streams.history import apply_feedback
 from trainer.batches import bucketed_batches, pad_histories
 from trainer.config import ONLINE_TRAINING, CatalogueConfig, SparcConfig, TrainConfig
+from trainer.device import model_device
 from trainer.online import OnlineLearner
 from trainer.rq import code_health
 from trainer.vocab import ItemId
@@ -187,6 +188,7 @@ class ReplaySettings:
     top_n: int = 20
     dedup_window: int = 256  # recent event ids remembered per user (the worker's default)
     seed: int = 0  # the scored sample; the models' seed is train.seed
+    device: str = "cpu"  # where the models learn and score (trainer.device: auto, cpu, cuda)
 
     def __post_init__(self) -> None:
         unknown = [r for r in (*self.regimes, *(r for r, _ in self.extra_variants)) if r not in REGIMES]
@@ -300,10 +302,10 @@ class CatalogueCache:
         todo = sorted(i for i in dirty if i < held) + list(range(held, rows))
         if not todo:
             return cat
-        idx = torch.as_tensor(todo, dtype=torch.long)
+        idx = torch.as_tensor(todo, dtype=torch.long, device=cat.z.device)
         # at least MIN_ROWS rows (padded with rows 1, 2, ... whose results are dropped): BLAS takes other code
         # paths for a matrix of very few rows, whose rounding differs from the full catalogue's
-        pad = torch.arange(1, max(0, self.MIN_ROWS - len(todo)) + 1).clamp(max=rows - 1)
+        pad = torch.arange(1, max(0, self.MIN_ROWS - len(todo)) + 1, device=cat.z.device).clamp(max=rows - 1)
         z_new = model.items(torch.cat([idx, pad]))
         codes_new = model.rq.encode(z_new)[0][: len(todo)]
         z_new = z_new[: len(todo)]
@@ -353,12 +355,13 @@ def score_modes(
     n = model.items.num_items
     max_len = model.cfg.encoder.max_len
     hist = [np.asarray([i for i in h if i <= n], dtype=np.int64) for h in histories]
-    inputs, lengths = pad_histories(hist, max_len)
+    device = model_device(model)
+    inputs, lengths = (t.to(device) for t in pad_histories(hist, max_len))
     model.eval()
     known = known_at[: n + 1]
     if len(known) < n + 1:  # rows the model holds that the caller never marked known
         known = np.concatenate([known, np.full(n + 1 - len(known), NEVER, dtype=np.int64)])
-    hidden = torch.from_numpy(known[None, :] > positions[:, None])  # (S, N+1)
+    hidden = torch.from_numpy(known[None, :] > positions[:, None]).to(device)  # (S, N+1)
     hidden[:, 0] = True
     t = torch.from_numpy(np.minimum(targets, n))
     k = min(top_n, n)
@@ -368,7 +371,7 @@ def score_modes(
     for mode in modes:
         scores = model.score_encoded(state, cat, search=mode.search, top_codes=mode.top_codes,
                                      temperature=mode.temperature, global_mix=mode.global_mix,
-                                     served=mode.served, exclude=hidden).float()  # (S, N+1)
+                                     served=mode.served, exclude=hidden).float().cpu()  # (S, N+1)
         ranks = target_ranks(scores, t).numpy().copy()
         rankable = (targets <= n) & torch.isfinite(scores.gather(1, t[:, None]))[:, 0].numpy()
         ranks[~rankable] = n + 1
@@ -467,7 +470,7 @@ class Prequential:
         self.variants = s.variant_names()
         self.max_len = s.model.encoder.max_len
 
-        self.online: OnlineLearner | None = OnlineLearner(s.model, s.train, s.catalogue)
+        self.online: OnlineLearner | None = OnlineLearner(s.model, s.train, s.device, s.catalogue)
         self.models: dict[str, OnlineLearner] = dict.fromkeys(s.all_regimes, self.online)
         self.frozen_event: int | None = None
         self.next_retrain: int | None = None
@@ -805,7 +808,7 @@ class Prequential:
         """A fresh model trained on every event released to learning so far (see the module doc)."""
         start = time.perf_counter()
         s = self.s
-        learner = OnlineLearner(s.model, s.train, s.catalogue)
+        learner = OnlineLearner(s.model, s.train, s.device, s.catalogue)
         known = np.nonzero(self.known_at != NEVER)[0]
         learner.observe_items([{"item_id": int(i), "attributes": self.catalogue.get(int(i))} for i in known])
         row_of, _ = self._rows(learner)
@@ -891,9 +894,9 @@ class Prequential:
                 row_of, _ = self._rows(learner)
                 held = row_of[known_ids] > 0
                 ids = known_ids[held]  # item indices, and their codes aligned with them
-                codes = model.catalogue().codes[torch.from_numpy(row_of[known_ids][held])]  # (K, L)
+                codes = model.catalogue().codes.cpu()[torch.from_numpy(row_of[known_ids][held])]  # (K, L)
                 h = code_health(codes, model.cfg.codes)
-                by_model[id(learner)] = (ids, codes, model.rq.codebooks.detach().clone(), h)
+                by_model[id(learner)] = (ids, codes, model.rq.codebooks.detach().cpu().clone(), h)
             ids, codes, codebooks, h = by_model[id(learner)]
             row = {k: v for k, v in h.items() if k != "items"}
             prev = self._prev_codes.get(regime)

@@ -32,6 +32,7 @@ Delivery (at least once; streams.worker's module doc has the whole recovery stor
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,6 +182,7 @@ async def publish(w: StreamWorker, *, only_if_due: bool = False) -> None:
     async with w.publish_lock:
         if only_if_due and not w.publish_due():
             return
+        started = time.perf_counter()
         state, health, watermark = await w.in_learner(w.capture)
         now = w.clock()
         w.mark_published(state.steps, now)
@@ -190,6 +192,7 @@ async def publish(w: StreamWorker, *, only_if_due: bool = False) -> None:
         except Exception:  # a store or index failure must not stop training; the next interval tries again
             w.metrics.snapshots.labels("failed").inc()
             log.exception("publishing the snapshot of step %d failed", state.steps)
+        w.metrics.publish_seconds.observe(time.perf_counter() - started)
 
 
 async def _store_serve_announce(w: StreamWorker, state, health: dict, watermark: dict, now: float) -> None:

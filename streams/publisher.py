@@ -15,18 +15,20 @@ manifest, a latest pointer that names nothing), on_corrupt="fallback" takes the 
 gate passed and that verifies, rolls latest back to it (so readers of the store stop meeting the bad one) and
 names every version it passed over; on_corrupt="refuse" raises, naming the bad version and the one to roll back to.
 
-codebook-updates: an accepted snapshot is announced as codebook_store.messages records (schema
-"sparc.codebook-update/2", key = the model name, one or more chunks under `max_message_bytes` each): the
-manifest, the codebooks and the remap from the previously ANNOUNCED version (what subscribers hold; a rejected
-snapshot never reached them). The first announcement of this worker, and every `full_codes_every`-th, also
-carries the whole item -> code table, so a subscriber that missed a version catches up there. Weights travel
-only with `announce_weights` (subscribers then hold the exact stored snapshot; see codebook_store.subscribe).
+codebook-updates: an accepted snapshot is announced as codebook_store.messages records (docs/codebook-updates.md;
+key = the model name, one or more chunks under `max_message_bytes` each): the manifest, the codebooks and the
+remap from the previously ANNOUNCED version (what subscribers hold; a rejected snapshot never reached them).
+The first announcement of this worker, and every `full_codes_every`-th, also carries the whole item -> code
+table, so a subscriber that missed a version (or joins after retention removed the first) catches up there.
+Weights travel only with `announce_weights` (subscribers then hold the exact stored snapshot; see
+codebook_store.subscribe). With a `signing_key` every update is signed (codebook_store.signing).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -37,6 +39,7 @@ from codebook_store import (
     SnapshotNotFoundError,
     VersionExistsError,
     code_drift,
+    load_signer,
     open_store,
 )
 from codebook_store.messages import DEFAULT_MAX_BYTES, Record, encode
@@ -80,12 +83,16 @@ class Publisher:
         max_message_bytes: int = DEFAULT_MAX_BYTES,
         full_codes_every: int = 10,
         announce_weights: bool = False,
+        signing_key: Path | None = None,
     ):
         if full_codes_every < 1:
             raise ValueError(f"full_codes_every must be >= 1, got {full_codes_every}")
         self.store_url, self.model, self.thresholds = store_url, model, thresholds
         self.max_message_bytes, self.full_codes_every = max_message_bytes, full_codes_every
         self.announce_weights = announce_weights
+        self.signer = None if signing_key is None else load_signer(signing_key)  # raises KeyFileError
+        if self.signer is not None:
+            log.info("codebook updates are signed with %s key %s", self.signer.scheme, self.signer.key_id)
         self.store = open_store(store_url)
         versions = self.store.versions(model=model)
         self.next_version = versions[-1] + 1 if versions else 0
@@ -220,4 +227,5 @@ class Publisher:
             self.max_message_bytes,
             full_codes=full,
             with_weights=self.announce_weights,
+            signer=self.signer,
         )

@@ -48,11 +48,13 @@ from streams.app import create_app, declare_topics
 from streams.batching import LearnerInput, merge_watermarks
 from streams.history import decode_state, encode_state
 from streams.index import IndexHolder, build_index
+from streams.logs import setup_logging
 from streams.metrics import RecoveryMetrics, WorkerMetrics
 from streams.outputs import KafkaOutputs, Outputs
 from streams.publisher import IncompatibleSnapshotError, Publisher
 from streams.records import Source
-from streams.settings import WorkerSettings
+from streams.settings import HISTORY_TABLE, WorkerSettings
+from streams.topics import changelog_configs
 from trainer.online import LearnerState, OnlineLearner
 
 log = logging.getLogger(__name__)
@@ -94,16 +96,21 @@ class StreamWorker:
         self.app = create_app(settings, testing=testing)
         self.topics = declare_topics(self.app, settings)
         self.history = self.app.Table(
-            "user-history",
+            HISTORY_TABLE,
             default=None,
             partitions=settings.partitions,
             value_type=bytes,  # Faust's raw serializer: JSON bytes of streams.history.encode_state (get_history)
             help="per user: last items and recent event ids (streams.history)",
+            extra_topic_configs=changelog_configs(settings),
         )
-        self.learner = OnlineLearner(settings.sparc_config(), settings.train_config(), settings.catalogue_config())
-        self.publisher = Publisher(settings.store_url, settings.model_name, settings.gate_thresholds())
+        self.learner = OnlineLearner(settings.sparc_config(), settings.train_config(), settings.device,
+                                     settings.catalogue_config())
+        self.publisher = Publisher(settings.store_url, settings.model_name, settings.gate_thresholds(),
+                                   full_codes_every=settings.full_codes_every,
+                                   announce_weights=settings.announce_weights, signing_key=settings.signing_key)
         self.index = IndexHolder()
         self.metrics = WorkerMetrics(settings.levels, clock)
+        self.metrics.lag_source(self.consumer_lag)
         self.recovery = RecoveryMetrics(self.metrics.registry)
         self.outputs = outputs or KafkaOutputs(self.topics.dlq, self.topics.train, self.topics.updates)
         self.testing = testing
@@ -213,7 +220,8 @@ class StreamWorker:
 
     def learn(self, inp: LearnerInput, read_at: Sequence[Source] = ()) -> dict:
         """One micro-batch (in the learner thread); `read_at`: where its messages were read, for the log."""
-        metrics = self.learner.learn(inp.events, inp.histories)
+        with self.metrics.step_seconds.time():
+            metrics = self.learner.learn(inp.events, inp.histories)
         watermark = dict(self.watermark)
         merge_watermarks(watermark, inp.watermark)
         self.watermark = watermark  # swapped whole: readers on the event loop never see it half-updated
@@ -252,6 +260,30 @@ class StreamWorker:
         state, health = self.learner.capture()
         return state, health, dict(self.watermark)
 
+    # --- what the probes and metrics read
+    def tables_recovered(self) -> bool:
+        """Faust has recovered the history table from its changelog and no rebalance is under way."""
+        return self.app.tables.recovery.completed.is_set() and not self.app.rebalancing
+
+    def consumer_lag(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> messages behind the partition's high watermark, for the source topics this
+        worker is assigned and has fetched from (the consumer runs in Faust's consumer thread: read only)."""
+        s = self.settings
+        sources = {s.feedback_topic, s.item_topic, s.train_topic}
+        try:
+            consumer = self.app.consumer
+            lag = {}
+            for tp in consumer.assignment():
+                if tp.topic not in sources:
+                    continue
+                end = consumer.highwater(tp)
+                read = consumer._read_offset.get(tp)  # the last offset handed to a stream (Faust keeps it)
+                if end is not None:
+                    lag[(tp.topic, tp.partition)] = max(0, end - (read + 1 if read is not None else 0))
+            return lag
+        except Exception:  # not started, between assignments: nothing to report
+            return {}
+
     # --- publishing schedule
     def publish_due(self) -> bool:
         steps, at = self._published
@@ -266,9 +298,12 @@ class StreamWorker:
 
     # --- lifecycle
     def run(self) -> int:
-        """Run the Faust worker in this process until it is stopped; returns its exit status."""
+        """Run the Faust worker in this process until it is stopped; returns its exit status. Logging is
+        streams.logs' (format and level from the settings); in JSON mode Faust's start banner is left out."""
         apply_process_settings(self.settings)
-        worker = faust.Worker(self.app, loglevel="INFO")
+        setup_logging(self.settings.log_format, self.settings.log_level)
+        worker = faust.Worker(self.app, loglevel=self.settings.log_level, override_logging=False,
+                              quiet=self.settings.log_format == "json")
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:

@@ -152,10 +152,10 @@ def test_versions_lineage_gate_and_messages(tmp_path, learner):
     assert key == b"sparc" and dict(headers)["schema"] == SCHEMA.encode()
     m1, m3 = announced(first), announced(third)
     assert (m1.version, m1.parent, m1.remap_from, m1.remap) == (0, None, None, None)  # nothing announced before
-    assert torch.equal(m1.item_codes, state.item_codes) and m1.weights is None  # the whole table, no weights
+    assert np.array_equal(m1.item_codes, state.item_codes) and m1.weights is None  # the whole table, no weights
     assert m3.parent == 1 and m3.remap_from == 0  # remap since the last ANNOUNCED version
-    assert m3.remap.changed_items.numel() == 0 and m3.remap.added_items.numel() == 0  # same state
-    assert m3.item_codes is None and torch.equal(m3.with_base(m1.item_codes).item_codes, state.item_codes)
+    assert m3.remap.changed_items.size == 0 and m3.remap.added_items.size == 0  # same state
+    assert m3.item_codes is None and np.array_equal(m3.with_base(m1.item_codes).item_codes, state.item_codes)
     assert m3.watermark == {"kafka": {"fb:0": 30}}
     assert m3.health["drift"]["parent_version"] == 1
 
@@ -205,3 +205,19 @@ def test_faiss_index_serves_like_the_brute_force_reference(learner):
     assert counts[cold.items].tolist() == cold.scores.tolist()
     holder = IndexHolder()
     assert holder.swap(fast) is None and holder.swap(exact) is fast and holder.current is exact
+
+
+def test_the_publisher_signs_with_its_key_file(tmp_path, learner):
+    from codebook_store import KeyFileError, load_verifier
+
+    key = tmp_path / "updates.key"
+    key.write_bytes(b"s" * 32)
+    pub = Publisher("memory://", "sparc", GATE, signing_key=key)
+    published = pub.publish(learner.snapshot_state(), learner.health(), {"fb:0": 1}, 1_700_000_000.0)
+    pub.close()
+    r = Reassembler(verifier=load_verifier([key]))
+    (update,) = [u for record in published.messages if (u := r.accept(*record))]
+    assert update.signed_by == pub.signer.key_id
+    key.write_bytes(b"short")
+    with pytest.raises(KeyFileError, match="at least 32 bytes"):
+        Publisher("memory://", "sparc", GATE, signing_key=key)

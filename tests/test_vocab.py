@@ -16,7 +16,7 @@ SKU = "sku-" + "x" * 196  # a 200-character string id
 
 def small_learner(**catalogue) -> OnlineLearner:
     cfg = SparcConfig(num_items=0, num_attributes=50, codes=4, encoder=EncoderConfig(dim=8, max_len=5, layers=1))
-    return OnlineLearner(cfg, TrainConfig(seed=0), CatalogueConfig(**catalogue))
+    return OnlineLearner(cfg, TrainConfig(seed=0), catalogue=CatalogueConfig(**catalogue))
 
 
 def ev(user, item, n=0) -> dict:

@@ -3,7 +3,7 @@
 Pure PyTorch, no I/O. The caller owns the user histories (a dict in replay, a Faust table in the worker) and
 passes them in; the learner owns the model, its optimiser and its random state.
 
-    learner = OnlineLearner(SparcConfig(num_items=0, num_attributes=...), TrainConfig(seed=0), CatalogueConfig())
+    learner = OnlineLearner(SparcConfig(num_items=0, num_attributes=...), TrainConfig(seed=0), catalogue=...)
     learner.observe_items([{"item_id": "sku-7", "attributes": [3, 12]}])  # new items -> rows of the item table
     metrics = learner.learn(events, histories)                            # one Trainer.step
     advance_histories(histories, events, learner.max_len)                 # the caller moves histories on
@@ -162,15 +162,21 @@ class Observed:
 class OnlineLearner:
     """A SparcModel and its Trainer, fed one micro-batch of events at a time, and the vocabulary of its items."""
 
-    def __init__(self, model_cfg: SparcConfig, train_cfg: TrainConfig, catalogue: CatalogueConfig | None = None):
+    def __init__(
+        self,
+        model_cfg: SparcConfig,
+        train_cfg: TrainConfig,
+        device: str | torch.device = "cpu",
+        catalogue: CatalogueConfig | None = None,
+    ):
         """A learner built with num_items = N knows items 1..N at rows 1..N (an offline model's table)."""
         self.train_cfg = train_cfg
         self.catalogue_cfg = catalogue = catalogue or CatalogueConfig()
         self.vocab = ItemVocab.identity(model_cfg.num_items, catalogue.max_items, catalogue.on_full)
         with private_rng(seed=train_cfg.seed) as rng:
-            self.model = SparcModel(model_cfg)
-        self._rng_state = rng.state  # dropout etc. draw from this, not the process's RNG
-        self.trainer = Trainer(self.model, train_cfg)
+            self.model = SparcModel(model_cfg)  # built on the CPU: the same initial weights on any device
+        self._rng_state = rng.state  # dropout etc. draw from this, not the process's RNG (CUDA's own on a GPU)
+        self.trainer = Trainer(self.model, train_cfg, device)
 
     def restore(
         self,
@@ -196,7 +202,7 @@ class OnlineLearner:
             model = _build_model(continued, weights)
         vocab = restored_vocab(model.items.num_items, item_ids, self.catalogue_cfg)
         model.train()
-        trainer = Trainer(model, self.train_cfg)
+        trainer = Trainer(model, self.train_cfg, self.trainer.device)
         trainer.steps = int(steps)
         trainer.generator.manual_seed(restart_seed(self.train_cfg.seed, steps))
         self.model, self.trainer, self._rng_state, self.vocab = model, trainer, rng.state, vocab
@@ -240,18 +246,31 @@ class OnlineLearner:
         events whose item is not in the vocabulary: "catalogue_full" or "unknown_item"), "evicted" (items evicted
         to admit the batch's) and "history_dropped" (history items left out of inputs, not in the vocabulary);
         no step is taken when there is no example."""
-        targets = [e["item_id"] for e in events]
-        evicted: list[ItemId] = []
-        if self.catalogue_cfg.item_sources == "items_and_feedback":  # feedback may outrun its catalogue event
-            _, evicted, _ = self._admit(targets)
-            reason = "catalogue_full"
-        else:
-            for item in targets:
-                self.vocab.touch(item)
-            reason = "unknown_item"
+        evicted = self._admit_targets([e["item_id"] for e in events])
+        examples, out = self._examples(events, histories)
+        out["evicted"] = len(evicted)
+        if not examples:
+            return {**out, "step": self.steps}
+        return {**self._step(next_item_batch(examples, self.max_len)), **out}
+
+    def _admit_targets(self, targets: Sequence[ItemId]) -> list[ItemId]:
+        """Feedback targets, in order: admitted (item_sources "items_and_feedback": feedback may outrun its item's
+        catalogue event) or only seen again ("items"). Returns the items evicted to make room."""
+        if self.catalogue_cfg.item_sources == "items_and_feedback":
+            return self._admit(targets)[1]
+        for item in targets:
+            self.vocab.touch(item)
+        return []
+
+    def _examples(
+        self, events: Sequence[Mapping], histories: Mapping[Hashable, Sequence[ItemId]]
+    ) -> tuple[list[tuple[list[int], int]], dict]:
+        """(history rows, target row) of every event that can be learnt now (its targets admitted), and what
+        `learn` reports about the events: "examples", "skipped", "unlearnt", "history_dropped"."""
+        reason = "catalogue_full" if self.catalogue_cfg.item_sources == "items_and_feedback" else "unknown_item"
         examples, unlearnt, dropped = [], [], 0
         for i, before in enumerate(event_histories(events, histories, self.max_len)):
-            row = self.vocab.row(targets[i])  # after every admission of the batch (one may evict another)
+            row = self.vocab.row(events[i]["item_id"])  # after every admission of the batch (one may evict another)
             if row is None:
                 unlearnt.append((i, reason))
                 continue
@@ -260,14 +279,15 @@ class OnlineLearner:
             if known:
                 examples.append((known, row))
         out = {"examples": len(examples), "skipped": len(events) - len(examples), "unlearnt": unlearnt,
-               "evicted": len(evicted), "history_dropped": dropped}
-        if not examples:
-            return {**out, "step": self.steps}
-        batch = next_item_batch(examples, self.max_len)
+               "history_dropped": dropped}
+        return examples, out
+
+    def _step(self, batch: Batch | None) -> dict:
+        """Trainer.step on the learner's private RNG (batch None: a data-parallel rank without examples)."""
         with private_rng(self._rng_state) as rng:
             metrics = self.trainer.step(batch)
         self._rng_state = rng.state
-        return {**metrics, **out}
+        return metrics
 
     def _admit(self, items: Sequence[ItemId]) -> tuple[list[int | None], list[ItemId], int]:
         """Admit `items` in order (ItemVocab.admit): their rows (None: refused), the items evicted and the number
@@ -374,15 +394,19 @@ def model_health(model: SparcModel, cat: Catalogue | None = None) -> dict:
 def capture_state(
     model: SparcModel, steps: int = 0, cat: Catalogue | None = None, item_ids: tuple[ItemId, ...] | None = None
 ) -> LearnerState:
-    """Copies of everything a snapshot and a serving index need, taken from `model` (offline or online).
-    `cat`: model.catalogue(), if at hand; `item_ids`: the vocabulary (None: row i is item i)."""
+    """CPU copies of everything a snapshot and a serving index need, taken from `model` (offline or online, on
+    any device). `cat`: model.catalogue(), if at hand; `item_ids`: the vocabulary (None: row i is item i)."""
     cat = model.catalogue() if cat is None else cat
     return LearnerState(
         config=replace(model.cfg, num_items=model.items.num_items).to_json(),
-        codebooks=model.rq.codebooks.detach().clone().float(),
-        item_codes=cat.codes.detach().clone().long(),
-        item_vectors=cat.z.detach().clone().float(),
-        weights={k: v.detach().clone() for k, v in model.state_dict().items()},
+        codebooks=_cpu_copy(model.rq.codebooks).float(),
+        item_codes=_cpu_copy(cat.codes).long(),
+        item_vectors=_cpu_copy(cat.z).float(),
+        weights={k: _cpu_copy(v) for k, v in model.state_dict().items()},
         steps=steps,
         item_ids=item_ids,
     )
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)

@@ -500,7 +500,7 @@ def served_scores(scores, item_codes, codes, weights, k: int):
     import torch
 
     S, K = codes.shape
-    quotas = torch.from_numpy(allocate_quotas_rows(np.asarray(weights), k))  # (S, K)
+    quotas = torch.from_numpy(allocate_quotas_rows(np.asarray(weights), k)).to(scores.device)  # (S, K)
     vals, ids = [], []
     for j in range(K):
         member = item_codes[None, :] == codes[:, j, None]  # (S, N+1)
@@ -510,16 +510,16 @@ def served_scores(scores, item_codes, codes, weights, k: int):
     vals, ids = torch.stack(vals, 1), torch.stack(ids, 1)  # (S, K, k)
     finite = torch.isfinite(vals)
     take = torch.minimum(quotas, finite.sum(-1))  # each code's own slots
-    within = torch.arange(vals.shape[-1])[None, None, :] < take[..., None]
+    within = torch.arange(vals.shape[-1], device=scores.device)[None, None, :] < take[..., None]
     free = k - take.sum(1)  # slots short lists could not fill, for the best of the rest
     pool = vals.masked_fill(within | ~finite, -math.inf).reshape(S, -1)
     pool_v, pool_at = pool.topk(min(k, pool.shape[1]), dim=1)
-    pool_keep = (torch.arange(pool_v.shape[1])[None, :] < free[:, None]) & torch.isfinite(pool_v)
+    pool_keep = (torch.arange(pool_v.shape[1], device=scores.device)[None, :] < free[:, None]) & torch.isfinite(pool_v)
     chosen = torch.cat([ids.masked_fill(~within, 0).reshape(S, -1),
                         ids.reshape(S, -1).gather(1, pool_at).masked_fill(~pool_keep, 0)], dim=1)
     keep = torch.cat([within.reshape(S, -1), pool_keep], dim=1)
     out = torch.full_like(scores, -math.inf)
-    rows = torch.arange(S)[:, None].expand_as(chosen)
+    rows = torch.arange(S, device=scores.device)[:, None].expand_as(chosen)
     out[rows[keep], chosen[keep]] = scores[rows[keep], chosen[keep]]
     return out
 
