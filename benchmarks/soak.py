@@ -1,14 +1,14 @@
-"""Soak: the worker's loop over a long stream, in-process, RSS over time with and without the allocator setting
-side by side, and the health of every snapshot it takes (the evidence behind the health gate's thresholds).
+"""Soak: the worker's loop over a long stream, in-process, RSS and CPU with and without the memory setting side
+by side, and the health of every snapshot it takes (the evidence behind the health gate's thresholds).
 
-    python -m benchmarks.soak --events beauty --passes 2 --out runs/soak_beauty.json
+    python -m benchmarks.soak --events beauty --out runs/soak_beauty.json
     python -m benchmarks.soak --events synthetic --variants tuned --out runs/soak_synthetic.json
 
 One child process per variant, all at the same time (the same machine load):
-  tuned  calls cli.allocator.tune_allocator() first, as every sparc entry point does (glibc's mmap threshold
-         fixed at 64 KiB);
-  glibc  does not (glibc's default: a dynamic threshold that rises with the largest block freed).
-Neither inherits MALLOC_MMAP_THRESHOLD_. Each child does what the worker's threads do, without Kafka:
+  tuned  calls cli.allocator.tune_allocator() first, as every sparc entry point does (the heap trimmer);
+  glibc  does not: glibc's defaults;
+  mmap   glibc with MALLOC_MMAP_THRESHOLD_=65536 in its environment (the alternative cli/allocator.py weighs).
+No child inherits the caller's MALLOC_* variables. Each child does what the worker's threads do, without Kafka:
   ingest     streams.history.apply_feedback per event into a dict of JSON table values (the history table),
              micro-batches of --batch-size events with each user's history before its first event in the batch
   learner    in a thread of its own: observe_items for the item events, OnlineLearner.learn per micro-batch
@@ -18,8 +18,9 @@ Neither inherits MALLOC_MMAP_THRESHOLD_. Each child does what the worker's threa
              records, the incremental serving index, and --retrievals lookups for random users
 RSS (VmRSS) is sampled every --sample-every micro-batches. --passes N runs the stream N times (event ids made
 unique per pass; histories carry on). The JSON holds per variant the RSS series, its peak, its end and its growth
-over the second half, and "health": per snapshot the steps, items, per-level utilisation and perplexity,
-collision rate and the gate's verdict (the same in every variant: the learning is seeded).
+over the second half, the CPU seconds (user, system: all threads) and minor page faults, and "health": per
+snapshot the steps, items, per-level utilisation and perplexity, collision rate and the gate's verdict (the same
+in every variant: the learning is seeded).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,7 +41,8 @@ from pathlib import Path
 from benchmarks.common import write_json
 from cli.allocator import tune_allocator
 
-VARIANTS = ("tuned", "glibc")
+VARIANTS = ("tuned", "glibc", "mmap")
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # the "mmap" variant's environment
 EARLY_SNAPSHOTS = (1, 2, 5, 10, 20, 50, 100)
 
 
@@ -165,7 +168,8 @@ class Loop:
 
 def child(args: argparse.Namespace) -> dict:
     """One variant (module doc): the allocator setting first, then the loop."""
-    allocator = tune_allocator() if args.child == "tuned" else "glibc default"
+    allocator = {"tuned": tune_allocator, "glibc": lambda: "glibc default",
+                 "mmap": lambda: "mmap threshold 64 KiB"}[args.child]()
     from replay.sources import open_source, take_feedback
 
     source = open_source(source_spec(args.events))
@@ -179,9 +183,12 @@ def child(args: argparse.Namespace) -> dict:
             loop.close()
     rss = [p["rss_mb"] for p in loop.series]
     half = next(p["rss_mb"] for p in loop.series if p["events"] >= loop.events / 2)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "allocator": allocator, "source": source.name, "events": loop.events, "steps": loop.learner.steps,
         "items": loop.learner.num_items, "seconds": round(time.perf_counter() - loop.start, 1),
+        "cpu_user_seconds": round(usage.ru_utime, 1), "cpu_system_seconds": round(usage.ru_stime, 1),
+        "minor_page_faults": usage.ru_minflt,
         "peak_rss_mb": max(rss), "final_rss_mb": rss[-1], "second_half_growth_mb": round(rss[-1] - half, 1),
         "series": loop.series, "health": loop.health,
     }
@@ -215,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="sparc-soak-out-"))
     given = [a for a in (argv if argv is not None else sys.argv[1:])]
     children = {v: subprocess.Popen([sys.executable, "-m", "benchmarks.soak", *given, "--child", v,
-                                     "--child-out", str(tmp / f"{v}.json")], env=env) for v in variants}
+                                     "--child-out", str(tmp / f"{v}.json")],
+                                    env={**env, **(MMAP_ENV if v == "mmap" else {})}) for v in variants}
     failed = [v for v, proc in children.items() if proc.wait() != 0]
     if failed:
         print(f"soak: the {', '.join(failed)} child failed", file=sys.stderr)
@@ -229,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         "variants": results, "health": health, "health_identical_across_variants": identical,
     }
     write_json(args.out, result)
-    print(f"{'variant':<8} {'allocator':<14} {'events':>9} {'peak RSS':>10} {'final RSS':>10} {'2nd-half growth':>16}")
+    print(f"{'variant':<8} {'allocator':<22} {'events':>9} {'peak RSS':>10} {'final RSS':>10} {'2nd-half growth':>16} "
+          f"{'CPU user+sys':>14}")
     for v, r in results.items():
-        print(f"{v:<8} {r['allocator']:<14} {r['events']:>9,} {r['peak_rss_mb']:>8.0f} MB {r['final_rss_mb']:>7.0f} MB "
-              f"{r['second_half_growth_mb']:>13.0f} MB")
+        print(f"{v:<8} {r['allocator']:<22} {r['events']:>9,} {r['peak_rss_mb']:>8.0f} MB {r['final_rss_mb']:>7.0f} MB "
+              f"{r['second_half_growth_mb']:>13.0f} MB {r['cpu_user_seconds'] + r['cpu_system_seconds']:>12.0f} s")
     worst = {k: (min if k != "collision_rate" else max)(h[k] for h in health)
              for k in health[0] if k.startswith(("level", "collision"))} if health else {}
     print(f"{len(health)} snapshots, {sum(h['gate_passed'] for h in health)} passed the gate; worst values: "

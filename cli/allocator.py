@@ -1,35 +1,57 @@
-"""The memory allocator setting every `sparc` process (and every benchmark) applies at start.
+"""The memory setting every `sparc` process (and every benchmark) applies at start: a heap trimmer.
 
-glibc's malloc serves requests above a threshold with mmap (returned to the system on free) and the rest from
-heaps it rarely gives back. The threshold starts at 128 KiB and, by default, rises to the largest block freed
-so far (up to 32 MiB): after a few large tensors are freed, tensors of several MiB come from the heaps, which
-fragment and keep growing. Measured here: a full-Beauty replay grew to ~3 GB RSS; with the threshold fixed at
-64 KiB it stayed at ~750 MB (benchmarks/soak.py measures the worker's loop both ways; README, "Memory").
+glibc's malloc serves blocks below its mmap threshold from heaps it rarely gives back, and raises that threshold
+to the largest block freed (up to 32 MiB): tensors of a few MiB, allocated and freed every training step, come
+from the heaps, which fragment, and RSS creeps up. Two fixes were measured on the worker's loop over the full
+Beauty stream (benchmarks/soak.py; README, "Memory"):
+  - MALLOC_MMAP_THRESHOLD_=65536 (every block of 64 KiB or more mmap'ed, unmapped when freed): RSS ~180 MB
+    lower, but every step's tensors then cost fresh zeroed pages: 138 M page faults instead of 12 M, and the
+    process used 1.9x the CPU time (a Beauty replay too). Too dear to set by default.
+  - malloc_trim(0) from time to time: glibc hands the free pages inside its heaps back to the system. This module
+    does that from a daemon thread every TRIM_SECONDS; it costs a few percent of CPU (README has the numbers).
 
-`tune_allocator()` fixes the threshold with mallopt(M_MMAP_THRESHOLD) -- what the MALLOC_MMAP_THRESHOLD_
-environment variable does, without a re-exec -- unless that variable is set (the operator's value wins, glibc
-applied it at start). It affects allocations made after the call, so entry points call it first.
+`tune_allocator()` starts that thread once per process (a ctypes call releases the GIL, so it runs beside the
+learner). It does nothing where malloc is not glibc's (musl, macOS). An operator who wants the mmap threshold
+instead sets MALLOC_MMAP_THRESHOLD_ in the environment; glibc applies it at start, and the trimmer still runs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
+import threading
+import time
 
-MMAP_THRESHOLD = 65_536  # bytes: blocks at least this large are mmap'ed and returned to the system when freed
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
-ENV_VAR = "MALLOC_MMAP_THRESHOLD_"
+TRIM_SECONDS = 1.0
+
+_started = threading.Lock()
+_thread: threading.Thread | None = None
 
 
-def tune_allocator(threshold: int = MMAP_THRESHOLD) -> str:
-    """Fix glibc's mmap threshold at `threshold` bytes. Returns what happened: "set", "env" (the operator set
-    MALLOC_MMAP_THRESHOLD_; left alone) or "unsupported" (not glibc, e.g. musl or macOS: nothing to do)."""
-    if ENV_VAR in os.environ:
-        return "env"
+def _malloc_trim():
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def tune_allocator(seconds: float = TRIM_SECONDS) -> str:
+    """Start the heap trimmer (module doc) unless it runs already. Returns "trimming" (started or running) or
+    "unsupported" (no glibc malloc_trim here)."""
+    global _thread
+    trim = _malloc_trim()
+    if trim is None:
         return "unsupported"
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return "set" if mallopt(M_MMAP_THRESHOLD, threshold) == 1 else "unsupported"
+    with _started:
+        if _thread is None:
+
+            def run() -> None:
+                while True:
+                    time.sleep(seconds)
+                    trim(0)
+
+            _thread = threading.Thread(target=run, name="malloc-trim", daemon=True)
+            _thread.start()
+    return "trimming"
