@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli.allocator import tune_allocator
 from replay.plots import plot_recovery
 from replay.prequential import Prequential, ReplaySettings, Scored, recovery, windowed_recall, worker_model_config
 from replay.synthetic import SyntheticConfig, SyntheticStream, generate
@@ -172,6 +173,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # as every entry point does (cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.drift_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="write the JSON result here")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from benchmarks.common import write_json
 from benchmarks.worker_bench import free_port, http_get, parse_metrics
+from cli.allocator import tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 BROKER_SH = ROOT / "deploy" / "kafka" / "broker.sh"
@@ -121,6 +122,7 @@ def events_total(port: int) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # as every entry point does (cli/allocator.py)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--broker", required=True, help="the broker.sh broker's bootstrap address")
     p.add_argument("--rate", type=float, default=400.0, help="feedback events per second (default 400)")

@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import write_json
+from cli.allocator import tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 BEAUTY = Path("/work/shared/datasets/amazon_beauty")
@@ -286,7 +287,7 @@ def publish_cost(learner, settings, reps: int = 3) -> dict[str, float]:
     from streams.index import build_index
     from streams.publisher import Publisher
 
-    publisher = Publisher("memory://", "sparc", settings.min_utilisation)
+    publisher = Publisher("memory://", "sparc", settings.gate_thresholds())
     parts: dict[str, list[float]] = {"capture": [], "store_and_encode": [], "index": []}
     try:
         for _ in range(reps):
@@ -317,7 +318,8 @@ def in_process(items: list[dict], feedback: Sequence[dict], overrides: Mapping[s
 
     settings = settings_for(overrides)
     torch.set_num_threads(settings.torch_threads)
-    learner = OnlineLearner(settings.sparc_config(), settings.train_config())
+    learner = OnlineLearner(settings.sparc_config(), settings.train_config(),
+                            catalogue=settings.catalogue_config())
     learner.observe_items(items)
     events = [{**e, "user_id": str(e["user_id"])} for e in feedback]  # as the worker's Feedback record has it
     bs = settings.batch_size
@@ -733,6 +735,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # as every entry point does (cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="write the JSON result here")

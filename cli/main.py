@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import errors
+from cli import allocator, errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    allocator.tune_allocator()  # before anything allocates much (cli/allocator.py says why)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

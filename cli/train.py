@@ -21,8 +21,6 @@ from pathlib import Path
 from cli.device import add_device_flag, check_device
 from cli.errors import UserError
 
-DEFAULT_MIN_UTILISATION = 0.05  # the worker's default floor (streams.settings.WorkerSettings.min_utilisation)
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -47,8 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-attributes", type=int, default=None,
                    help="attribute vocabulary of the model (default: the dataset's largest attribute id); set it "
                         "to the worker's (SPARC_NUM_ATTRIBUTES, 1024) for a snapshot the worker can start from")
-    p.add_argument("--min-utilisation", type=float, default=DEFAULT_MIN_UTILISATION,
-                   help=f"health gate: level-1 codebook utilisation floor (default {DEFAULT_MIN_UTILISATION})")
+    p.add_argument("--min-utilisation", type=float, default=None,
+                   help="health gate: level-1 codebook utilisation floor (default: the worker's); the gate's other "
+                        "thresholds are the worker's defaults too (streams.gate.GateThresholds)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_flag(p)
     p.set_defaults(func=run)
@@ -63,7 +62,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--codes must be >= 2, got {args.codes}")
     if args.num_attributes is not None and args.num_attributes < 0:
         raise UserError(f"--num-attributes must be >= 0, got {args.num_attributes}")
-    if not 0 <= args.min_utilisation <= 1:
+    if args.min_utilisation is not None and not 0 <= args.min_utilisation <= 1:
         raise UserError(f"--min-utilisation must lie in [0, 1], got {args.min_utilisation}")
 
 
@@ -145,15 +144,17 @@ def train_sparc(ds, args: argparse.Namespace, num_attributes: int, device: str =
     }
 
 
-def store_snapshot(store, model: str, min_utilisation: float, fields: dict) -> tuple[int, bool, list[str]]:
+def store_snapshot(store, model: str, min_utilisation: float | None, fields: dict) -> tuple[int, bool, list[str]]:
     """Put the snapshot as the next free version, gated like the worker's; returns (version, latest moved,
     gate reasons). The next version is one above the highest stored, not above latest: after a rollback latest
     is lower and latest+1 may already exist."""
     from codebook_store import Snapshot, VersionExistsError
-    from streams.publisher import gate
+    from streams.gate import GateThresholds, gate, verdict
 
-    reasons = gate(fields["health"], min_utilisation)
-    health = {**fields["health"], "gate": {"passed": not reasons, "reasons": reasons}}
+    thresholds = GateThresholds() if min_utilisation is None else GateThresholds(min_utilisation=min_utilisation)
+    refusals = gate(fields["health"], thresholds, int(fields["config"]["codes"]))
+    reasons = [r.detail for r in refusals]
+    health = {**fields["health"], "gate": verdict(refusals)}
     for _ in range(3):  # a worker writing to the same store may take a version meanwhile
         versions = store.versions(model=model)
         version = versions[-1] + 1 if versions else 0

@@ -28,6 +28,7 @@ FLAGS = {
     "snapshot_every_steps": "snapshot_every_steps",
     "snapshot_every_seconds": "snapshot_every_seconds",
     "warm_start": "warm_start",
+    "on_corrupt": "on_corrupt",
     "processed_log": "processed_log",
     "device": "device",
     "signing_key": "signing_key",
@@ -69,6 +70,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="start from the store's latest snapshot of the model when there is one: its weights, step count and "
         "train position (default on; --no-warm-start: a fresh model, versions still continue from the store's)",
+    )
+    p.add_argument(
+        "--on-corrupt",
+        choices=("fallback", "refuse"),
+        help="a warm start whose latest snapshot fails verification: fall back to the newest earlier version that "
+        "verifies and passed the health gate, rolling latest back to it with a warning naming the bad one "
+        "(default), or refuse to start",
     )
     p.add_argument(
         "--processed-log",

@@ -73,3 +73,28 @@ def describe(value: Any) -> str:
     if hasattr(value, "dtype") and hasattr(value, "shape"):
         return f"{dtype_name(value.dtype)} tensor of shape {tuple(value.shape)}"
     return type(value).__name__
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_item_ids(item_ids: Any, num_items: int) -> tuple[int | str, ...] | None:
+    """A snapshot's vocabulary: None, or one external id per item row 1..N, each an int64 or a non-empty
+    string, all distinct. Returns it as a tuple, or None when it is the identity (row i is item i)."""
+    if item_ids is None:
+        return None
+    if isinstance(item_ids, str | bytes) or not hasattr(item_ids, "__iter__"):
+        raise InvalidSnapshotError(f"item_ids must be a sequence of ids, got {type(item_ids).__name__}")
+    ids = tuple(item_ids)
+    if len(ids) != num_items:
+        raise InvalidSnapshotError(f"item_ids names {len(ids)} items, item_codes has {num_items}")
+    for item in ids:
+        if isinstance(item, bool) or not (
+            (isinstance(item, int) and INT64_MIN <= item <= INT64_MAX) or (isinstance(item, str) and item)
+        ):
+            raise InvalidSnapshotError(f"an item id is an int64 or a non-empty string, got {item!r}")
+    if len(set(ids)) != len(ids):
+        raise InvalidSnapshotError("item_ids holds an id twice")
+    if all(type(item) is int and item == row for row, item in enumerate(ids, start=1)):
+        return None
+    return ids

@@ -6,7 +6,8 @@ torch-free reader (the codebook-updates subscriber) uses; only `encode`, `decode
 tensors) import torch, when called.
 
 Manifest (UTF-8 JSON object, pretty-printed, keys sorted):
-  format_version  : 1
+  format_version  : 2 when the snapshot has a vocabulary (item_ids), else 1 (what readers before vocabularies
+                    read; they refuse 2, whose rows they would take for ids). This reader reads both.
   model, version, parent, created_at, watermark, config, health : the Snapshot's metadata
   tensors  : {name: {"blob": blob name, "dtype": "float32", "shape": [..]}} for "codebooks", "item_codes"
              and every weight
@@ -14,7 +15,9 @@ Manifest (UTF-8 JSON object, pretty-printed, keys sorted):
   manifest_sha256 : sha256 of the canonical JSON (sorted keys, no spaces, ASCII) of every other field
 
 Blobs: "codebooks.safetensors" {"codebooks": (L, C, D) float32}, "item_codes.safetensors"
-{"item_codes": (N+1, L) int64}, "weights.safetensors" {weight name: tensor}.
+{"item_codes": (N+1, L) int64}, "weights.safetensors" {weight name: tensor}, and (format 2)
+"item_ids.safetensors" {"item_ids": (B,) uint8}: the UTF-8 bytes of a JSON array, the external id (a JSON
+integer or string) of rows 1..N. A snapshot without it maps row i to item i.
 
 Reading checks, in order and before any safetensors parsing: the manifest parses as JSON and its own checksum
 matches; every blob it lists is present, has the listed size and the listed sha256. Any failure raises
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import safetensors.numpy
 
-from codebook_store.checks import MODEL_NAME_RE, check_lineage, check_tables, dtype_name
+from codebook_store.checks import MODEL_NAME_RE, check_item_ids, check_lineage, check_tables, dtype_name
 from codebook_store.errors import (
     CodebookStoreError,
     CorruptSnapshotError,
@@ -45,11 +48,13 @@ if TYPE_CHECKING:
 
     from codebook_store.snapshot import Snapshot
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code writes (1 for a snapshot without item_ids) and reads
+READABLE_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 CODEBOOKS_BLOB = "codebooks.safetensors"
 ITEM_CODES_BLOB = "item_codes.safetensors"
 WEIGHTS_BLOB = "weights.safetensors"
+ITEM_IDS_BLOB = "item_ids.safetensors"
 
 BLOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.safetensors$")
 
@@ -126,6 +131,8 @@ def encode(snapshot: Snapshot) -> tuple[bytes, dict[str, bytes]]:
         ITEM_CODES_BLOB: {"item_codes": snapshot.item_codes},
         WEIGHTS_BLOB: dict(snapshot.weights),
     }
+    if snapshot.item_ids is not None:
+        groups[ITEM_IDS_BLOB] = {"item_ids": item_ids_tensor(snapshot.item_ids)}
     blobs: dict[str, bytes] = {}
     tensors: dict[str, TensorInfo] = {}
     for blob_name, group in groups.items():
@@ -134,7 +141,7 @@ def encode(snapshot: Snapshot) -> tuple[bytes, dict[str, bytes]]:
         for name, t in prepared.items():
             tensors[name] = TensorInfo(blob_name, dtype_name(t.dtype), tuple(t.shape))
     manifest = Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=1 if snapshot.item_ids is None else 2,
         model=snapshot.model,
         version=snapshot.version,
         parent=snapshot.parent,
@@ -172,6 +179,9 @@ def decode(
     tensors: dict[str, torch.Tensor] = {}
     for blob_name in parsed.blobs:
         tensors.update(load_blob(parsed, blob_name, blobs.get(blob_name)))
+    item_ids = None
+    if parsed.format_version >= 2 and "item_ids" in tensors:
+        item_ids = read_item_ids(tensors.pop("item_ids").numpy().tobytes(), parsed)
     try:
         return Snapshot(
             model=parsed.model,
@@ -184,9 +194,32 @@ def decode(
             item_codes=tensors.pop("item_codes"),
             weights=tensors,
             health=parsed.health,
+            item_ids=item_ids,
         )
     except CodebookStoreError as exc:  # checksums matched, content is still unusable: a bad writer
         raise _corrupt("content", parsed.model, parsed.version, None, f"fails validation: {exc}") from exc
+
+
+def item_ids_tensor(item_ids: tuple[int | str, ...]) -> torch.Tensor:
+    """The "item_ids" tensor: a JSON array's UTF-8 bytes as uint8 (ints and strings round-trip exactly)."""
+    import torch
+
+    text = json.dumps(list(item_ids), ensure_ascii=False, separators=(",", ":"))
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def read_item_ids(data: bytes, manifest: Manifest) -> tuple[int | str, ...]:
+    """The ids of the "item_ids" tensor's (verified) bytes; CorruptSnapshotError when they are not a JSON array
+    (checks.check_item_ids checks the ids themselves)."""
+    try:
+        ids = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _corrupt(
+            "content", manifest.model, manifest.version, ITEM_IDS_BLOB, f"is not a JSON array: {exc}"
+        ) from exc
+    if not isinstance(ids, list):
+        raise _corrupt("content", manifest.model, manifest.version, ITEM_IDS_BLOB, "is not a JSON array")
+    return tuple(ids)
 
 
 def verify_blob(manifest: Manifest, blob_name: str, data: bytes | None) -> None:
@@ -239,6 +272,8 @@ def check_raw(manifest: bytes, blobs: Mapping[str, bytes | None]) -> Manifest:
     try:
         check_lineage(parsed.version, parsed.parent)
         check_tables(tensors["codebooks"], tensors["item_codes"])
+        if parsed.format_version >= 2 and "item_ids" in tensors:
+            check_item_ids(read_item_ids(tensors["item_ids"].tobytes(), parsed), tensors["item_codes"].shape[0] - 1)
     except CodebookStoreError as exc:
         raise _corrupt("content", parsed.model, parsed.version, None, f"fails validation: {exc}") from exc
     return parsed
@@ -288,10 +323,10 @@ def parse_manifest(data: bytes, *, model: str | None = None, version: int | None
     if not isinstance(body, dict):
         raise bad("is not a JSON object")
     fmt = body.get("format_version")
-    if fmt != FORMAT_VERSION:
+    if isinstance(fmt, bool) or fmt not in READABLE_FORMATS:
         raise UnsupportedFormatError(
             f"{_where(model, version)}: manifest format_version {fmt!r} is not supported "
-            f"(this reader knows {FORMAT_VERSION})",
+            f"(this reader knows {', '.join(map(str, READABLE_FORMATS))})",
             kind="format",
             model=model,
             version=version,
@@ -345,7 +380,7 @@ def _manifest_from_dict(body: dict[str, Any]) -> Manifest:
     if "codebooks" not in tensors or "item_codes" not in tensors:
         raise ValueError("codebooks or item_codes missing from tensors")
     return Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=body["format_version"],
         model=model,
         version=typed("version", int),
         parent=parent,

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from codebook_store.checks import check_lineage, check_model_name, check_tables, describe
+from codebook_store.checks import check_item_ids, check_lineage, check_model_name, check_tables, describe
 from codebook_store.errors import InvalidSnapshotError
 
-# Names the compatibility check uses for the two fixed tensors; weights may not take them.
-RESERVED_TENSOR_NAMES = ("codebooks", "item_codes")
+# Names of the fixed tensors (and of the vocabulary's, format.py); weights may not take them.
+RESERVED_TENSOR_NAMES = ("codebooks", "item_codes", "item_ids")
 
 
 def normalise_json(value: Any, what: str) -> Any:
@@ -42,6 +42,9 @@ class Snapshot:
     item_codes : int64 (N+1, L): row i holds item i's code per level, each in [0, C); row 0 is padding
     weights    : name -> tensor, the model weights serving needs (e.g. an item-embedding table (N+1, D))
     health     : JSON dict of health metrics (trainer.rq.code_health; drift.drift for the drift part)
+    item_ids   : the external item id (an int64 or a non-empty string, all distinct) of rows 1..N of every
+                 per-item tensor, or None when row i is item i; an identity tuple (1, 2, ..., N) is kept as None.
+                 Rows are not ids: a learner with a bounded catalogue reuses an evicted item's row.
 
     Equality is by value via `same_as` (bit-for-bit tensors); `==` is identity because tensors are involved.
     """
@@ -56,6 +59,7 @@ class Snapshot:
     item_codes: torch.Tensor
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
+    item_ids: tuple[int | str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
@@ -69,6 +73,7 @@ class Snapshot:
                 raise InvalidSnapshotError(f"{name} must be a dict, got {type(value).__name__}")
             object.__setattr__(self, name, normalise_json(value, name))
         _check_tensors(self.codebooks, self.item_codes, self.weights)
+        object.__setattr__(self, "item_ids", check_item_ids(self.item_ids, self.num_items))
 
     @property
     def num_levels(self) -> int:
@@ -93,7 +98,7 @@ class Snapshot:
 
     def same_as(self, other: Snapshot) -> bool:
         """True when every field is equal and every tensor is equal bit for bit (dtype and shape included)."""
-        meta = ("model", "version", "parent", "created_at", "watermark", "config", "health")
+        meta = ("model", "version", "parent", "created_at", "watermark", "config", "health", "item_ids")
         if any(getattr(self, k) != getattr(other, k) for k in meta):
             return False
         if sorted(self.weights) != sorted(other.weights):

@@ -64,17 +64,20 @@ class VersionInfo:
 
     size_bytes : manifest + blob bytes; blob_sizes: bytes per blob
     health     : the snapshot's health dict as stored
+    problem    : why the version cannot be read (its manifest fails verification), else None; the other fields
+                 are then unknown (None, empty)
     """
 
     model: str
     version: int
     parent: int | None
-    created_at: float
-    num_items: int
-    size_bytes: int
+    created_at: float | None
+    num_items: int | None
+    size_bytes: int | None
     blob_sizes: dict[str, int]
     health: dict[str, Any]
     is_latest: bool
+    problem: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON dict of every field."""
@@ -88,6 +91,7 @@ class VersionInfo:
             "blob_sizes": dict(self.blob_sizes),
             "health": self.health,
             "is_latest": self.is_latest,
+            "problem": self.problem,
         }
 
 
@@ -209,6 +213,22 @@ class SnapshotStore(ABC):
 
         return self._read(read)
 
+    def fallback(self, *, below: int | None = None, model: str = DEFAULT_MODEL) -> tuple[Snapshot | None, list[str]]:
+        """The newest version below `below` (of all, if None) that verifies completely and that a quality gate
+        did not hold back (its health's "gate" does not say passed: false; such a version was never meant to be
+        latest), or None; and why each newer candidate was passed over (CorruptSnapshotError messages)."""
+        passed_over: list[str] = []
+        for version in reversed(self.versions(model=model)):
+            if below is not None and version >= below:
+                continue
+            try:
+                if self.manifest(version, model=model).health.get("gate", {}).get("passed", True) is False:
+                    continue
+                return self.get(version, model=model), passed_over
+            except (CorruptSnapshotError, SnapshotNotFoundError) as exc:
+                passed_over.append(str(exc))
+        return None, passed_over
+
     def versions(self, *, model: str = DEFAULT_MODEL) -> list[int]:
         """The complete versions of `model`, ascending."""
         return self._read(lambda: self._list_versions(check_model_name(model)))
@@ -218,13 +238,18 @@ class SnapshotStore(ABC):
         return self._read(self._list_models)
 
     def list(self, *, model: str = DEFAULT_MODEL) -> list[VersionInfo]:
-        """A summary of every complete version of `model`, ascending (manifests only; blobs not read)."""
+        """A summary of every complete version of `model`, ascending (manifests only; blobs not read). A version
+        whose manifest fails verification is listed with its `problem`."""
 
         def read() -> list[VersionInfo]:
             latest = self._read_latest(check_model_name(model))
             out = []
             for version in self._list_versions(model):
-                m, raw = self._read_manifest_checked(model, version)
+                try:
+                    m, raw = self._read_manifest_checked(model, version)
+                except CorruptSnapshotError as exc:
+                    out.append(VersionInfo(model, version, None, None, None, None, {}, {}, version == latest, str(exc)))
+                    continue
                 out.append(
                     VersionInfo(
                         model=model,

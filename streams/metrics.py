@@ -88,6 +88,13 @@ class WorkerMetrics:
             "sparc_dlq_messages", "messages sent to the dead-letter topic", ["topic", "reason"], registry=r
         )
         self.items = Counter("sparc_item_events", "valid item-catalogue events applied", registry=r)
+        self.evictions = Counter(
+            "sparc_catalogue_evictions", "items evicted from a full catalogue (their rows reused)", registry=r
+        )
+        self.history_dropped = Counter(
+            "sparc_history_items_dropped", "history items left out of training inputs (not in the catalogue)",
+            registry=r,
+        )
         self.steps = Counter("sparc_train_steps", "training steps", registry=r)
         self.examples = Counter(
             "sparc_train_examples", "training examples (events with a history)", registry=r
@@ -96,6 +103,10 @@ class WorkerMetrics:
             "sparc_train_errors", "micro-batches skipped (non-finite loss)", registry=r
         )
         self.snapshots = Counter("sparc_snapshots", "snapshots stored", ["outcome"], registry=r)
+        self.gate_refusals = Counter(
+            "sparc_gate_refusals", "health-gate refusals of snapshots, by reason (one snapshot may have several)",
+            ["reason"], registry=r,
+        )
         self.events_per_second = Gauge(
             "sparc_events_per_second", "valid events per second (recent window)", registry=r
         )
@@ -138,6 +149,17 @@ class WorkerMetrics:
             self.steps.inc()
             self.loss.set(metrics["loss"])
         self.examples.inc(metrics.get("examples", 0))
+        self.history_dropped.inc(metrics.get("history_dropped", 0))
+        self.evictions.inc(metrics.get("evicted", 0))
+
+    def catalogue_changed(self, observed) -> None:
+        """An item batch was applied (trainer.online.Observed)."""
+        self.evictions.inc(len(observed.evicted))
+
+    def refused(self, refusals) -> None:
+        """The gate held a snapshot back (streams.gate.Refusal, one per reason)."""
+        for refusal in refusals:
+            self.gate_refusals.labels(refusal.reason).inc()
 
     def health(self, health: dict) -> None:
         self.catalogue.set(health.get("items", 0))

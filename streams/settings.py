@@ -28,8 +28,9 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from streams.gate import GateThresholds
 from streams.kafka_connection import KafkaConfigError, KafkaConnection, SaslMechanism, SecurityProtocol, parse_bootstrap
-from trainer.config import ONLINE_TRAINING, EncoderConfig, SparcConfig, TrainConfig
+from trainer.config import ONLINE_TRAINING, CatalogueConfig, EncoderConfig, SparcConfig, TrainConfig
 
 DAY_MS = 24 * 3600 * 1000
 HISTORY_TABLE = "user-history"  # the worker's Faust table; Faust names its changelog topic after it
@@ -43,14 +44,15 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "topics": ("feedback_topic", "item_topic", "updates_topic", "dlq_topic", "partitions", "replication_factor",
                "min_insync_replicas", "events_retention_ms", "train_retention_ms", "dlq_retention_ms",
                "updates_retention_ms"),
-    "worker": ("app_id", "store_url", "model_name", "data_dir", "table_store", "warm_start", "processed_log",
-               "torch_threads", "device", "switch_interval"),
+    "worker": ("app_id", "store_url", "model_name", "data_dir", "table_store", "warm_start", "on_corrupt",
+               "processed_log", "torch_threads", "device", "switch_interval"),
     "web": ("web_host", "web_port"),
     "logging": ("log_format", "log_level"),
-    "ingest": ("max_event_bytes", "max_item_id", "dedup_window", "batch_size", "batch_seconds",
-               "train_message_bytes"),
-    "publish": ("snapshot_every_steps", "snapshot_every_seconds", "min_utilisation"),
-    "model": ("initial_items", "num_attributes", "dim", "max_len", "layers", "heads", "dropout", "levels", "codes",
+    "ingest": ("max_event_bytes", "dedup_window", "batch_size", "batch_seconds", "train_message_bytes"),
+    "catalogue": ("max_items", "on_catalogue_full", "item_sources", "initial_items"),
+    "publish": ("snapshot_every_steps", "snapshot_every_seconds", "min_utilisation", "min_deep_utilisation",
+                "min_perplexity", "max_collision_rate"),
+    "model": ("num_attributes", "dim", "max_len", "layers", "heads", "dropout", "levels", "codes",
               "top_codes", "retrieval_loss", "attribute_dropout", "conditioned_detach", "lr", "seed"),
 }
 DEFAULT_SECTION = "worker"
@@ -179,9 +181,6 @@ class WorkerSettings(BaseSettings):
 
     # --- ingest
     max_event_bytes: int = Field(16_384, ge=64, description="larger messages go to the DLQ unread")
-    max_item_id: int = Field(
-        1_000_000, ge=1, description="item ids above this are rejected (the table grows)"
-    )
     dedup_window: int = Field(256, ge=1, description="recent event ids remembered per user")
 
     # --- training and publishing
@@ -225,8 +224,24 @@ class WorkerSettings(BaseSettings):
         None, description="sign every codebook update with this key file: an Ed25519 private key (PEM) or an "
         "HMAC-SHA256 shared key (32+ raw bytes); docs/codebook-updates.md. None: updates are unsigned",
     )
+    # the health gate (streams.gate: the runs its defaults come from)
     min_utilisation: float = Field(
-        0.05, ge=0, le=1, description="health gate: level-1 codebook utilisation floor"
+        GateThresholds.min_utilisation, ge=0, le=1,
+        description="health gate: level-1 utilisation floor, a share of the codewords the catalogue could fill "
+        "(min(codes, items)); streams.gate has the runs the defaults come from",
+    )
+    min_deep_utilisation: float = Field(
+        GateThresholds.min_deep_utilisation, ge=0, le=1,
+        description="health gate: utilisation floor of every level below the first",
+    )
+    min_perplexity: float = Field(
+        GateThresholds.min_perplexity, ge=0,
+        le=1, description="health gate: level-1 perplexity floor (the effective number of codewords in use), a "
+        "share of the codewords the catalogue could fill",
+    )
+    max_collision_rate: float = Field(
+        GateThresholds.max_collision_rate, ge=0, le=1,
+        description="health gate: ceiling on the share of items whose full code another item also has",
     )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the learner")
     device: str = Field(
@@ -250,16 +265,37 @@ class WorkerSettings(BaseSettings):
         description="start from the store's latest snapshot of model_name when there is one: its weights, step "
         "count and train-topic position (False: a fresh model; versions still continue from the store's highest)",
     )
+    on_corrupt: Literal["fallback", "refuse"] = Field(
+        "fallback",
+        description="a warm start whose latest snapshot fails verification: fall back to the newest earlier "
+        "version that passed the gate and verifies (with a warning naming the bad one; latest is rolled back to "
+        "it), or refuse to start",
+    )
     processed_log: Path | None = Field(
         None,
         description="append a JSON line here per learnt micro-batch (its event ids and train-topic offsets) and "
         "per start (the snapshot resumed from): which events the model has learnt, for audits and tests",
     )
 
-    # --- model (see trainer.config)
-    initial_items: int = Field(
-        0, ge=0, description="item table capacity at start; it grows with the catalogue"
+    # --- the catalogue (trainer.config.CatalogueConfig, trainer.vocab)
+    max_items: int = Field(
+        100_000, ge=1, description="the most items the model holds (rows of its item table; the full softmax "
+        "costs O(max_items) per step)",
     )
+    on_catalogue_full: Literal["refuse", "evict"] = Field(
+        "refuse", description="a new item when max_items are held: refuse it (item events to the DLQ with "
+        "reason catalogue_full; feedback on it is not learnt and goes there too) or evict the least recently seen",
+    )
+    item_sources: Literal["items", "items_and_feedback"] = Field(
+        "items_and_feedback", description="what may add an item: item events only (feedback on an unknown item "
+        "goes to the DLQ, reason unknown_item), or feedback too (it may outrun the item's catalogue event)",
+    )
+    initial_items: int = Field(
+        0, ge=0, description="items 1..N are known from the start (a catalogue whose ids are 1..N); others are "
+        "added as they arrive",
+    )
+
+    # --- model (see trainer.config)
     num_attributes: int = Field(
         1024, ge=0, description="attribute vocabulary; larger attribute ids are ignored"
     )
@@ -381,3 +417,16 @@ class WorkerSettings(BaseSettings):
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+
+    def gate_thresholds(self) -> GateThresholds:
+        return GateThresholds(
+            min_utilisation=self.min_utilisation,
+            min_deep_utilisation=self.min_deep_utilisation,
+            min_perplexity=self.min_perplexity,
+            max_collision_rate=self.max_collision_rate,
+        )
+
+    def catalogue_config(self) -> CatalogueConfig:
+        return CatalogueConfig(
+            max_items=self.max_items, on_full=self.on_catalogue_full, item_sources=self.item_sources
+        )

@@ -64,7 +64,7 @@ async def retrieve_payload(w: StreamWorker, user_id: str, query: Mapping[str, st
     result = await asyncio.get_running_loop().run_in_executor(None, index.retrieve, history, k, explore, rng)
     return 200, {
         "user_id": user_id,
-        "items": result.items.tolist(),
+        "items": index.ids_of(result.items),
         "scores": [float(x) for x in result.scores],
         "codes": result.codes.tolist(),
         "code_weights": [float(x) for x in result.weights],

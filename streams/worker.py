@@ -51,7 +51,7 @@ from streams.index import IndexHolder, build_index
 from streams.logs import setup_logging
 from streams.metrics import RecoveryMetrics, WorkerMetrics
 from streams.outputs import KafkaOutputs, Outputs
-from streams.publisher import Publisher
+from streams.publisher import IncompatibleSnapshotError, Publisher
 from streams.records import Source
 from streams.settings import HISTORY_TABLE, WorkerSettings
 from streams.topics import changelog_configs
@@ -103,8 +103,9 @@ class StreamWorker:
             help="per user: last items and recent event ids (streams.history)",
             extra_topic_configs=changelog_configs(settings),
         )
-        self.learner = OnlineLearner(settings.sparc_config(), settings.train_config(), settings.device)
-        self.publisher = Publisher(settings.store_url, settings.model_name, settings.min_utilisation,
+        self.learner = OnlineLearner(settings.sparc_config(), settings.train_config(), settings.device,
+                                     settings.catalogue_config())
+        self.publisher = Publisher(settings.store_url, settings.model_name, settings.gate_thresholds(),
                                    full_codes_every=settings.full_codes_every,
                                    announce_weights=settings.announce_weights, signing_key=settings.signing_key)
         self.index = IndexHolder()
@@ -117,6 +118,7 @@ class StreamWorker:
         self.resume: dict[str, int] = {}  # "topic:partition" -> first offset the warm-start snapshot has not learnt
         self.warm_version: int | None = None
         self.start_message = "warm start off: a fresh model"  # logged once the app runs (logging is set up then)
+        self.start_warnings: list[str] = []  # ... as warnings
         self.last_gate: list[str] = []  # reasons the last snapshot was held back (empty: it passed)
         self.publish_lock = asyncio.Lock()
         self._published = (0, clock())  # (steps, time) of the last snapshot capture
@@ -144,15 +146,23 @@ class StreamWorker:
         @self.app.task
         async def _log_start() -> None:
             log.info("%s", self.start_message)
+            for warning in self.start_warnings:
+                log.warning("%s", warning)
 
     def _warm_start(self) -> None:
         """Continue from the store's latest snapshot, if any (see the module doc); serve it at once."""
-        snapshot = self.publisher.warm_start(self.settings.sparc_config())
-        if snapshot is None:
+        found = self.publisher.warm_start(self.settings.sparc_config(), self.settings.on_corrupt)
+        if found is None:
             self.start_message = f"warm start: no snapshot of {self.settings.model_name!r} in the store; a fresh model"
             return
+        snapshot = found.snapshot
         steps = int(snapshot.health.get("steps", 0))
-        bridged = self.learner.restore(snapshot.config, snapshot.weights, steps)
+        try:
+            bridged = self.learner.restore(snapshot.config, snapshot.weights, steps, snapshot.item_ids)
+        except ValueError as exc:  # e.g. more items than this worker's max_items
+            raise IncompatibleSnapshotError(
+                f"cannot warm-start from {snapshot.model} v{snapshot.version}: {exc} (change the worker's settings "
+                "to fit it, or start with --no-warm-start)", [str(exc)]) from None
         kafka = {k: int(v) for k, v in snapshot.watermark.get("kafka", {}).items()}
         self.watermark = dict(kafka)
         self.resume = dict(kafka)
@@ -169,6 +179,10 @@ class StreamWorker:
             own = ", ".join(f"{k}={getattr(self.learner.model.cfg, k)!r}" for k in bridged)
             theirs = ", ".join(f"{k}={snapshot.config.get(k)!r}" for k in bridged)
             self.start_message += f"; learning goes on with this worker's {own} (the snapshot's: {theirs})"
+        if found.passed_over:
+            self.start_warnings.append(
+                f"the latest snapshot failed verification, so the worker fell back to v{snapshot.version} (the "
+                f"newest that verifies) and rolled latest back to it; passed over: {'; '.join(found.passed_over)}")
 
     def get_history(self, user: str, event: Any) -> dict | None:
         """A user's history-table value (None: unknown user), read for feedback `event` (a Faust event).

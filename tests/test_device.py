@@ -17,7 +17,7 @@ from trainer.baselines import ComiRecSA, SASRec
 from trainer.batches import make_batch
 from trainer.config import EncoderConfig, TrainConfig
 from trainer.device import resolve_device
-from trainer.online import OnlineLearner, advance_histories, batch_examples, capture_state, next_item_batch
+from trainer.online import OnlineLearner, advance_histories, capture_state, event_histories, next_item_batch
 from trainer.step import Trainer
 
 HAS_CUDA = torch.cuda.is_available()
@@ -77,7 +77,8 @@ def test_training_and_scoring_make_no_tensor_on_the_default_device(overrides):
     revived = 0
     for start in range(0, len(feedback), 32):
         events = feedback[start : start + 32]
-        examples = batch_examples(events, histories, learner.max_len)
+        befores = event_histories(events, histories, learner.max_len)  # items 1..100 at rows 1..100: ids as rows
+        examples = [(h, e["item_id"]) for e, h in zip(events, befores, strict=True) if h]
         learner.trainer.grow_items(max([e["item_id"] for e in events] + [max(h) for h, _ in examples]))
         if examples:
             batch = next_item_batch(examples, learner.max_len)

@@ -20,8 +20,9 @@ rounding (tests/test_distributed.py):
     and more: k-means and revival need the vectors themselves, and M ids are fewer bytes than L x C x D sums.
     Rank 0's resulting codebook buffers are then broadcast, so a draw or a rounding that differs between ranks
     (attribute dropout, GPU atomics) can never split the codebooks;
-  - the item table grows to the largest size any rank needs before the step, and item events are applied by
-    every rank in one order (each rank's events, gathered in rank order).
+  - every rank holds the same vocabulary and item table: item events are applied by every rank in one order (each
+    rank's events, gathered in rank order), and so are the step's feedback targets (each rank's item ids,
+    gathered in rank order) before any rank maps its own examples to rows.
 Only approximated by K ranks, as by any data-parallel trainer: terms that are not sums over examples (in-batch
 negatives of retrieval_loss="sampled", shuffle BPR: a rank's negatives come from its own rows) and dropout (a
 rank draws masks for its own rows). Collectives carry tensors (and JSON bytes for item events), never pickles.
@@ -39,8 +40,8 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.batches import Batch
-from trainer.config import SparcConfig, TrainConfig
-from trainer.online import OnlineLearner, batch_examples, next_item_batch
+from trainer.config import CatalogueConfig, SparcConfig, TrainConfig
+from trainer.online import Observed, OnlineLearner, next_item_batch
 from trainer.step import Trainer
 
 
@@ -203,8 +204,8 @@ class DataParallelLearner(OnlineLearner):
     """
 
     def __init__(self, model_cfg: SparcConfig, train_cfg: TrainConfig, device: str | torch.device = "cpu",
-                 group: dist.ProcessGroup | None = None):
-        super().__init__(model_cfg, train_cfg, device)
+                 group: dist.ProcessGroup | None = None, catalogue: CatalogueConfig | None = None):
+        super().__init__(model_cfg, train_cfg, device, catalogue)
         self.parallel = DataParallel(self.trainer.device, group)
         self._attach()
 
@@ -212,26 +213,32 @@ class DataParallelLearner(OnlineLearner):
         self.trainer.parallel = self.parallel
         self.parallel.join(self.model)
 
-    def restore(self, config: Mapping, weights: Mapping[str, torch.Tensor], steps: int = 0) -> list[str]:
+    def restore(
+        self,
+        config: Mapping,
+        weights: Mapping[str, torch.Tensor],
+        steps: int = 0,
+        item_ids: Sequence[int | str] | None = None,
+    ) -> list[str]:
         """OnlineLearner.restore on every rank (the same snapshot), then rank 0's model everywhere."""
-        bridged = super().restore(config, weights, steps)
+        bridged = super().restore(config, weights, steps, item_ids)
         self._attach()
         return bridged
 
-    def observe_items(self, item_events: Iterable[Mapping]) -> int:
+    def observe_items(self, item_events: Iterable[Mapping]) -> Observed:
         """OnlineLearner.observe_items with every rank's item events (JSON-able mappings), in rank order."""
         everyone = self.parallel.gather_json([dict(e) for e in item_events])
         return super().observe_items(e for events in everyone for e in events)
 
-    def learn(self, events: Sequence[Mapping], histories: Mapping[Hashable, Sequence[int]]) -> dict:
+    def learn(self, events: Sequence[Mapping], histories: Mapping[Hashable, Sequence[int | str]]) -> dict:
         """OnlineLearner.learn for the group: this rank's events and histories, one step of all ranks' examples.
-        Returns this rank's "examples" and "skipped", the step's "step_examples" and the step's metrics (no step
-        when no rank has an example)."""
-        examples = batch_examples(events, histories, self.max_len)
-        needed = max([int(e["item_id"]) for e in events] + [max(h) for h, _ in examples], default=0)
-        agreed = self.parallel.gather_ints([needed, len(examples)])
-        self.trainer.grow_items(int(agreed[:, 0].max()))  # every rank: the same table
-        out = {"examples": len(examples), "skipped": len(events) - len(examples)}
-        if not int(agreed[:, 1].sum()):
+        Every rank's targets are admitted on every rank, in rank order, so the vocabularies stay one. Returns
+        this rank's "examples", "skipped", "unlearnt", "evicted" and "history_dropped", the step's
+        "step_examples" and the step's metrics (no step when no rank has an example)."""
+        everyone = self.parallel.gather_json([e["item_id"] for e in events])
+        evicted = self._admit_targets([item for targets in everyone for item in targets])
+        examples, out = self._examples(events, histories)
+        out["evicted"] = len(evicted)
+        if not int(self.parallel.gather_ints([len(examples)]).sum()):
             return {**out, "step_examples": 0, "step": self.steps}
         return {**self._step(next_item_batch(examples, self.max_len) if examples else None), **out}

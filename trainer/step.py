@@ -68,3 +68,13 @@ class Trainer:
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = torch.cat([state[key], state[key].new_zeros(extra, *old.shape[1:])])
             self.optimizer.state[new] = state
+
+    def reset_items(self, rows: list[int]) -> None:
+        """Rows of the item table handed to other items: reset them in the tower (ItemTower.reset_rows_) and
+        clear the optimiser's moments of their ID rows, so the new items start as any new item does."""
+        self.model.items.reset_rows_(rows)
+        state = self.optimizer.state.get(self.model.items.id_embedding)
+        if state and rows:
+            idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key][idx] = 0.0

@@ -24,8 +24,9 @@ def pad_attributes(item_attributes: dict[int, list[int]], num_items: int) -> tor
 class ItemTower(nn.Module):
     """z_i = ID embedding_i + W * mean(attribute embeddings of i).   (N+1, D); row 0 is padding.
 
-    The ID table grows with `grow_` when unseen items arrive; a new item's ID row starts at zero, so its z
-    comes from its attributes alone until it has interactions.
+    The ID table grows with `grow_` when unseen items arrive, and a row handed to another item is cleared with
+    `reset_rows_`; a new item's ID row starts at zero, so its z comes from its attributes alone until it has
+    interactions.
     """
 
     def __init__(self, num_items: int, dim: int, num_attributes: int = 0, attributes: torch.Tensor | None = None,
@@ -102,6 +103,17 @@ class ItemTower(nn.Module):
                 if kept:
                     self.attributes[item, : len(kept)] = torch.as_tensor(kept, device=self.attributes.device)
         return grown
+
+    @torch.no_grad()
+    def reset_rows_(self, rows: list[int]) -> None:
+        """Make `rows` new items again (rows reused for other items): zero ID rows, no attributes, no counts."""
+        if not rows:
+            return
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.id_embedding.device)
+        self.id_embedding[idx] = 0.0
+        self.counts[idx] = 0.0
+        if self.use_attributes:
+            self.attributes[idx] = 0
 
 
 class CausalSelfAttentionBlock(nn.Module):
