@@ -148,7 +148,8 @@ def match_items(old_ids: Sequence[ItemId] | None, old_items: int, new_ids: Seque
 class IdRemap:
     """A remap read by external ids: what a cache keyed by item id migrates.
 
-    changed     : ids in both versions whose code tuple changed, in the order of their new rows
+    changed     : ids in both versions whose code tuple changed, in the order of their new rows (wherever their
+                  rows are: an item evicted and admitted again since the base sits at another row)
     added       : ids only in the new version (new items, items that took an evicted item's row), by new row
     removed     : ids only in the base (evicted items, items whose rows were dropped), by base row
     reused_rows : int64 (U,) rows that hold another item than in the base, ascending: a cache keyed by ROW must
