@@ -294,10 +294,10 @@ def encode(
                    alone does not fit
     full_codes   : send the whole item -> code table as well (None: only when there is no parent); a
                    periodic full table lets subscribers that missed a version catch up
-    The vocabulary (a snapshot with item_ids) goes whole with the whole table, else as a delta against
-    `parent`'s, or whole when that is fewer bytes (a vocabulary mostly replaced).
     with_weights : send the serving weights too, so a subscriber can store the exact snapshot
     signer       : sign the update (chunk 0's `signature` header); None: unsigned
+    The vocabulary (a snapshot with item_ids) goes whole with the whole table, else as a delta against
+    `parent`'s, or whole when that is fewer bytes (a vocabulary mostly replaced).
     """
     if parent is not None and (parent.model != snapshot.model or parent.version >= snapshot.version):
         raise ValueError(f"the remap's base must be an earlier version of {snapshot.model!r} than "
