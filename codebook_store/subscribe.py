@@ -34,8 +34,8 @@ sends the whole table resolves again. A base whose vocabulary is unknown (a form
 item_ids blob) is no base: rows would be taken for ids.
 
 Materialising (`store_url`): each yielded update is put into the store, so the store mirrors the publisher's:
-  - every blob known (item codes, vocabulary and weights): the publisher's exact bytes (`put_raw`; the store verifies them
-    again), so the mirror holds the very snapshot the worker stored and can warm-start or serve a model;
+  - every blob known (item codes, vocabulary and weights): the publisher's exact bytes (`put_raw`; the store
+    verifies them again), so the mirror holds the very snapshot the worker stored and can warm-start or serve;
   - item codes and ids known, weights not sent: a codes-only snapshot with the same version, parent, created_at,
     watermark, config, health, codebooks and (verified) item codes and vocabulary, weights empty, and
     health["materialised"] = {"source": "codebook-updates", "publisher_manifest_sha256", "weights": false,
