@@ -16,10 +16,12 @@ lint:
 	@$(VENV)/bin/ruff check .
 
 # Unit tests, then the Kafka-marked tests against a broker this target starts (and always stops).
-# The broker is deploy/kafka/broker.sh's (Java + Maven; see deploy/kafka/README.md); its address is the last
-# line start prints. The target fails if the broker cannot start, and exits with pytest's status otherwise.
+# The broker is deploy/kafka/broker.sh's (Java + Maven; see deploy/kafka/README.md) in its secured mode: the
+# PLAINTEXT listener most tests use, plus SASL_SSL and SSL listeners for the secured end-to-end test; its address
+# is the last line start prints. The target fails if the broker cannot start, and exits with pytest's status
+# otherwise.
 test:
-	@set -euo pipefail; venv="$(VENV)"; \
+	@set -euo pipefail; venv="$(VENV)"; export SPARC_KAFKA_SECURITY=sasl_ssl; \
 	$$venv/bin/ruff check .; \
 	$$venv/bin/python -m pytest -m "not kafka" $(PYTEST_ARGS); \
 	trap 'bash deploy/kafka/broker.sh stop' EXIT; \

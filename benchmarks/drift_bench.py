@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli.allocator import tune_allocator
 from cli.errors import UserError
 from cli.evaluate import parse_sparc_set
 from replay.plots import plot_recovery
@@ -174,6 +175,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # as every entry point does (cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.drift_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="write the JSON result here")

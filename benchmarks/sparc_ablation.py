@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import write_json
+from cli.allocator import tune_allocator
 from cli.errors import UserError
 from cli.evaluate import parse_sparc_set
 from replay.datasets import DataError, leave_one_out, load_s3rec
@@ -48,6 +49,7 @@ def summary(block: dict, item_codes: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # as every entry point does (cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.sparc_ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="S3-Rec dataset folder (e.g. amazon_beauty)")

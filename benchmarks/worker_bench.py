@@ -35,9 +35,9 @@ One run = unique topics, consumer group, store and table directory (nothing is s
 
 Extra worker settings: --set FIELD=VALUE (any streams.settings.WorkerSettings field, e.g. retrieval_loss=sampled,
 dropout=0) applies to the worker (as SPARC_<FIELD>) and to the baseline alike; --env NAME=VALUE only to the
-worker's environment (Faust reads its own settings there, e.g. CONSUMER_MAX_FETCH_SIZE). --profile adds a
-per-phase breakdown of the in-process learner (thread CPU per event in catalogue, encoder, retrieval loss,
-backward, Adam, codebook update) at a few batch sizes.
+worker's environment (e.g. a SPARC_<FIELD> the baseline must not see; Faust's own variables are not read).
+--profile adds a per-phase breakdown of the in-process learner (thread CPU per event in catalogue, encoder,
+retrieval loss, backward, Adam, codebook update) at a few batch sizes.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import write_json
+from cli.allocator import tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 BEAUTY = Path("/work/shared/datasets/amazon_beauty")
@@ -286,7 +287,7 @@ def publish_cost(learner, settings, reps: int = 3) -> dict[str, float]:
     from streams.index import build_index
     from streams.publisher import Publisher
 
-    publisher = Publisher("memory://", "sparc", settings.min_utilisation)
+    publisher = Publisher("memory://", "sparc", settings.gate_thresholds())
     parts: dict[str, list[float]] = {"capture": [], "store_and_encode": [], "index": []}
     try:
         for _ in range(reps):
@@ -317,7 +318,8 @@ def in_process(items: list[dict], feedback: Sequence[dict], overrides: Mapping[s
 
     settings = settings_for(overrides)
     torch.set_num_threads(settings.torch_threads)
-    learner = OnlineLearner(settings.sparc_config(), settings.train_config())
+    learner = OnlineLearner(settings.sparc_config(), settings.train_config(),
+                            catalogue=settings.catalogue_config())
     learner.observe_items(items)
     events = [{**e, "user_id": str(e["user_id"])} for e in feedback]  # as the worker's Feedback record has it
     bs = settings.batch_size
@@ -499,7 +501,7 @@ def start_worker(args, run: str, topics: Mapping[str, str], workdir: Path, overr
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPARC_")}  # only what this run says
     env.update({f"SPARC_{k.upper()}": str(v) for k, v in overrides.items()})
-    env.update(args.worker_env)  # e.g. Faust's own CONSUMER_MAX_FETCH_SIZE, read from the environment
+    env.update(args.worker_env)  # the worker's only (the baseline does not see it)
     env.update({
         "SPARC_BROKER": args.broker, "SPARC_APP_ID": f"wbench-{run}", "SPARC_PARTITIONS": str(args.partitions),
         "SPARC_FEEDBACK_TOPIC": topics["feedback"], "SPARC_ITEM_TOPIC": topics["item"],
@@ -518,7 +520,7 @@ def start_worker(args, run: str, topics: Mapping[str, str], workdir: Path, overr
 def sample(w: WorkerRun, topic: str, broker_pid: int | None = None) -> dict[str, Any] | None:
     """The worker's counters and CPU now (and the broker's CPU, when its process id is given)."""
     status, body = http_get(w.port, "/health")
-    if status != 200:
+    if status not in (200, 503):  # 503: starting (no snapshot served yet), the counters are there all the same
         return None
     health = json.loads(body)
     metrics = parse_metrics(http_get(w.port, "/metrics")[1].decode(errors="replace"))
@@ -733,6 +735,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # as every entry point does (cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="write the JSON result here")
@@ -750,8 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="another WorkerSettings field for the worker and the baseline (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra environment of the worker process, e.g. Faust's CONSUMER_MAX_FETCH_SIZE=65536 "
-                   "(repeatable)")
+                   help="extra environment of the worker process only, e.g. SPARC_LOG_LEVEL=WARNING (repeatable)")
     p.add_argument("--store", help="codebook store URL (default rocksdb:// in the run's temp dir)")
     p.add_argument("--broker-pid", type=int, help="the broker's process id: its CPU per event is reported beside "
                    "the worker's (it shares the machine)")

@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from cli.device import add_device_flag, check_device
 from cli.errors import UserError
 
 DEFAULT_MODELS = "sparc,sparc-hard,sasrec,comirec-sa,popularity"
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a SparcConfig field for sparc/sparc-hard, VALUE as JSON or a bare word "
                         "(repeatable), e.g. --set tower_attention=false --set interest=head")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_flag(p)
     p.set_defaults(func=run)
 
 
@@ -101,11 +103,13 @@ def settings_from_args(args: argparse.Namespace):
         raise UserError(f"--exploit {args.exploit} --lift {args.lift}: needs at least one slot per code searched "
                         f"({top_codes}) and a lift >= 0")
     explore = {} if args.exploit is None else {"exploit": args.exploit, "lift": args.lift}
-    return replace(s, train=train, sparc=sparc, top_codes=top_codes, served=args.served, **explore)
+    return replace(s, train=train, sparc=sparc, top_codes=top_codes, served=args.served,
+                   device=str(check_device(args.device)), **explore)
 
 
 def run(args: argparse.Namespace) -> int:
     models = parse_models(args.models)
+    settings = settings_from_args(args)
     from replay.datasets import DataError, load_s3rec
     from replay.evaluate import run_evaluation
     from replay.metrics import TOP_N
@@ -121,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     summary = ds.summary()
     print(f"{summary['name']}: {summary['users']} users, {summary['items']} items, "
           f"{summary['interactions']} interactions")
-    report = run_evaluation(ds, models, settings_from_args(args))
+    report = run_evaluation(ds, models, settings)
     print(results_table(report))
     text = json.dumps(report, indent=2)
     if args.out:

@@ -22,6 +22,8 @@ and local runs. Needs Java 17+; the first start fetches the broker's jars from M
 Listens on 127.0.0.1:39092 (PLAINTEXT; controller on 39093). Environment: SPARC_KAFKA_PORT,
 SPARC_KAFKA_CONTROLLER_PORT, SPARC_KAFKA_DIR (config, pid, logs and data; default
 ~/.cache/sparc-stream/kafka-run), SPARC_KAFKA_START_TIMEOUT, SPARC_KAFKA_STOP_TIMEOUT.
+SPARC_KAFKA_SECURITY=sasl_ssl adds a SASL_SSL listener (PLAIN/SCRAM users) on 39094 and an SSL listener with
+client certificates on 39095, certificates made by openssl (`broker.sh client-config` says how to connect).
 Details: deploy/kafka/README.md."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cli.errors import UserError
+from cli.worker import add_config_argument, build_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="messages per second, 0 = as fast as possible (default 1000)",
     )
     p.add_argument("--limit", type=int, default=None, help="stop after N feedback events")
-    p.add_argument("--broker", help="Kafka bootstrap servers (default: SPARC_BROKER or 127.0.0.1:39092)")
+    add_config_argument(p)
+    p.add_argument("--broker", help="Kafka bootstrap servers (default: SPARC_BROKER, the --config file's, or "
+                   "127.0.0.1:39092); security settings come from the config file or SPARC_* variables")
     p.add_argument("--topic", help="feedback topic (default: SPARC_FEEDBACK_TOPIC or feedback-events)")
     p.add_argument("--item-topic", help="item topic (default: SPARC_ITEM_TOPIC or item-events)")
     p.add_argument(
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
     from tqdm.auto import tqdm
 
-    from cli.worker import build_settings
+    from streams.kafka_connection import KafkaConfigError
     from streams.topics import TopicError, ensure_topics
 
     if args.rate < 0:
@@ -131,17 +134,18 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be >= 1")
     settings = build_settings(
-        broker=args.broker, feedback_topic=args.topic, item_topic=args.item_topic, partitions=args.partitions
+        args.config, broker=args.broker, feedback_topic=args.topic, item_topic=args.item_topic,
+        partitions=args.partitions,
     )
     topics = {"feedback": settings.feedback_topic, "item": settings.item_topic}
     events, total = _source(args)
     try:
         ensure_topics(settings, names=list(topics.values()), check=False)
-        producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=20, acks=1)
-    except TopicError as exc:
+        producer = KafkaProducer(**settings.kafka_connection().kafka_python(), linger_ms=20, acks=1)
+    except (TopicError, KafkaConfigError) as exc:
         raise UserError(str(exc)) from None
     except KafkaError as exc:
-        raise UserError(f"cannot reach Kafka at {settings.broker}: {exc}") from None
+        raise UserError(f"cannot reach Kafka at {settings.kafka_connection().describe()}: {exc}") from None
     pacer, sent, feedback = Pacer(args.rate), 0, 0
     bar = tqdm(total=total, desc="produce", unit="event", disable=args.quiet)
     try:

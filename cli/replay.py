@@ -9,7 +9,9 @@ import re
 import time
 from pathlib import Path
 
+from cli.device import add_device_flag, check_device
 from cli.errors import UserError
+from cli.worker import add_config_argument, build_settings
 
 ALL_VARIANTS = (
     "evolving,frozen,periodic,evolving/hard,evolving/soft:t=2,evolving/soft:served=20,evolving/hard:served=20"
@@ -110,6 +112,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "e.g. --set retrieval_loss=sampled")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_flag(p)
+    add_config_argument(p, "Kafka security settings of a kafka:// source ([kafka] section); SPARC_* variables "
+                        "override it")
     p.set_defaults(func=run)
 
 
@@ -151,10 +156,23 @@ def settings_from_args(args: argparse.Namespace):
             retrain_epochs=args.retrain_epochs,
             eval_per_batch=args.eval_per_batch,
             reach_n=args.reach,
+            device=str(check_device(args.device)),
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return with_seed(settings, args.seed)
+
+
+def kafka_security(config: Path | None) -> dict:
+    """The kafka-python security settings of a kafka:// source: the config file's and SPARC_* variables'."""
+    from streams.kafka_connection import KafkaConfigError
+
+    try:
+        client = build_settings(config).kafka_connection().kafka_python()
+    except KafkaConfigError as exc:
+        raise UserError(str(exc)) from None
+    client.pop("bootstrap_servers")  # the source URL names the servers
+    return client
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--threads must be >= 1")
     settings = settings_from_args(args)
     try:
-        source = open_source(args.events)
+        source = open_source(args.events, kafka_security(args.config) if args.events.startswith("kafka://") else None)
     except SourceError as exc:
         raise UserError(str(exc)) from None
     total = source.feedback if args.limit is None else min(source.feedback or args.limit, args.limit)

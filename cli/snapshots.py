@@ -1,8 +1,9 @@
-"""`sparc snapshots`: list, show, diff, roll back and export the versions in a codebook store.
+"""`sparc snapshots`: list, show, verify, diff, roll back and export the versions in a codebook store.
 
 Read commands open the store read-only (for rocksdb:// a secondary instance, so they work beside a running
-worker); `rollback` opens it for writing. `show` and `export` verify every checksum. Store errors become one
-line on stderr and exit status 2.
+worker); `rollback` opens it for writing. `show`, `verify` and `export` verify every checksum; `list` reads
+manifests, and the latest version's blobs too, so a corrupt latest is flagged where an operator looks first.
+Store errors become one line on stderr and exit status 2; `verify` exits 1 when a version fails.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.set_defaults(func=func)
         return sub
 
-    add("list", _list, "list the versions of a model", "Reads manifests only; '*' marks latest.")
+    add("list", _list, "list the versions of a model",
+        "Reads manifests, and verifies the latest version's blobs; '*' marks latest, '!' a version that fails "
+        "verification (its problem in the HEALTH column). `verify` checks every version's blobs.")
+    add("verify", _verify, "verify every version of a model",
+        "Reads every version's manifest and blobs and checks sizes, sha256s and tensor shapes: one line per "
+        "version, and the latest pointer. Exits 1 if any fails (naming the version a worker's warm start falls "
+        "back to when the latest fails), else 0.")
     show = add(
         "show",
         _show,
@@ -84,6 +92,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _list(args: argparse.Namespace) -> int:
     with _open(args.store, read_only=True) as store:
         infos = _call(store.list, model=args.model)
+        latest = next((info for info in infos if info.is_latest and info.problem is None), None)
+        if latest is not None:  # the version readers get: verify its blobs too
+            problem = _problem(store, latest.version, args.model)
+            infos = [replace(info, problem=problem) if info is latest else info for info in infos]
     if args.json:
         _print_json([info.as_dict() for info in infos])
     elif not infos:
@@ -95,7 +107,42 @@ def _list(args: argparse.Namespace) -> int:
                 [_list_row(info) for info in infos],
             )
         )
+        bad = next((info for info in infos if info.is_latest and info.problem), None)
+        if bad is not None:
+            print(f"latest (v{bad.version}) fails verification; a worker warm-starting with --on-corrupt fallback "
+                  f"continues from the newest earlier version that verifies (`sparc snapshots verify` names it)")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    with _open(args.store, read_only=True) as store:
+        versions = _call(store.versions, model=args.model)
+        results = {v: _problem(store, v, args.model) for v in versions}
+        try:
+            latest, pointer = store.latest_version(model=args.model), None
+        except CodebookStoreError as exc:  # an unreadable latest pointer
+            latest, pointer = None, str(exc)
+        fallback = None
+        if pointer or (latest is not None and results.get(latest)):
+            fallback = _call(store.fallback, below=None if pointer else latest, model=args.model)[0]
+    bad = [v for v, problem in results.items() if problem]
+    if args.json:
+        _print_json({"model": args.model, "latest": latest, "latest_problem": pointer,
+                     "versions": [{"version": v, "ok": not p, "problem": p} for v, p in results.items()],
+                     "fallback": None if fallback is None else fallback.version})
+    else:
+        for v, problem in results.items():
+            mark = "*" if v == latest else " "
+            print(f"{mark} v{v:<6} {'CORRUPT: ' + problem if problem else 'ok'}")
+        if pointer:
+            print(f"latest pointer CORRUPT: {pointer}")
+        elif latest is None:
+            print(f"no latest version of model {args.model!r}")
+        if pointer or (latest is not None and results.get(latest)):
+            goes = f"v{fallback.version}" if fallback else "nothing (no earlier version verifies)"
+            print(f"latest fails: a worker warm start with --on-corrupt fallback continues from {goes}")
+        print(f"{len(results) - len(bad)} of {len(results)} versions verify")
+    return 1 if bad or pointer else 0
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -144,12 +191,13 @@ def _diff(args: argparse.Namespace) -> int:
         for level, (share, move) in enumerate(zip(d["level_changed_share"], d["codeword_movement"], strict=True))
     ]
     print(_table(["LEVEL", "CHANGED", "CODEWORD MOVEMENT (mean L2)"], rows))
-    shown = min(args.limit, int(remap.changed_items.numel()))
+    shown = min(args.limit, int(remap.changed_items.size))
     if shown:
-        print(f"changed items (first {shown} of {remap.changed_items.numel()}):")
+        print(f"changed items (first {shown} of {remap.changed_items.size}):")
         for i in range(shown):
             old, new = tuple(remap.old_codes[i].tolist()), tuple(remap.new_codes[i].tolist())
-            print(f"  item {int(remap.changed_items[i])}: {old} -> {new}")
+            row = int(remap.changed_items[i])
+            print(f"  {'row 0 (padding)' if row == 0 else f'item {row}'}: {old} -> {new}")
     return 0
 
 
@@ -215,19 +263,28 @@ def _resolve(store: SnapshotStore, version: int | str, model: str) -> int:
     return latest
 
 
+def _problem(store: SnapshotStore, version: int, model: str) -> str | None:
+    """Why `version` fails verification (every blob read and checked), or None."""
+    try:
+        store.get(version, model=model)
+    except CodebookStoreError as exc:
+        return str(exc)
+    return None
+
+
 def _list_row(info: VersionInfo) -> list[str]:
     scalars = [(k, v) for k, v in sorted(info.health.items()) if isinstance(v, int | float)]
     drift = info.health.get("drift")
     if isinstance(drift, dict) and isinstance(drift.get("changed_share"), int | float):
         scalars.append(("drift", drift["changed_share"]))
-    health = " ".join(f"{k}={v:.4g}" for k, v in scalars[:4])
+    health = f"CORRUPT: {info.problem}" if info.problem else " ".join(f"{k}={v:.4g}" for k, v in scalars[:4])
     return [
-        "*" if info.is_latest else "",
+        ("*" if info.is_latest else "") + ("!" if info.problem else ""),
         str(info.version),
         "-" if info.parent is None else str(info.parent),
-        _when(info.created_at),
-        f"{info.num_items:,}",
-        _size(info.size_bytes),
+        "-" if info.created_at is None else _when(info.created_at),
+        "-" if info.num_items is None else f"{info.num_items:,}",
+        "-" if info.size_bytes is None else _size(info.size_bytes),
         health,
     ]
 

@@ -18,9 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from cli.device import add_device_flag, check_device
 from cli.errors import UserError
-
-DEFAULT_MIN_UTILISATION = 0.05  # the worker's default floor (streams.settings.WorkerSettings.min_utilisation)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,9 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-attributes", type=int, default=None,
                    help="attribute vocabulary of the model (default: the dataset's largest attribute id); set it "
                         "to the worker's (SPARC_NUM_ATTRIBUTES, 1024) for a snapshot the worker can start from")
-    p.add_argument("--min-utilisation", type=float, default=DEFAULT_MIN_UTILISATION,
-                   help=f"health gate: level-1 codebook utilisation floor (default {DEFAULT_MIN_UTILISATION})")
+    p.add_argument("--min-utilisation", type=float, default=None,
+                   help="health gate: level-1 codebook utilisation floor (default: the worker's); the gate's other "
+                        "thresholds are the worker's defaults too (streams.gate.GateThresholds)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_flag(p)
     p.set_defaults(func=run)
 
 
@@ -63,12 +64,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--codes must be >= 2, got {args.codes}")
     if args.num_attributes is not None and args.num_attributes < 0:
         raise UserError(f"--num-attributes must be >= 0, got {args.num_attributes}")
-    if not 0 <= args.min_utilisation <= 1:
+    if args.min_utilisation is not None and not 0 <= args.min_utilisation <= 1:
         raise UserError(f"--min-utilisation must lie in [0, 1], got {args.min_utilisation}")
 
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
+    device = str(check_device(args.device))
     from codebook_store import CodebookStoreError, open_store
     from codebook_store.snapshot import check_model_name
     from replay.datasets import DataError, load_s3rec
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         summary = ds.summary()
         print(f"{summary['name']}: {summary['users']} users, {summary['items']} items, "
               f"{summary['interactions']} interactions")
-        snapshot_fields = train_sparc(ds, args, num_attributes)
+        snapshot_fields = train_sparc(ds, args, num_attributes, device)
         try:
             version, accepted, reasons = store_snapshot(store, args.model, args.min_utilisation, snapshot_fields)
         except CodebookStoreError as exc:
@@ -107,14 +109,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_sparc(ds, args: argparse.Namespace, num_attributes: int) -> dict:
+def train_sparc(ds, args: argparse.Namespace, num_attributes: int, device: str = "cpu") -> dict:
     """Train on the leave-one-out train part; returns the snapshot's fields (all but model and version)."""
 
     from replay.datasets import leave_one_out
     from replay.evaluate import EvalSettings, fit_sparc, validation_subset
     from trainer.online import capture_state, model_health
 
-    settings = EvalSettings(seed=args.seed, progress=not args.quiet, sparc={"codes": args.codes} if args.codes else {})
+    settings = EvalSettings(seed=args.seed, progress=not args.quiet, sparc={"codes": args.codes} if args.codes else {},
+                            device=device)
     train_cfg = replace(settings.train, seed=args.seed)
     if args.epochs is not None:
         train_cfg = replace(train_cfg, max_epochs=args.epochs)
@@ -143,15 +146,17 @@ def train_sparc(ds, args: argparse.Namespace, num_attributes: int) -> dict:
     }
 
 
-def store_snapshot(store, model: str, min_utilisation: float, fields: dict) -> tuple[int, bool, list[str]]:
+def store_snapshot(store, model: str, min_utilisation: float | None, fields: dict) -> tuple[int, bool, list[str]]:
     """Put the snapshot as the next free version, gated like the worker's; returns (version, latest moved,
     gate reasons). The next version is one above the highest stored, not above latest: after a rollback latest
     is lower and latest+1 may already exist."""
     from codebook_store import Snapshot, VersionExistsError
-    from streams.publisher import gate
+    from streams.gate import GateThresholds, gate, verdict
 
-    reasons = gate(fields["health"], min_utilisation)
-    health = {**fields["health"], "gate": {"passed": not reasons, "reasons": reasons}}
+    thresholds = GateThresholds() if min_utilisation is None else GateThresholds(min_utilisation=min_utilisation)
+    refusals = gate(fields["health"], thresholds, int(fields["config"]["codes"]))
+    reasons = [r.detail for r in refusals]
+    health = {**fields["health"], "gate": verdict(refusals)}
     for _ in range(3):  # a worker writing to the same store may take a version meanwhile
         versions = store.versions(model=model)
         version = versions[-1] + 1 if versions else 0

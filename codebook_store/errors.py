@@ -62,3 +62,7 @@ class StoreUnavailableError(CodebookStoreError):
 
 class UnsupportedFormatError(CorruptSnapshotError):
     """A manifest written in a format_version this reader does not know (a newer writer)."""
+
+
+class KeyFileError(CodebookStoreError):
+    """A signing or verification key file that cannot be read or is not a usable key (codebook_store.signing)."""

@@ -22,9 +22,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from codebook_store.checks import MODEL_NAME_RE
 from codebook_store.errors import CorruptSnapshotError, StoreUnavailableError, VersionExistsError
 from codebook_store.format import MANIFEST_NAME
-from codebook_store.snapshot import MODEL_NAME_RE
 from codebook_store.store import SnapshotStore
 
 LATEST_NAME = "latest"

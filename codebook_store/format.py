@@ -1,9 +1,13 @@
 """The snapshot wire/disk format: one JSON manifest plus safetensors blobs, each blob checksummed.
 
 `encode` / `decode` turn a Snapshot into bytes and back for any backend (and the Kafka message schema).
+Reading needs no torch: `parse_manifest`, `verify_blob`, `load_arrays` (numpy) and `check_raw` are what a
+torch-free reader (the codebook-updates subscriber) uses; only `encode`, `decode` and `load_blob` (torch
+tensors) import torch, when called.
 
 Manifest (UTF-8 JSON object, pretty-printed, keys sorted):
-  format_version  : 1
+  format_version  : 2 when the snapshot has a vocabulary (item_ids), else 1 (what readers before vocabularies
+                    read; they refuse 2, whose rows they would take for ids). This reader reads both.
   model, version, parent, created_at, watermark, config, health : the Snapshot's metadata
   tensors  : {name: {"blob": blob name, "dtype": "float32", "shape": [..]}} for "codebooks", "item_codes"
              and every weight
@@ -11,7 +15,9 @@ Manifest (UTF-8 JSON object, pretty-printed, keys sorted):
   manifest_sha256 : sha256 of the canonical JSON (sorted keys, no spaces, ASCII) of every other field
 
 Blobs: "codebooks.safetensors" {"codebooks": (L, C, D) float32}, "item_codes.safetensors"
-{"item_codes": (N+1, L) int64}, "weights.safetensors" {weight name: tensor}.
+{"item_codes": (N+1, L) int64}, "weights.safetensors" {weight name: tensor}, and (format 2)
+"item_ids.safetensors" {"item_ids": (B,) uint8}: the UTF-8 bytes of a JSON array, the external id (a JSON
+integer or string) of rows 1..N. A snapshot without it maps row i to item i.
 
 Reading checks, in order and before any safetensors parsing: the manifest parses as JSON and its own checksum
 matches; every blob it lists is present, has the listed size and the listed sha256. Any failure raises
@@ -23,43 +29,37 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import safetensors.torch
-import torch
-from safetensors.torch import load as load_safetensors  # bytes -> tensors; never pickle
+import safetensors.numpy
 
+from codebook_store.checks import MODEL_NAME_RE, check_item_ids, check_lineage, check_tables, dtype_name
 from codebook_store.errors import (
     CodebookStoreError,
     CorruptSnapshotError,
     UnsupportedFormatError,
 )
-from codebook_store.snapshot import MODEL_NAME_RE, Snapshot
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from codebook_store.snapshot import Snapshot
+
+FORMAT_VERSION = 2  # the newest this code writes (1 for a snapshot without item_ids) and reads
+READABLE_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 CODEBOOKS_BLOB = "codebooks.safetensors"
 ITEM_CODES_BLOB = "item_codes.safetensors"
 WEIGHTS_BLOB = "weights.safetensors"
+ITEM_IDS_BLOB = "item_ids.safetensors"
 
 BLOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.safetensors$")
 
 _DTYPE_NAMES = frozenset(
-    str(d).removeprefix("torch.")
-    for d in (
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-    )
+    ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 )
 
 
@@ -124,20 +124,24 @@ class Manifest:
 
 def encode(snapshot: Snapshot) -> tuple[bytes, dict[str, bytes]]:
     """Serialise a snapshot: (manifest bytes, {blob name: safetensors bytes})."""
+    import safetensors.torch
+
     groups = {
         CODEBOOKS_BLOB: {"codebooks": snapshot.codebooks},
         ITEM_CODES_BLOB: {"item_codes": snapshot.item_codes},
         WEIGHTS_BLOB: dict(snapshot.weights),
     }
+    if snapshot.item_ids is not None:
+        groups[ITEM_IDS_BLOB] = {"item_ids": item_ids_tensor(snapshot.item_ids)}
     blobs: dict[str, bytes] = {}
     tensors: dict[str, TensorInfo] = {}
     for blob_name, group in groups.items():
         prepared = _prepare(group)
         blobs[blob_name] = safetensors.torch.save(prepared)
         for name, t in prepared.items():
-            tensors[name] = TensorInfo(blob_name, _dtype_name(t.dtype), tuple(t.shape))
+            tensors[name] = TensorInfo(blob_name, dtype_name(t.dtype), tuple(t.shape))
     manifest = Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=1 if snapshot.item_ids is None else 2,
         model=snapshot.model,
         version=snapshot.version,
         parent=snapshot.parent,
@@ -169,10 +173,15 @@ def decode(
     it read the bytes under); a manifest that says otherwise is corrupt. A blob given as None or left out is
     missing (CorruptSnapshotError); blobs the manifest does not list are ignored.
     """
+    from codebook_store.snapshot import Snapshot
+
     parsed = parse_manifest(manifest, model=model, version=version)
     tensors: dict[str, torch.Tensor] = {}
     for blob_name in parsed.blobs:
         tensors.update(load_blob(parsed, blob_name, blobs.get(blob_name)))
+    item_ids = None
+    if parsed.format_version >= 2 and "item_ids" in tensors:
+        item_ids = read_item_ids(tensors.pop("item_ids").numpy().tobytes(), parsed)
     try:
         return Snapshot(
             model=parsed.model,
@@ -185,9 +194,44 @@ def decode(
             item_codes=tensors.pop("item_codes"),
             weights=tensors,
             health=parsed.health,
+            item_ids=item_ids,
         )
     except CodebookStoreError as exc:  # checksums matched, content is still unusable: a bad writer
         raise _corrupt("content", parsed.model, parsed.version, None, f"fails validation: {exc}") from exc
+
+
+def item_ids_json(item_ids: Sequence[int | str]) -> bytes:
+    """A vocabulary's bytes: the ids as a JSON array, UTF-8, no spaces, non-ASCII characters as themselves
+    (Python's `json.dumps(ids, ensure_ascii=False, separators=(",", ":"))`; ints and strings round-trip exactly)."""
+    return json.dumps(list(item_ids), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def item_ids_tensor(item_ids: tuple[int | str, ...]) -> torch.Tensor:
+    """The "item_ids" tensor: `item_ids_json`'s bytes as uint8."""
+    import torch
+
+    return torch.frombuffer(bytearray(item_ids_json(item_ids)), dtype=torch.uint8)
+
+
+def item_ids_blob(item_ids: Sequence[int | str]) -> bytes:
+    """The "item_ids.safetensors" blob of a vocabulary without torch: the bytes `encode` stores for it."""
+    import numpy as np
+
+    return safetensors.numpy.save({"item_ids": np.frombuffer(item_ids_json(item_ids), dtype=np.uint8)})
+
+
+def read_item_ids(data: bytes, manifest: Manifest) -> tuple[int | str, ...]:
+    """The ids of the "item_ids" tensor's (verified) bytes; CorruptSnapshotError when they are not a JSON array
+    (checks.check_item_ids checks the ids themselves)."""
+    try:
+        ids = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _corrupt(
+            "content", manifest.model, manifest.version, ITEM_IDS_BLOB, f"is not a JSON array: {exc}"
+        ) from exc
+    if not isinstance(ids, list):
+        raise _corrupt("content", manifest.model, manifest.version, ITEM_IDS_BLOB, "is not a JSON array")
+    return tuple(ids)
 
 
 def verify_blob(manifest: Manifest, blob_name: str, data: bytes | None) -> None:
@@ -220,9 +264,37 @@ def verify_blob(manifest: Manifest, blob_name: str, data: bytes | None) -> None:
 def load_blob(manifest: Manifest, blob_name: str, data: bytes | None) -> dict[str, torch.Tensor]:
     """Verify one blob (see verify_blob), then parse it and check it holds exactly the tensors the manifest
     lists for it, with their dtypes and shapes."""
+    import safetensors.torch
+
+    return _load_checked(manifest, blob_name, data, safetensors.torch.load)
+
+
+def load_arrays(manifest: Manifest, blob_name: str, data: bytes | None) -> dict[str, np.ndarray]:
+    """`load_blob` as numpy arrays, without torch (a bfloat16 tensor, which numpy lacks, is refused as content)."""
+    return _load_checked(manifest, blob_name, data, safetensors.numpy.load)
+
+
+def check_raw(manifest: bytes, blobs: Mapping[str, bytes | None]) -> Manifest:
+    """Verify a stored snapshot's bytes without torch: what `decode` checks (checksums, sizes, tensor dtypes and
+    shapes, lineage, code ranges), returning the parsed manifest instead of a Snapshot."""
+    parsed = parse_manifest(manifest)
+    tensors: dict[str, Any] = {}
+    for blob_name in parsed.blobs:
+        tensors.update(load_arrays(parsed, blob_name, blobs.get(blob_name)))
+    try:
+        check_lineage(parsed.version, parsed.parent)
+        check_tables(tensors["codebooks"], tensors["item_codes"])
+        if parsed.format_version >= 2 and "item_ids" in tensors:
+            check_item_ids(read_item_ids(tensors["item_ids"].tobytes(), parsed), tensors["item_codes"].shape[0] - 1)
+    except CodebookStoreError as exc:
+        raise _corrupt("content", parsed.model, parsed.version, None, f"fails validation: {exc}") from exc
+    return parsed
+
+
+def _load_checked(manifest: Manifest, blob_name: str, data: bytes | None, load: Callable[[bytes], dict]) -> dict:
     verify_blob(manifest, blob_name, data)
     try:
-        tensors = load_safetensors(data)
+        tensors = load(data)
     except Exception as exc:  # any parser failure on verified bytes means a bad writer
         raise _corrupt(
             "content", manifest.model, manifest.version, blob_name, f"is not valid safetensors: {exc}"
@@ -237,13 +309,13 @@ def load_blob(manifest: Manifest, blob_name: str, data: bytes | None) -> dict[st
             f"holds tensors {sorted(tensors)}, manifest lists {sorted(expected)}",
         )
     for name, t in tensors.items():
-        if _dtype_name(t.dtype) != expected[name].dtype or tuple(t.shape) != expected[name].shape:
+        if dtype_name(t.dtype) != expected[name].dtype or tuple(t.shape) != expected[name].shape:
             raise _corrupt(
                 "content",
                 manifest.model,
                 manifest.version,
                 blob_name,
-                f"tensor {name!r} is {_dtype_name(t.dtype)}{list(t.shape)}, manifest says "
+                f"tensor {name!r} is {dtype_name(t.dtype)}{list(t.shape)}, manifest says "
                 f"{expected[name].dtype}{list(expected[name].shape)}",
             )
     return tensors
@@ -263,10 +335,10 @@ def parse_manifest(data: bytes, *, model: str | None = None, version: int | None
     if not isinstance(body, dict):
         raise bad("is not a JSON object")
     fmt = body.get("format_version")
-    if fmt != FORMAT_VERSION:
+    if isinstance(fmt, bool) or fmt not in READABLE_FORMATS:
         raise UnsupportedFormatError(
             f"{_where(model, version)}: manifest format_version {fmt!r} is not supported "
-            f"(this reader knows {FORMAT_VERSION})",
+            f"(this reader knows {', '.join(map(str, READABLE_FORMATS))})",
             kind="format",
             model=model,
             version=version,
@@ -320,7 +392,7 @@ def _manifest_from_dict(body: dict[str, Any]) -> Manifest:
     if "codebooks" not in tensors or "item_codes" not in tensors:
         raise ValueError("codebooks or item_codes missing from tensors")
     return Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=body["format_version"],
         model=model,
         version=typed("version", int),
         parent=parent,
@@ -350,10 +422,6 @@ def _prepare(group: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _where(model: str | None, version: int | None) -> str:

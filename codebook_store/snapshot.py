@@ -7,28 +7,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from codebook_store.checks import check_item_ids, check_lineage, check_model_name, check_tables, describe
 from codebook_store.errors import InvalidSnapshotError
 
-DEFAULT_MODEL = "sparc"
-
-# Model names become directory names and key prefixes: keep them to a safe alphabet.
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-# Names the compatibility check uses for the two fixed tensors; weights may not take them.
-RESERVED_TENSOR_NAMES = ("codebooks", "item_codes")
-
-
-def check_model_name(model: str) -> str:
-    """Return `model` if it is a valid model name (letters, digits, `_ . -`; not starting with `.`/`-`)."""
-    if not isinstance(model, str) or not MODEL_NAME_RE.match(model):
-        raise InvalidSnapshotError(f"invalid model name {model!r}: use letters, digits, '_', '.', '-'")
-    return model
+# Names of the fixed tensors (and of the vocabulary's, format.py); weights may not take them.
+RESERVED_TENSOR_NAMES = ("codebooks", "item_codes", "item_ids")
 
 
 def normalise_json(value: Any, what: str) -> Any:
@@ -54,6 +42,9 @@ class Snapshot:
     item_codes : int64 (N+1, L): row i holds item i's code per level, each in [0, C); row 0 is padding
     weights    : name -> tensor, the model weights serving needs (e.g. an item-embedding table (N+1, D))
     health     : JSON dict of health metrics (trainer.rq.code_health; drift.drift for the drift part)
+    item_ids   : the external item id (an int64 or a non-empty string, all distinct) of rows 1..N of every
+                 per-item tensor, or None when row i is item i; an identity tuple (1, 2, ..., N) is kept as None.
+                 Rows are not ids: a learner with a bounded catalogue reuses an evicted item's row.
 
     Equality is by value via `same_as` (bit-for-bit tensors); `==` is identity because tensors are involved.
     """
@@ -68,15 +59,11 @@ class Snapshot:
     item_codes: torch.Tensor
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
+    item_ids: tuple[int | str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
-            raise InvalidSnapshotError(f"version must be an int >= 0, got {self.version!r}")
-        if self.parent is not None and (
-            isinstance(self.parent, bool) or not isinstance(self.parent, int) or not 0 <= self.parent < self.version
-        ):
-            raise InvalidSnapshotError(f"parent must be None or an int in [0, {self.version}), got {self.parent!r}")
+        check_lineage(self.version, self.parent)
         if not isinstance(self.created_at, int | float) or not math.isfinite(self.created_at):
             raise InvalidSnapshotError(f"created_at must be finite unix seconds, got {self.created_at!r}")
         object.__setattr__(self, "created_at", float(self.created_at))
@@ -86,6 +73,7 @@ class Snapshot:
                 raise InvalidSnapshotError(f"{name} must be a dict, got {type(value).__name__}")
             object.__setattr__(self, name, normalise_json(value, name))
         _check_tensors(self.codebooks, self.item_codes, self.weights)
+        object.__setattr__(self, "item_ids", check_item_ids(self.item_ids, self.num_items))
 
     @property
     def num_levels(self) -> int:
@@ -110,7 +98,7 @@ class Snapshot:
 
     def same_as(self, other: Snapshot) -> bool:
         """True when every field is equal and every tensor is equal bit for bit (dtype and shape included)."""
-        meta = ("model", "version", "parent", "created_at", "watermark", "config", "health")
+        meta = ("model", "version", "parent", "created_at", "watermark", "config", "health", "item_ids")
         if any(getattr(self, k) != getattr(other, k) for k in meta):
             return False
         if sorted(self.weights) != sorted(other.weights):
@@ -130,20 +118,10 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _check_tensors(codebooks: torch.Tensor, item_codes: torch.Tensor, weights: dict[str, torch.Tensor]) -> None:
-    if not isinstance(codebooks, torch.Tensor) or codebooks.dtype != torch.float32 or codebooks.dim() != 3:
-        raise InvalidSnapshotError(f"codebooks must be a float32 (L, C, D) tensor, got {_describe(codebooks)}")
-    levels, size, _ = codebooks.shape
-    if levels < 1 or size < 1:
-        raise InvalidSnapshotError(f"codebooks need L >= 1 and C >= 1, got shape {tuple(codebooks.shape)}")
-    if not isinstance(item_codes, torch.Tensor) or item_codes.dtype != torch.int64 or item_codes.dim() != 2:
-        raise InvalidSnapshotError(f"item_codes must be an int64 (N+1, L) tensor, got {_describe(item_codes)}")
-    if item_codes.shape[0] < 1 or item_codes.shape[1] != levels:
-        raise InvalidSnapshotError(
-            f"item_codes shape {tuple(item_codes.shape)} does not match (N+1, L={levels}) with N >= 0"
-        )
-    real = item_codes[1:]
-    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= size):
-        raise InvalidSnapshotError(f"item codes must lie in [0, {size}) (row 0, padding, is exempt)")
+    for name, value in (("codebooks", codebooks), ("item_codes", item_codes)):
+        if not isinstance(value, torch.Tensor):
+            raise InvalidSnapshotError(f"{name} must be a tensor, got {describe(value)}")
+    check_tables(codebooks, item_codes)
     if not isinstance(weights, dict):
         raise InvalidSnapshotError(f"weights must be a dict of tensors, got {type(weights).__name__}")
     for name, tensor in weights.items():
@@ -153,9 +131,3 @@ def _check_tensors(codebooks: torch.Tensor, item_codes: torch.Tensor, weights: d
             )
         if not isinstance(tensor, torch.Tensor):
             raise InvalidSnapshotError(f"weight {name!r} must be a tensor, got {type(tensor).__name__}")
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__

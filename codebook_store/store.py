@@ -29,8 +29,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from codebook_store.checks import DEFAULT_MODEL, check_model_name
 from codebook_store.drift import CodeRemap, code_drift, code_remap
 from codebook_store.errors import (
     CorruptSnapshotError,
@@ -42,14 +43,19 @@ from codebook_store.errors import (
 from codebook_store.format import (
     CODEBOOKS_BLOB,
     ITEM_CODES_BLOB,
+    ITEM_IDS_BLOB,
     Manifest,
+    check_raw,
     decode,
     encode,
-    load_blob,
+    load_arrays,
     parse_manifest,
+    read_item_ids,
     verify_blob,
 )
-from codebook_store.snapshot import DEFAULT_MODEL, Snapshot, check_model_name
+
+if TYPE_CHECKING:
+    from codebook_store.snapshot import Snapshot
 
 T = TypeVar("T")
 
@@ -60,17 +66,20 @@ class VersionInfo:
 
     size_bytes : manifest + blob bytes; blob_sizes: bytes per blob
     health     : the snapshot's health dict as stored
+    problem    : why the version cannot be read (its manifest fails verification), else None; the other fields
+                 are then unknown (None, empty)
     """
 
     model: str
     version: int
     parent: int | None
-    created_at: float
-    num_items: int
-    size_bytes: int
+    created_at: float | None
+    num_items: int | None
+    size_bytes: int | None
     blob_sizes: dict[str, int]
     health: dict[str, Any]
     is_latest: bool
+    problem: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON dict of every field."""
@@ -84,6 +93,7 @@ class VersionInfo:
             "blob_sizes": dict(self.blob_sizes),
             "health": self.health,
             "is_latest": self.is_latest,
+            "problem": self.problem,
         }
 
 
@@ -91,8 +101,9 @@ class VersionInfo:
 class SnapshotDiff:
     """What changed from version `from_version` to `to_version` of one model.
 
-    remap : the items whose full code changed (ids, old (K, L), new (K, L)), items added and removed
-    drift : drift.code_drift numbers (changed shares overall and per level, codeword movement per level)
+    remap : the rows whose full code changed (rows, old (K, L), new (K, L)), rows added and removed
+    drift : drift.code_drift numbers, by item (external id): changed shares overall and per level, codeword
+            movement per level, items added and removed, rows handed to another item
     """
 
     model: str
@@ -107,9 +118,9 @@ class SnapshotDiff:
             "model": self.model,
             "from_version": self.from_version,
             "to_version": self.to_version,
-            "changed_items": int(self.remap.changed_items.numel()),
-            "added_items": int(self.remap.added_items.numel()),
-            "removed_items": int(self.remap.removed_items.numel()),
+            "changed_items": int(self.remap.changed_items.size),
+            "added_items": int(self.remap.added_items.size),
+            "removed_items": int(self.remap.removed_items.size),
             "drift": self.drift,
         }
         if with_items:
@@ -205,6 +216,22 @@ class SnapshotStore(ABC):
 
         return self._read(read)
 
+    def fallback(self, *, below: int | None = None, model: str = DEFAULT_MODEL) -> tuple[Snapshot | None, list[str]]:
+        """The newest version below `below` (of all, if None) that verifies completely and that a quality gate
+        did not hold back (its health's "gate" does not say passed: false; such a version was never meant to be
+        latest), or None; and why each newer candidate was passed over (CorruptSnapshotError messages)."""
+        passed_over: list[str] = []
+        for version in reversed(self.versions(model=model)):
+            if below is not None and version >= below:
+                continue
+            try:
+                if self.manifest(version, model=model).health.get("gate", {}).get("passed", True) is False:
+                    continue
+                return self.get(version, model=model), passed_over
+            except (CorruptSnapshotError, SnapshotNotFoundError) as exc:
+                passed_over.append(str(exc))
+        return None, passed_over
+
     def versions(self, *, model: str = DEFAULT_MODEL) -> list[int]:
         """The complete versions of `model`, ascending."""
         return self._read(lambda: self._list_versions(check_model_name(model)))
@@ -214,13 +241,18 @@ class SnapshotStore(ABC):
         return self._read(self._list_models)
 
     def list(self, *, model: str = DEFAULT_MODEL) -> list[VersionInfo]:
-        """A summary of every complete version of `model`, ascending (manifests only; blobs not read)."""
+        """A summary of every complete version of `model`, ascending (manifests only; blobs not read). A version
+        whose manifest fails verification is listed with its `problem`."""
 
         def read() -> list[VersionInfo]:
             latest = self._read_latest(check_model_name(model))
             out = []
             for version in self._list_versions(model):
-                m, raw = self._read_manifest_checked(model, version)
+                try:
+                    m, raw = self._read_manifest_checked(model, version)
+                except CorruptSnapshotError as exc:
+                    out.append(VersionInfo(model, version, None, None, None, None, {}, {}, version == latest, str(exc)))
+                    continue
                 out.append(
                     VersionInfo(
                         model=model,
@@ -239,9 +271,9 @@ class SnapshotStore(ABC):
         return self._read(read)
 
     def diff(self, a: int, b: int, *, model: str = DEFAULT_MODEL) -> SnapshotDiff:
-        """The remap and drift from version `a` to version `b` (reads and verifies only the codebooks and
-        item-code blobs of each)."""
-        (old_codes, old_books), (new_codes, new_books) = self._read(
+        """The remap (rows) and drift (items, by their external ids) from version `a` to version `b` (reads and
+        verifies only the codebooks, item-code and vocabulary blobs of each)."""
+        (old_codes, old_books, old_ids), (new_codes, new_books, new_ids) = self._read(
             lambda: (self._read_codes(model, a), self._read_codes(model, b))
         )
         return SnapshotDiff(
@@ -249,7 +281,7 @@ class SnapshotStore(ABC):
             from_version=a,
             to_version=b,
             remap=code_remap(old_codes, new_codes),
-            drift=code_drift(old_codes, new_codes, old_books, new_books),
+            drift=code_drift(old_codes, new_codes, old_books, new_books, old_ids, new_ids),
         )
 
     def read_raw(self, version: int, *, model: str = DEFAULT_MODEL) -> tuple[bytes, dict[str, bytes]]:
@@ -270,9 +302,9 @@ class SnapshotStore(ABC):
         """Store already-encoded bytes (e.g. copied from another store) after verifying them fully;
         same rules as `put`. Returns True if latest now points to the new version."""
         self._check_writable()
-        snapshot = decode(manifest, blobs)  # verifies every checksum and the content
-        wanted = {name: blobs[name] for name in parse_manifest(manifest).blobs}
-        return self._put_bytes(snapshot.model, snapshot.version, manifest, wanted, move_latest)
+        parsed = check_raw(manifest, blobs)  # verifies every checksum and the content (no torch needed)
+        wanted = {name: blobs[name] for name in parsed.blobs}
+        return self._put_bytes(parsed.model, parsed.version, manifest, wanted, move_latest)
 
     # --- lifecycle ---
     def close(self) -> None:
@@ -329,11 +361,16 @@ class SnapshotStore(ABC):
             raise SnapshotNotFoundError(f"{model} v{version} is not in {self.url}")
         return parse_manifest(raw, model=model, version=version), raw
 
-    def _read_codes(self, model: str, version: int) -> tuple[Any, Any]:
+    def _read_codes(self, model: str, version: int) -> tuple[Any, Any, tuple[Any, ...] | None]:
+        """(item codes, codebooks, vocabulary; None: row i is item i) of a version, verified."""
         manifest, _ = self._read_manifest_checked(model, version)
-        codes = load_blob(manifest, ITEM_CODES_BLOB, self._read_blob(model, version, ITEM_CODES_BLOB))
-        books = load_blob(manifest, CODEBOOKS_BLOB, self._read_blob(model, version, CODEBOOKS_BLOB))
-        return codes["item_codes"], books["codebooks"]
+        codes = load_arrays(manifest, ITEM_CODES_BLOB, self._read_blob(model, version, ITEM_CODES_BLOB))
+        books = load_arrays(manifest, CODEBOOKS_BLOB, self._read_blob(model, version, CODEBOOKS_BLOB))
+        ids = None
+        if ITEM_IDS_BLOB in manifest.blobs:
+            data = load_arrays(manifest, ITEM_IDS_BLOB, self._read_blob(model, version, ITEM_IDS_BLOB))
+            ids = read_item_ids(data["item_ids"].tobytes(), manifest)
+        return codes["item_codes"], books["codebooks"], ids
 
     # --- backend primitives ---
     def _refresh(self) -> None:

@@ -19,6 +19,7 @@ from replay.metrics import coverage_and_tail, evaluate_ranking, interests_per_li
 from trainer.baselines import ComiRecSA, Popularity, SASRec
 from trainer.batches import pad_histories
 from trainer.config import EncoderConfig, SparcConfig, TrainConfig
+from trainer.device import model_device
 from trainer.fit import FitResult, fit
 from trainer.model import SparcModel
 from trainer.towers import pad_attributes
@@ -46,6 +47,7 @@ class EvalSettings:
     exploit: int | None = None
     lift: float = 0.0
     progress: bool = True
+    device: str = "cpu"  # where the torch models train and score (trainer.device: auto, cpu, cuda)
 
 
 def _metrics_block(score_fn, split: LeaveOneOut, max_len: int, train_counts: np.ndarray) -> dict:
@@ -102,9 +104,10 @@ def interest_hit_rates(model: SparcModel, split: LeaveOneOut, max_len: int, ks=(
     model.eval()
     cat = model.catalogue()
     hits = {k: 0 for k in ks}
+    device = model_device(model)
     for start in range(0, len(split.test_inputs), batch_size):
         inputs, lengths = pad_histories(split.test_inputs[start : start + batch_size], max_len)
-        state = model.encode(inputs, lengths, cat.z)
+        state = model.encode(inputs.to(device), lengths.to(device), cat.z)
         logits = model.interest_logits(state.h, cat.z, cat.codes)
         target_code = cat.codes[torch.from_numpy(split.test_targets[start : start + batch_size]), 0]
         order = logits.argsort(dim=-1, descending=True)
@@ -113,12 +116,21 @@ def interest_hit_rates(model: SparcModel, split: LeaveOneOut, max_len: int, ks=(
     return {f"interest_hit@{k}": hits[k] / len(split.test_targets) for k in ks}
 
 
+def model_scorer(model: torch.nn.Module, **score_kwargs):
+    """model.score(inputs, lengths, **score_kwargs) as a ScoreFn: the inputs go to the model's device (where it
+    trained), the scores come back to the CPU."""
+
+    def score(inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        device = model_device(model)
+        return model.score(inputs.to(device), lengths.to(device), **score_kwargs).cpu()
+
+    return score
+
+
 def soft_scorer(model: SparcModel, top_codes: int, global_mix: float, exploit: int | None = None,
                 lift: float = 0.0):
     """Full-catalogue soft-search scores of `model` (with exploration slots when `exploit` is set), as a ScoreFn."""
-    return lambda inputs, lengths: model.score(
-        inputs, lengths, search="soft", top_codes=top_codes, global_mix=global_mix, exploit=exploit, lift=lift
-    )
+    return model_scorer(model, search="soft", top_codes=top_codes, global_mix=global_mix, exploit=exploit, lift=lift)
 
 
 def fit_sparc(ds: SequenceDataset, split: LeaveOneOut, settings: EvalSettings, valid_idx: np.ndarray,
@@ -132,7 +144,7 @@ def fit_sparc(ds: SequenceDataset, split: LeaveOneOut, settings: EvalSettings, v
     max_len = settings.encoder.max_len
     result = fit(model, split.train, max_len, replace(settings.train, seed=settings.seed),
                  validate=lambda: valid_ndcg10(score, split, valid_idx, max_len), desc="sparc",
-                 progress=settings.progress)
+                 progress=settings.progress, device=settings.device)
     return model, result
 
 
@@ -162,7 +174,7 @@ def run_evaluation(
         res = fit(
             model, split.train, max_len, train_cfg,
             validate=lambda: valid_ndcg10(score_fn, split, valid_idx, max_len),
-            desc=name, progress=settings.progress,
+            desc=name, progress=settings.progress, device=settings.device,
         )
         return trained(name, res)
 
@@ -176,15 +188,15 @@ def run_evaluation(
     if "sasrec" in models:
         torch.manual_seed(settings.seed)
         m = SASRec(ds.num_items, settings.encoder)
-        secs, epochs, info = run_torch("sasrec", m, m.score)
-        results["sasrec"] = _metrics_block(m.score, split, max_len, train_counts)
+        secs, epochs, info = run_torch("sasrec", m, model_scorer(m))
+        results["sasrec"] = _metrics_block(model_scorer(m), split, max_len, train_counts)
         results["sasrec"].update(train_seconds=secs, epochs=epochs, **info)
 
     if "comirec-sa" in models:
         torch.manual_seed(settings.seed)
         m = ComiRecSA(ds.num_items, settings.encoder)
-        secs, epochs, info = run_torch("comirec-sa", m, m.score)
-        results["comirec-sa"] = _metrics_block(m.score, split, max_len, train_counts)
+        secs, epochs, info = run_torch("comirec-sa", m, model_scorer(m))
+        results["comirec-sa"] = _metrics_block(model_scorer(m), split, max_len, train_counts)
         results["comirec-sa"].update(train_seconds=secs, epochs=epochs, **info)
 
     has_sparc = "sparc" in models or "sparc-hard" in models
@@ -203,8 +215,7 @@ def run_evaluation(
 
         def served(search: str) -> dict:
             explore = {"exploit": settings.exploit, "lift": settings.lift} if search == "soft" else {}
-            fn = lambda i, l: m.score(i, l, search=search, top_codes=settings.top_codes,  # noqa: E731
-                                      served=settings.served, **explore)
+            fn = model_scorer(m, search=search, top_codes=settings.top_codes, served=settings.served, **explore)
             return {"served": {**_metrics_block(fn, split, max_len, train_counts), "slots": settings.served}}
 
         if "sparc" in models:
@@ -215,14 +226,14 @@ def run_evaluation(
             if settings.served:
                 results["sparc"].update(served("soft"))
         if "sparc-hard" in models:
-            hard = lambda i, l: m.score(i, l, search="hard")  # noqa: E731
+            hard = model_scorer(m, search="hard")
             results["sparc-hard"] = _metrics_block(hard, split, max_len, train_counts)
             results["sparc-hard"].update(shared, note="same trained model as sparc; argmax-code search")
             if settings.served:
                 results["sparc-hard"].update(served("hard"))
 
     # how many interests a top-20 list spans, every model's lists measured by the one SPARC model's level-1 codes
-    _add_interests(results, m.catalogue().level1().numpy() if has_sparc else None)
+    _add_interests(results, m.catalogue().level1().cpu().numpy() if has_sparc else None)
     return {
         "dataset": ds.summary(),
         "protocol": "leave-one-out/full-ranking",

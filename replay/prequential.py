@@ -21,10 +21,16 @@ Per micro-batch of B feedback events (the worker's train-agent batch):
                 retrains (below); a window closes when it holds `window_events` events (or spans
                 `window_seconds`) -- windows, the freeze point and retrains fall on batch boundaries.
 
+Items: events name items by external ids (int or str). Replay numbers them 1, 2, ... in the order it first
+reads them (its item index: every per-item array here is indexed by it, so an id's value costs nothing) and the
+models learn and are told of items by that index; each model's vocabulary (trainer.vocab, bounded by
+`catalogue`, the worker's) maps it to rows of its item table, and scoring translates between the two. `Scored`
+names items by their external ids again.
+
 What a model knows (no future): an item is in the catalogue from its item event on, or from the feedback event
 after the one that first names it (a target never seen before is a miss: it cannot be ranked); items a model
-was never told of are masked from its rankings; history items beyond a model's item table are left out of its
-input. Users' first events have no history and are not scored ("cold").
+was never told of (or has evicted) are masked from its rankings and left out of its inputs. Users' first events
+have no history and are not scored ("cold").
 
 Variants = regimes x scoring modes, all over the same events and the same scored sample:
   regimes  evolving  the online learner (the product), learning every released micro-batch.
@@ -87,9 +93,11 @@ from replay.metrics import ranking_metrics, target_ranks
 from replay.sources import is_feedback
 from streams.history import apply_feedback, history_of
 from trainer.batches import bucketed_batches, pad_histories
-from trainer.config import ONLINE_TRAINING, SparcConfig, TrainConfig
+from trainer.config import ONLINE_TRAINING, CatalogueConfig, SparcConfig, TrainConfig
+from trainer.device import model_device
 from trainer.online import OnlineLearner
 from trainer.rq import code_health
+from trainer.vocab import ItemId
 
 REGIMES = ("evolving", "frozen", "periodic")
 KS = (10, 20, 50)
@@ -174,6 +182,7 @@ class ReplaySettings:
 
     model: SparcConfig = field(default_factory=worker_model_config)
     train: TrainConfig = TrainConfig(batch_size=64)
+    catalogue: CatalogueConfig = CatalogueConfig()  # every model's item vocabulary (the worker's defaults)
     regimes: tuple[str, ...] = REGIMES
     modes: tuple[ScoreMode, ...] = (ScoreMode(),)
     # variants beyond regimes x modes, e.g. (("evolving", ScoreMode(search="hard")),): a soft/hard comparison or an
@@ -193,6 +202,7 @@ class ReplaySettings:
     top_n: int = 20
     dedup_window: int = 256  # recent event ids remembered per user (the worker's default)
     seed: int = 0  # the scored sample; the models' seed is train.seed
+    device: str = "cpu"  # where the models learn and score (trainer.device: auto, cpu, cuda)
 
     def __post_init__(self) -> None:
         unknown = [r for r in (*self.regimes, *(r for r, _ in self.extra_variants)) if r not in REGIMES]
@@ -266,7 +276,8 @@ class Scored(NamedTuple):
     event_ids: list[str]
     positions: np.ndarray  # (S,) index of each event in the replay (feedback events, duplicates excluded)
     ranks: np.ndarray  # (S,) 0-based rank of the event's item; a miss (item unknown to the model) ranks >= N
-    top: np.ndarray  # (S, top_n) item ids best first; 0 where the model knows fewer items
+    top: np.ndarray  # (S, top_n) external item ids best first (object dtype for string ids); 0 where the model
+    #                 knows fewer items
 
 
 class CatalogueCache:
@@ -274,17 +285,18 @@ class CatalogueCache:
 
     Scoring needs the whole catalogue; recomputing it (the item tower and residual quantisation of every item) on
     every scoring call was most of a replay's scoring time. A model's catalogue stays valid until its optimiser
-    takes a step (OnlineLearner.steps moves) or it is replaced (the frozen copy, a periodic retrain: another
-    learner; a restored snapshot: another model). Item events only touch their own rows (z_i depends on item i's
-    ID row and attributes alone; its codes on z_i and the codebooks), so `touched(items)` marks those rows and
-    `get` recomputes just them and the rows of a grown table -- row for row the same numbers as a full
-    recomputation (tests/test_replay_prequential.py checks it).
+    takes a step (OnlineLearner.steps moves), a row changes hands (an eviction) or it is replaced (the frozen
+    copy, a periodic retrain: another learner; a restored snapshot: another model). Item events only touch their
+    own rows (z_i depends on item i's ID row and attributes alone; its codes on z_i and the codebooks), so
+    `touched(learner, rows)` marks those rows and `get` recomputes just them and the rows of a grown table --
+    row for row the same numbers as a full recomputation (tests/test_replay_prequential.py checks it).
     """
 
     MIN_ROWS = 64
 
     def __init__(self) -> None:
-        self._entries: dict[int, list] = {}  # id(learner) -> [learner, steps, Catalogue, dirty rows, model]
+        # id(learner) -> [learner, steps, Catalogue, dirty rows, model, evictions]
+        self._entries: dict[int, list] = {}
         self.full = 0  # full computations and incremental updates so far (for the benchmarks)
         self.partial = 0
 
@@ -292,9 +304,10 @@ class CatalogueCache:
     def get(self, learner: OnlineLearner):
         model = learner.model
         entry = self._entries.get(id(learner))
-        if entry is None or entry[0] is not learner or entry[4] is not model or entry[1] != learner.steps:
+        if (entry is None or entry[0] is not learner or entry[4] is not model or entry[1] != learner.steps
+                or entry[5] != learner.vocab.evictions):
             cat = model.catalogue()
-            self._entries[id(learner)] = [learner, learner.steps, cat, set(), model]
+            self._entries[id(learner)] = [learner, learner.steps, cat, set(), model, learner.vocab.evictions]
             self.full += 1
             return cat
         cat, dirty = entry[2], entry[3]
@@ -303,10 +316,10 @@ class CatalogueCache:
         todo = sorted(i for i in dirty if i < held) + list(range(held, rows))
         if not todo:
             return cat
-        idx = torch.as_tensor(todo, dtype=torch.long)
+        idx = torch.as_tensor(todo, dtype=torch.long, device=cat.z.device)
         # at least MIN_ROWS rows (padded with rows 1, 2, ... whose results are dropped): BLAS takes other code
         # paths for a matrix of very few rows, whose rounding differs from the full catalogue's
-        pad = torch.arange(1, max(0, self.MIN_ROWS - len(todo)) + 1).clamp(max=rows - 1)
+        pad = torch.arange(1, max(0, self.MIN_ROWS - len(todo)) + 1, device=cat.z.device).clamp(max=rows - 1)
         z_new = model.items(torch.cat([idx, pad]))
         codes_new = model.codes_of(z_new, torch.cat([idx, pad]))[: len(todo)]
         z_new = z_new[: len(todo)]
@@ -319,11 +332,11 @@ class CatalogueCache:
         self.partial += 1
         return cat
 
-    def touched(self, items: Iterable[int]) -> None:
-        """Item events were applied to every live model: their rows must be recomputed."""
-        items = list(items)
-        for entry in self._entries.values():
-            entry[3].update(items)
+    def touched(self, learner: OnlineLearner, rows: Iterable[int]) -> None:
+        """Item events were applied to `learner` (OnlineLearner.observe_items): these rows must be recomputed."""
+        entry = self._entries.get(id(learner))
+        if entry is not None and entry[0] is learner:
+            entry[3].update(rows)
 
     def retain(self, learners: Iterable[OnlineLearner]) -> None:
         """Forget every model but these (models no longer in use)."""
@@ -344,8 +357,10 @@ def score_modes(
 ) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """For each mode: ranks (S,) of `targets`, top-n lists (S, top_n) from the model's whole catalogue, seconds.
 
-    Item i is rankable for the event at replay index p when known_at[i] <= p and the model's table holds i;
-    every other item scores -inf, and a target that is not rankable gets rank N + 1 (a miss at any k).
+    Items are rows of the model's table: histories hold rows, targets are rows (0: an item the model does not
+    hold), top lists are rows. The item of row r is rankable for the event at replay index p when
+    known_at[r] <= p; every other item scores -inf, and a target that is not rankable gets rank N + 1 (a miss at
+    any k).
     The modes share one catalogue (`catalogue`, the model's current one if None) and one encoder pass; each
     mode's scores are SparcModel.score's. The first mode's seconds include the shared work.
     """
@@ -354,12 +369,13 @@ def score_modes(
     n = model.items.num_items
     max_len = model.cfg.encoder.max_len
     hist = [np.asarray([i for i in h if i <= n], dtype=np.int64) for h in histories]
-    inputs, lengths = pad_histories(hist, max_len)
+    device = model_device(model)
+    inputs, lengths = (t.to(device) for t in pad_histories(hist, max_len))
     model.eval()
     known = known_at[: n + 1]
     if len(known) < n + 1:  # rows the model holds that the caller never marked known
         known = np.concatenate([known, np.full(n + 1 - len(known), NEVER, dtype=np.int64)])
-    hidden = torch.from_numpy(known[None, :] > positions[:, None])  # (S, N+1)
+    hidden = torch.from_numpy(known[None, :] > positions[:, None]).to(device)  # (S, N+1)
     hidden[:, 0] = True
     t = torch.from_numpy(np.minimum(targets, n))
     k = min(top_n, n)
@@ -370,7 +386,7 @@ def score_modes(
         scores = model.score_encoded(state, cat, search=mode.search, top_codes=mode.top_codes,
                                      temperature=mode.temperature, global_mix=mode.global_mix,
                                      served=mode.served, exclude=hidden, exploit=mode.exploit,
-                                     lift=mode.lift).float()  # (S, N+1)
+                                     lift=mode.lift).float().cpu()  # (S, N+1)
         ranks = target_ranks(scores, t).numpy().copy()
         rankable = (targets <= n) & torch.isfinite(scores.gather(1, t[:, None]))[:, 0].numpy()
         ranks[~rankable] = n + 1
@@ -419,8 +435,9 @@ def top_interests(model, histories: Sequence[Sequence[int]], catalogue, batch_si
     for start in range(0, len(rows), batch_size):
         part = rows[start : start + batch_size]
         inputs, lengths = pad_histories([kept[r] for r in part], model.cfg.encoder.max_len)
-        state = model.encode(inputs, lengths, catalogue.z)
-        out[part] = model.interest_logits(state.h, catalogue.z, catalogue.codes).argmax(-1).numpy()
+        device = catalogue.z.device
+        state = model.encode(inputs.to(device), lengths.to(device), catalogue.z)
+        out[part] = model.interest_logits(state.h, catalogue.z, catalogue.codes).argmax(-1).cpu().numpy()
     return out
 
 
@@ -513,20 +530,25 @@ class Prequential:
         self.variants = s.variant_names()
         self.max_len = s.model.encoder.max_len
 
-        self.online: OnlineLearner | None = OnlineLearner(s.model, s.train)
+        self.online: OnlineLearner | None = OnlineLearner(s.model, s.train, s.device, s.catalogue)
         self.models: dict[str, OnlineLearner] = dict.fromkeys(s.all_regimes, self.online)
         self.frozen_event: int | None = None
         self.next_retrain: int | None = None
         self.retrains = 0
         self.train_errors = 0
+        self.unlearnt = 0  # events the online learner could not admit the item of (a full catalogue)
         self.learn_seconds = 0.0
         self.retrain_seconds = 0.0
 
         self.ingest: dict[str, dict] = {}  # user -> streams.history table value
         self.pending: deque[_Pending] = deque()
         self.learned: dict[str, list[int]] = {}  # user -> items released to learning (periodic retrains)
-        self.catalogue: dict[int, list[int]] = {}  # item -> attributes, from item events
-        self.known_at = np.full(1, NEVER, dtype=np.int64)  # item -> first replay index it is rankable at
+        self.index: dict[ItemId, int] = {}  # external id -> item index (module doc)
+        self.external: list[ItemId | None] = [None]  # item index -> external id
+        self._maps: dict[int, tuple] = {}  # id(learner) -> (learner, vocab state, index -> row, row -> index)
+        self._external_table = np.zeros(0, dtype=np.int64)  # item index -> external id (Scored)
+        self.catalogue: dict[int, list[int]] = {}  # item index -> attributes, from item events
+        self.known_at = np.full(1, NEVER, dtype=np.int64)  # item index -> first replay index it is rankable at
         self.first_ts = np.zeros(1)  # item -> timestamp it became known
         self.counts = np.zeros(1, dtype=np.int64)  # item -> feedback events so far (long-tail split)
         self.n = 0  # feedback events ingested (duplicates excluded) = replay index of the next one
@@ -609,6 +631,7 @@ class Prequential:
             "freeze_event": self.frozen_event,
             "retrains": self.retrains,
             "train_errors": self.train_errors,
+            "unlearnt": self.unlearnt,
             "window_events": self.window_events,
             "window_seconds": self.s.window_seconds,
             "retrain_every": self.retrain_every,
@@ -623,8 +646,7 @@ class Prequential:
         items: list[dict] = []
         rows: list[_Pending] = []
         for r in batch:
-            item = int(r["item_id"])
-            self._grow_arrays(item)
+            item = r["item_id"] = self._item_index(r["item_id"])  # (a copy, run's) models learn item indices
             if not is_feedback(r):  # rankable from the next feedback event on, not for the ones read before it
                 items.append(r)
                 if r.get("attributes") is not None:
@@ -646,8 +668,7 @@ class Prequential:
             self.n += 1
         if items:
             for learner in self._live():
-                learner.observe_items(items)
-            self.catalogues.touched(int(r["item_id"]) for r in items)
+                self.catalogues.touched(learner, learner.observe_items(items).rows)
         if not rows:
             return
         self.last_ts = rows[-1].timestamp if self.last_ts is None else max(self.last_ts, rows[-1].timestamp)
@@ -693,18 +714,22 @@ class Prequential:
             wanted.setdefault(id(learner), (learner, {}))[1].setdefault(mode.name, mode)
         done: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, float]] = {}
         for key, (learner, modes) in wanted.items():
+            row_of, index_of = self._rows(learner)
+            rows = [row_of[h][row_of[h] > 0] for h in map(np.asarray, histories)]
+            known = self.known_at[index_of]  # per row of this model's table
             if not self.share_scoring:  # the reference path: every (model, mode) on its own, catalogue afresh
                 for mode_name, mode in modes.items():
-                    done[(key, mode_name)] = score_modes(learner, histories, targets, positions, self.known_at,
-                                                         [mode], self.s.top_n)[0]
+                    ranks, top, seconds = score_modes(learner, rows, row_of[targets], positions, known, [mode],
+                                                      self.s.top_n)[0]
+                    done[(key, mode_name)] = (ranks, index_of[top], seconds)
                 continue
             start = time.perf_counter()
             cat = self.catalogues.get(learner)
             shared = time.perf_counter() - start
-            results = score_modes(learner, histories, targets, positions, self.known_at, list(modes.values()),
+            results = score_modes(learner, rows, row_of[targets], positions, known, list(modes.values()),
                                   self.s.top_n, cat)
             for i, (mode_name, (ranks, top, seconds)) in enumerate(zip(modes, results, strict=True)):
-                done[(key, mode_name)] = (ranks, top, seconds + (shared if i == 0 else 0.0))
+                done[(key, mode_name)] = (ranks, index_of[top], seconds + (shared if i == 0 else 0.0))
         counted: set[tuple[int, str]] = set()
         for name, regime, mode in self.variants:
             key = (id(self.models[regime]), mode.name)
@@ -731,9 +756,40 @@ class Prequential:
             crossed = (before < self.s.reach_n) & (before + times >= self.s.reach_n) & new_item[items]
             t.reached += int(crossed.sum())
             if observer is not None:
-                observer(Scored(name, ids, positions, ranks, top))
+                observer(Scored(name, ids, positions, ranks, self._external_ids(top)))
 
     # ------------------------------------------------------------------ catalogue
+    def _item_index(self, item: ItemId) -> int:
+        """The item index of an external id (a new one gets the next)."""
+        index = self.index.get(item)
+        if index is None:
+            index = self.index[item] = len(self.external)
+            self.external.append(item)
+            self._grow_arrays(index)
+        return index
+
+    def _rows(self, learner: OnlineLearner) -> tuple[np.ndarray, np.ndarray]:
+        """(item index -> row of the learner's table, 0: not held; row -> item index), kept while its
+        vocabulary is unchanged."""
+        vocab = learner.vocab
+        state = (len(vocab), vocab.evictions, len(self.known_at))
+        cached = self._maps.get(id(learner))
+        if cached is not None and cached[0] is learner and cached[1] == state:
+            return cached[2], cached[3]
+        index_of = np.asarray([0, *vocab.ids()[1:]], dtype=np.int64)  # the models hold item indices
+        row_of = np.zeros(len(self.known_at), dtype=np.int64)
+        row_of[index_of[1:]] = np.arange(1, len(index_of))
+        self._maps[id(learner)] = (learner, state, row_of, index_of)
+        return row_of, index_of
+
+    def _external_ids(self, indices: np.ndarray) -> np.ndarray:
+        """Item indices -> external ids (index 0 stays 0)."""
+        if len(self._external_table) != len(self.external):
+            table = np.asarray([0, *self.external[1:]], dtype=object)
+            ints = all(type(i) is int for i in self.external[1:])
+            self._external_table = table.astype(np.int64) if ints else table
+        return self._external_table[indices]
+
     def _grow_arrays(self, item: int) -> None:
         if item >= len(self.known_at):
             size = max(item + 1, 2 * len(self.known_at))
@@ -781,14 +837,16 @@ class Prequential:
             return
         start = time.perf_counter()
         try:
-            self.online.learn(events, histories)
+            self.unlearnt += len(self.online.learn(events, histories)["unlearnt"])
         except FloatingPointError:  # the worker skips such a batch too (streams.agents.handle_train_batch)
             self.train_errors += 1
         self.learn_seconds += time.perf_counter() - start
 
     def _schedule(self) -> None:
         self._schedule_models()
-        self.catalogues.retain(self._live())
+        live = self._live()
+        self.catalogues.retain(live)
+        self._maps = {id(x): self._maps[id(x)] for x in live if id(x) in self._maps}
 
     def _schedule_models(self) -> None:
         if self.frozen_event is None and self.n >= self.freeze_at:
@@ -812,11 +870,12 @@ class Prequential:
         """A fresh model trained on every event released to learning so far (see the module doc)."""
         start = time.perf_counter()
         s = self.s
-        learner = OnlineLearner(s.model, s.train)
-        largest = int(np.nonzero(self.known_at != NEVER)[0].max(initial=0))
-        learner.observe_items([{"item_id": i, "attributes": a} for i, a in self.catalogue.items()]
-                              + [{"item_id": largest}])
-        sequences = [np.asarray(seq, dtype=np.int64) for seq in self.learned.values() if len(seq) >= 2]
+        learner = OnlineLearner(s.model, s.train, s.device, s.catalogue)
+        known = np.nonzero(self.known_at != NEVER)[0]
+        learner.observe_items([{"item_id": int(i), "attributes": self.catalogue.get(int(i))} for i in known])
+        row_of, _ = self._rows(learner)
+        sequences = [row_of[np.asarray(seq)][row_of[np.asarray(seq)] > 0] for seq in self.learned.values()]
+        sequences = [seq for seq in sequences if len(seq) >= 2]
         rng = np.random.default_rng(s.train.seed + self.retrains)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.train.seed + self.retrains)
@@ -895,22 +954,26 @@ class Prequential:
             learner = self.models[regime]
             if id(learner) not in by_model:
                 model = learner.model
+                row_of, _ = self._rows(learner)
+                held = row_of[known_ids] > 0
+                ids = known_ids[held]  # item indices, and their codes aligned with them
                 cat = model.catalogue()
-                ids = known_ids[known_ids <= model.items.num_items]
-                h = code_health(cat.codes[torch.from_numpy(ids)], model.cfg.codes)
+                codes = cat.codes.cpu()[torch.from_numpy(row_of[known_ids][held])]  # (K, L)
+                h = code_health(codes, model.cfg.codes)
                 users = list(self.ingest)
-                tops = top_interests(model, [history_of(self.ingest[u]) for u in users], cat).tolist()
+                seqs = [np.asarray(history_of(self.ingest[u]), dtype=np.int64) for u in users]
+                tops = top_interests(model, [row_of[h][row_of[h] > 0] for h in seqs], cat).tolist()
                 last = [self.ingest[u]["recent"][-1] for u in users]  # changes with every event of the user
                 interests = dict(zip(users, zip(tops, last, strict=True), strict=True))
-                by_model[id(learner)] = (ids, cat.codes, model.rq.codebooks.detach().clone(), h, interests)
+                by_model[id(learner)] = (ids, codes, model.rq.codebooks.detach().cpu().clone(), h, interests)
             ids, codes, codebooks, h, interests = by_model[id(learner)]
             row = {k: v for k, v in h.items() if k != "items"}
             prev = self._prev_codes.get(regime)
             if prev is not None:
-                common = np.intersect1d(prev[0], ids)
+                _, before, now = np.intersect1d(prev[0], ids, assume_unique=True, return_indices=True)
                 pad = torch.zeros(1, codes.shape[1], dtype=codes.dtype)
-                sel = torch.from_numpy(common)
-                d = code_drift(torch.cat([pad, prev[1][sel]]), torch.cat([pad, codes[sel]]), prev[2], codebooks)
+                d = code_drift(torch.cat([pad, prev[1][torch.from_numpy(before)]]),
+                               torch.cat([pad, codes[torch.from_numpy(now)]]), prev[2], codebooks)
                 row["code_changed_share"] = d["changed_share"]
                 row["level1_changed_share"] = d["level_changed_share"][0]
                 row["level1_codeword_movement"] = d["codeword_movement"][0]

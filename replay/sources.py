@@ -27,10 +27,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -258,6 +259,7 @@ class KafkaRange:
     stop_time: float | None = None
     start_offset: str | None = None
     stop_offset: str | None = None
+    client: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)  # security (KafkaConnection)
 
 
 def read_kafka(rng: KafkaRange, timeout_s: float = 30.0) -> tuple[list[dict], dict]:
@@ -272,6 +274,7 @@ def read_kafka(rng: KafkaRange, timeout_s: float = 30.0) -> tuple[list[dict], di
     try:
         consumer = KafkaConsumer(
             bootstrap_servers=rng.bootstrap,
+            **rng.client,
             group_id=None,
             enable_auto_commit=False,
             allow_auto_create_topics=False,
@@ -341,8 +344,9 @@ def kafka_source(rng: KafkaRange) -> EventSource:
     )
 
 
-def parse_kafka_url(spec: str) -> KafkaRange:
-    """kafka://HOST:PORT/TOPIC?from=TS&to=TS&from_offset=N&to_offset=N -> KafkaRange (see its doc)."""
+def parse_kafka_url(spec: str, client: Mapping[str, Any] | None = None) -> KafkaRange:
+    """kafka://HOST:PORT/TOPIC?from=TS&to=TS&from_offset=N&to_offset=N -> KafkaRange (see its doc); `client`: the
+    kafka-python security settings (streams.kafka_connection.KafkaConnection.kafka_python, less the servers)."""
     url = urlsplit(spec)
     topic = url.path.strip("/")
     if not url.netloc or not topic or "/" in topic:
@@ -364,6 +368,7 @@ def parse_kafka_url(spec: str) -> KafkaRange:
         stop_time=parse_time(one("to")) if one("to") is not None else None,
         start_offset=one("from_offset"),
         stop_offset=one("to_offset"),
+        client=dict(client or {}),
     )
 
 
@@ -372,9 +377,10 @@ SYNTHETIC_KEYS = {"users": "n_users", "events": "n_events", "items": "n_initial_
                   "drifts": "n_drifts", "topics": "n_topics"}
 
 
-def open_source(spec: str) -> EventSource:
-    """`synthetic[:SEED][?users=U&events=E&items=I&new_items=J&drifts=D&topics=T]`, `kafka://HOST:PORT/TOPIC?...`,
-    an S3-Rec folder or <Name>.txt, or a .jsonl/.json file."""
+def open_source(spec: str, kafka_client: Mapping[str, Any] | None = None) -> EventSource:
+    """`synthetic[:SEED][?users=U&events=E&items=I&new_items=J&drifts=D&topics=T]`, `kafka://HOST:PORT/TOPIC?...`
+    (read with the kafka-python security settings `kafka_client`), an S3-Rec folder or <Name>.txt, or a
+    .jsonl/.json file."""
     if spec == "synthetic" or spec.startswith(("synthetic:", "synthetic?")):
         head, _, query = spec.partition("?")
         seed_text = head.partition(":")[2] or "0"
@@ -392,7 +398,7 @@ def open_source(spec: str) -> EventSource:
             overrides["n_new_items"] = overrides["n_initial_items"] // 5  # as `sparc produce --items`
         return synthetic_source(seed, **overrides)
     if spec.startswith("kafka://"):
-        return kafka_source(parse_kafka_url(spec))
+        return kafka_source(parse_kafka_url(spec, kafka_client))
     p = Path(spec)
     if p.suffix in (".jsonl", ".json", ".ndjson"):
         return jsonl_source(p)

@@ -4,8 +4,11 @@ ingest    feedback-events -> micro-batches of up to batch_size messages (stream.
           invalid: DLQ (original bytes, reason in headers); valid: de-duplicate by event id -> ONE train-topic
           message per micro-batch (streams.batching.TrainBatch: the events and their users' histories), then
           the batch's users' new histories into the table
-train     train topic -> one message = one micro-batch -> OnlineLearner.learn in the learner thread
-catalog   item-events -> validate -> observe_items in the learner thread (new items grow the item table)
+train     train topic -> one message = one micro-batch -> OnlineLearner.learn in the learner thread; events it
+          cannot learn (their item is not in the catalogue: catalogue_full, unknown_item) go to the DLQ as the
+          train message carries them (validated JSON), with the train topic's position as their source
+catalog   item-events -> validate -> observe_items in the learner thread (new items get rows of the item table;
+          items a full catalogue refuses go to the DLQ, reason catalogue_full)
 publisher a timer and the train agent: every N steps or T seconds -> health gate -> store -> announce ->
           rebuild the serving index -> swap it in -> commit the train topic's position of that snapshot
 
@@ -29,6 +32,7 @@ Delivery (at least once; streams.worker's module doc has the whole recovery stor
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ from streams.index import build_index
 from streams.records import Invalid, Source, TrainExample, validate_feedback, validate_item
 
 if TYPE_CHECKING:
+    from streams.settings import WorkerSettings
     from streams.worker import StreamWorker
 
 log = logging.getLogger(__name__)
@@ -67,7 +72,7 @@ async def handle_feedback(w: StreamWorker, events: Sequence[Any]) -> Counter:
     updated: dict[str, tuple[dict, Any]] = {}  # user -> (table value after the batch, the event that made it)
     for event in events:
         raw, key, source = event.value, event.key, source_of(event)
-        result = validate_feedback(raw, max_bytes=s.max_event_bytes, max_item_id=s.max_item_id, now=now)
+        result = validate_feedback(raw, max_bytes=s.max_event_bytes, now=now)
         if isinstance(result, Invalid):
             await dead_letter(w, raw, key, result, source)
             outcomes["dlq"] += 1
@@ -107,15 +112,22 @@ async def handle_items(w: StreamWorker, messages: Sequence[tuple[bytes, bytes | 
     s = w.settings
     valid = []
     for raw, key, source in messages:
-        result = validate_item(raw, max_bytes=s.max_event_bytes, max_item_id=s.max_item_id, now=w.clock())
+        result = validate_item(raw, max_bytes=s.max_event_bytes, now=w.clock())
         if isinstance(result, Invalid):
             await dead_letter(w, raw, key, result, source)
         else:
-            valid.append(result.model_dump())
-    if valid:
-        await w.in_learner(w.learner.observe_items, valid)
-        w.metrics.items.inc(len(valid))
-    return len(valid)
+            valid.append((result.model_dump(), raw, key, source))
+    if not valid:
+        return 0
+    observed = await w.in_learner(w.learner.observe_items, [item for item, *_ in valid])
+    refused = set(observed.refused)
+    for item, raw, key, source in valid:
+        if item["item_id"] in refused:
+            await dead_letter(w, raw, key, not_in_catalogue("catalogue_full", item["item_id"], s), source)
+    w.metrics.catalogue_changed(observed)
+    applied = sum(1 for item, *_ in valid if item["item_id"] not in refused)
+    w.metrics.items.inc(applied)
+    return applied
 
 
 async def handle_train_message(w: StreamWorker, raw: bytes, source: Source) -> dict | None:
@@ -126,7 +138,7 @@ async def handle_train_message(w: StreamWorker, raw: bytes, source: Source) -> d
         w.recovery.skipped.inc()
         return None
     try:
-        batch = read_train_batch(raw, w.settings.max_item_id)
+        batch = read_train_batch(raw)
     except ValidationError as exc:  # our own topic: a bug or a foreign writer, never a reason to stop
         log.error("skipping a malformed train message at %s: %s", source, exc.errors(include_url=False)[0]["msg"])
         return None
@@ -139,9 +151,22 @@ async def handle_train_message(w: StreamWorker, raw: bytes, source: Source) -> d
         log.error("skipped a micro-batch of %d events: %s", len(batch.events), exc)
         return None
     w.metrics.trained(metrics)
+    for index, reason in metrics["unlearnt"]:
+        event = batch.events[index]
+        await dead_letter(w, event.model_dump_json().encode(), event.user_id.encode(),
+                          not_in_catalogue(reason, event.item_id, w.settings), source)
     if w.publish_due():
         await publish(w, only_if_due=True)
     return metrics
+
+
+def not_in_catalogue(reason: str, item: int | str, s: WorkerSettings) -> Invalid:
+    """Why an event whose item the learner could not admit is dead-lettered (reason catalogue_full or
+    unknown_item)."""
+    if reason == "catalogue_full":
+        return Invalid(reason, f"item {item!r} is new and the catalogue holds max_items={s.max_items} items "
+                               f"(on_catalogue_full={s.on_catalogue_full})")
+    return Invalid(reason, f"item {item!r} is not in the catalogue and only item events add items")
 
 
 async def dead_letter(
@@ -157,6 +182,7 @@ async def publish(w: StreamWorker, *, only_if_due: bool = False) -> None:
     async with w.publish_lock:
         if only_if_due and not w.publish_due():
             return
+        started = time.perf_counter()
         state, health, watermark = await w.in_learner(w.capture)
         now = w.clock()
         w.mark_published(state.steps, now)
@@ -166,6 +192,7 @@ async def publish(w: StreamWorker, *, only_if_due: bool = False) -> None:
         except Exception:  # a store or index failure must not stop training; the next interval tries again
             w.metrics.snapshots.labels("failed").inc()
             log.exception("publishing the snapshot of step %d failed", state.steps)
+        w.metrics.publish_seconds.observe(time.perf_counter() - started)
 
 
 async def _store_serve_announce(w: StreamWorker, state, health: dict, watermark: dict, now: float) -> None:
@@ -173,7 +200,9 @@ async def _store_serve_announce(w: StreamWorker, state, health: dict, watermark:
     w.last_gate = result.reasons
     if not result.accepted:
         w.metrics.snapshots.labels("rejected").inc()
-        log.warning("snapshot v%d held back: %s", result.version, "; ".join(result.reasons))
+        w.metrics.refused(result.refusals)
+        log.warning("snapshot v%d held back by the health gate, latest stays: %s", result.version,
+                    "; ".join(result.reasons))
         return
     index = await w.in_publisher(
         build_index, state, result.version, result.created_at, w.settings.top_codes, "faiss", w.index.current

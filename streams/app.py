@@ -12,19 +12,27 @@ from streams.settings import WorkerSettings
 def create_app(settings: WorkerSettings, *, testing: bool = False) -> faust.App:
     """A Faust app: tables in RocksDB (memory:// when testing, which also disables the web server).
 
+    Every Faust setting comes from `settings`: `env={}` keeps Faust from reading its own unprefixed environment
+    variables (WEB_PORT, BROKER_URL, TOPIC_PARTITIONS, ...), which would otherwise override what is passed here
+    (Kubernetes sets WEB_PORT=tcp://... for a Service named `web`). The web server binds web_host.
     topic_partitions is the partition count of the table changelogs; it equals the feedback topic's, since
-    the history table is keyed like that topic (co-partitioned).
+    the history table is keyed like that topic (co-partitioned); their replication is the worker's
+    (replication_factor, resolved to the cluster's default by streams.topics.ensure_topics).
     """
     datadir = settings.data_dir / settings.app_id  # table files are named by table, not by app
     datadir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     app = faust.App(
         settings.app_id,
+        env={},
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers],
+        broker_credentials=settings.kafka_connection().faust_credentials(),
         store="memory://" if testing else settings.table_store,
         topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor or 1,
         datadir=str(datadir),
         web_enabled=not testing,
         web_host=settings.web_host,
+        web_bind=settings.web_host,
         web_port=settings.web_port,
         consumer_auto_offset_reset="earliest",
         producer_linger=settings.producer_linger,

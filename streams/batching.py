@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
-from streams.records import DEFAULT_MAX_ITEM_ID, Feedback, Source, TrainExample
+from streams.records import Feedback, Source, TrainExample
 
 
 @dataclass(frozen=True)
 class LearnerInput:
     events: list[dict]  # {"event_id", "user_id", "item_id", "timestamp", ...} in arrival order
-    histories: dict[str, list[int]]  # user -> history before the user's first event in the batch
+    histories: dict[str, list[int | str]]  # user -> history before the user's first event in the batch
     watermark: dict[str, int]  # "topic:partition" -> next offset to read (last offset in the batch + 1)
 
 
@@ -32,20 +32,21 @@ class TrainBatch(BaseModel):
     """One message of the internal train topic: a micro-batch of valid, de-duplicated feedback events.
 
     events     : in arrival order
-    histories  : user -> the user's items before its first event in the batch, oldest first (at most max_len)
+    histories  : user -> the user's items (external ids) before its first event in the batch, oldest first (at
+                 most max_len)
     watermark  : feedback "topic:partition" -> next offset (the batch's last offset there + 1)
     """
 
     model_config = ConfigDict(frozen=True)
 
     events: list[Feedback]
-    histories: dict[str, list[int]]
+    histories: dict[str, list[int | str]]
     watermark: dict[str, int]
 
 
 def train_batch(examples: Sequence[TrainExample]) -> TrainBatch:
     """The train message of some examples: the history of each user's first example is the one kept."""
-    histories: dict[str, list[int]] = {}
+    histories: dict[str, list[int | str]] = {}
     last: dict[tuple[str, int], int] = {}  # (topic, partition) -> highest offset
     for ex in examples:
         if ex.event.user_id not in histories:
@@ -67,9 +68,9 @@ def encode_train_batches(examples: Sequence[TrainExample], max_bytes: int) -> li
     return [*encode_train_batches(examples[:half], max_bytes), *encode_train_batches(examples[half:], max_bytes)]
 
 
-def read_train_batch(raw: bytes, max_item_id: int = DEFAULT_MAX_ITEM_ID) -> TrainBatch:
-    """Parse a train-topic message, with the same item-id limit ingest applied; raises ValidationError."""
-    return TrainBatch.model_validate_json(raw, context={"max_item_id": max_item_id})
+def read_train_batch(raw: bytes) -> TrainBatch:
+    """Parse a train-topic message, with the checks ingest applied; raises ValidationError."""
+    return TrainBatch.model_validate_json(raw)
 
 
 def learner_input(batch: TrainBatch, read_at: Sequence[Source] = ()) -> LearnerInput:

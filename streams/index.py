@@ -6,6 +6,10 @@ The retriever is trainer.search.CodeIndex: a faiss IVF index whose inverted list
 search probes the lists the interest module chose; architecture.md, "Index"), or trainer.search.BruteForce
 (numpy over all items, the reference). A new snapshot's index is built incrementally from the one served:
 only items whose code or vector changed move, into a copy, which is then swapped in (`update_index`).
+
+Items: requests and answers speak external item ids (trainer.vocab); the model and the retriever speak rows. The
+index holds the snapshot's vocabulary (LearnerState.item_ids) and translates at its edges: `retrieve` takes a
+history of external ids, its SearchResult holds rows, and `ids_of` names them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from trainer.model import Catalogue, SparcModel
 from trainer.online import LearnerState, load_model
 from trainer.search import BruteForce, CodeIndex, CodeRetriever, IndexUpdate, SearchResult, retrieve
+from trainer.vocab import ItemId
 
 MAX_POPULAR = 1000  # the longest answer for a user without history (= the web view's largest k)
 
@@ -31,22 +36,36 @@ class ServingIndex:
     model: SparcModel  # eval mode; never trained
     retriever: CodeRetriever  # over catalogue.z and catalogue.codes[:, 0]
     top_codes: int
-    popular: np.ndarray  # (P,) item ids by interactions seen, most first: the answer for an empty history
+    popular: np.ndarray  # (P,) rows by interactions seen, most first: the answer for an empty history
     popularity: np.ndarray  # (P,) their interaction counts
     catalogue: Catalogue | None = None  # the model's catalogue, computed once (None: recomputed per request)
     update: IndexUpdate | None = None  # how the retriever was derived from the previous index (None: built)
+    item_ids: tuple[ItemId, ...] | None = None  # the external id of rows 1..N (None: row i is item i)
+    rows: dict[ItemId, int] | None = None  # external id -> row (None: row i is item i)
 
     @property
     def num_items(self) -> int:
         return int(self.retriever.vectors.shape[0]) - 1
 
+    def row_of(self, item: ItemId) -> int | None:
+        """The row of an external id (canonical, as the history table holds them), or None: not in the snapshot."""
+        if self.rows is not None:
+            return self.rows.get(item)
+        return item if type(item) is int and 0 < item <= self.num_items else None
+
+    def ids_of(self, rows: np.ndarray) -> list[ItemId]:
+        """The external ids of rows (a SearchResult's items)."""
+        if self.item_ids is None:
+            return [int(r) for r in rows]
+        return [self.item_ids[int(r) - 1] for r in rows]
+
     def retrieve(
-        self, history: Sequence[int], k: int, explore: float = 0.0, rng: np.random.Generator | None = None
+        self, history: Sequence[ItemId], k: int, explore: float = 0.0, rng: np.random.Generator | None = None
     ) -> SearchResult:
-        """Soft search for one user's history (oldest first). Items newer than the snapshot are dropped from
-        the history (the frozen model has no row for them). With no history left, the most popular items
-        (no codes searched): the sequence encoder needs at least one item."""
-        known = np.asarray([i for i in history if 0 < i <= self.num_items], dtype=np.int64)
+        """Soft search for one user's history (external ids, oldest first); the result holds rows (`ids_of`).
+        Items the snapshot does not hold (newer than it, or evicted) are dropped from the history. With no
+        history left, the most popular items (no codes searched): the sequence encoder needs at least one item."""
+        known = np.asarray([r for r in map(self.row_of, history) if r is not None], dtype=np.int64)
         if known.size == 0:
             none, scores = np.zeros(0, dtype=np.int64), self.popularity[:k].astype(np.float32)
             return SearchResult(self.popular[:k], scores, codes=none, weights=np.zeros(0), quotas=none)
@@ -108,6 +127,8 @@ def build_index(
         popularity=counts[popular],
         catalogue=catalogue,
         update=update,
+        item_ids=state.item_ids,
+        rows=None if state.item_ids is None else {item: row for row, item in enumerate(state.item_ids, start=1)},
     )
 
 

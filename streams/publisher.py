@@ -7,44 +7,47 @@ Versions: the next version is one above the highest the store holds for the mode
 never reuses one; a version that appears meanwhile raises VersionExistsError and the next free one is taken).
 `parent` is the previous snapshot this worker made (its training lineage), None for its first, unless the
 worker warm-started: then the snapshot it started from (`warm_start`).
-A snapshot the gate rejects is stored for inspection but latest does not move and nothing is announced.
+A snapshot the gate (streams.gate) rejects is stored for inspection but latest does not move and nothing is
+announced.
 
-codebook-updates: an accepted snapshot is announced as codebook_store.messages records (schema
-"sparc.codebook-update/2", key = the model name, one or more chunks under `max_message_bytes` each): the
-manifest, the codebooks and the remap from the previously ANNOUNCED version (what subscribers hold; a rejected
-snapshot never reached them). The first announcement of this worker, and every `full_codes_every`-th, also
-carries the whole item -> code table, so a subscriber that missed a version catches up there. Weights travel
-only with `announce_weights` (subscribers then hold the exact stored snapshot; see codebook_store.subscribe).
+Warm start (`warm_start`): the latest snapshot, verified. When it fails verification (a blob's checksum, a torn
+manifest, a latest pointer that names nothing), on_corrupt="fallback" takes the newest earlier version that the
+gate passed and that verifies, rolls latest back to it (so readers of the store stop meeting the bad one) and
+names every version it passed over; on_corrupt="refuse" raises, naming the bad version and the one to roll back to.
+
+codebook-updates: an accepted snapshot is announced as codebook_store.messages records (docs/codebook-updates.md;
+key = the model name, one or more chunks under `max_message_bytes` each): the manifest, the codebooks and the
+remap from the previously ANNOUNCED version (what subscribers hold; a rejected snapshot never reached them).
+The first announcement of this worker, and every `full_codes_every`-th, also carries the whole item -> code
+table, so a subscriber that missed a version (or joins after retention removed the first) catches up there.
+Weights travel only with `announce_weights` (subscribers then hold the exact stored snapshot; see
+codebook_store.subscribe). With a `signing_key` every update is signed (codebook_store.signing).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
-from codebook_store import IncompatibleSnapshotError, Snapshot, VersionExistsError, code_drift, open_store
+from codebook_store import (
+    CorruptSnapshotError,
+    IncompatibleSnapshotError,
+    Snapshot,
+    SnapshotNotFoundError,
+    VersionExistsError,
+    code_drift,
+    load_signer,
+    open_store,
+)
 from codebook_store.messages import DEFAULT_MAX_BYTES, Record, encode
+from streams.gate import GateThresholds, Refusal, gate, verdict
 from trainer.config import SparcConfig
 from trainer.online import LearnerState, config_differences
 
 log = logging.getLogger(__name__)
-
-
-def gate(health: dict, min_utilisation: float) -> list[str]:
-    """Reasons a snapshot must not become latest (empty: it may)."""
-    reasons = []
-    if not health.get("finite", False):
-        reasons.append("non-finite values in the codebooks or item vectors")
-    if not health.get("initialised", False):
-        reasons.append("codebooks not initialised (no training step yet)")
-    if health.get("items", 0) == 0:
-        reasons.append("empty catalogue")
-    utilisation = health.get("level1_utilisation", 0.0)
-    if utilisation < min_utilisation:
-        reasons.append(f"level-1 utilisation {utilisation:.3f} is below the floor {min_utilisation}")
-    return reasons
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,20 @@ class Published:
     version: int
     created_at: float
     accepted: bool  # latest moved to it; announce `messages` and serve it
-    reasons: list[str]  # why the gate rejected it (empty when accepted)
+    refusals: list[Refusal]  # why the gate rejected it (empty when accepted)
     messages: list[Record]  # codebook-updates records, in order (none when rejected)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [r.detail for r in self.refusals]
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """The snapshot a warm start continues, and the versions passed over on the way (one line each: why)."""
+
+    snapshot: Snapshot
+    passed_over: list[str]
 
 
 class Publisher:
@@ -63,57 +78,64 @@ class Publisher:
         self,
         store_url: str,
         model: str,
-        min_utilisation: float,
+        thresholds: GateThresholds,
         *,
         max_message_bytes: int = DEFAULT_MAX_BYTES,
         full_codes_every: int = 10,
         announce_weights: bool = False,
+        signing_key: Path | None = None,
     ):
         if full_codes_every < 1:
             raise ValueError(f"full_codes_every must be >= 1, got {full_codes_every}")
-        self.store_url, self.model, self.min_utilisation = store_url, model, min_utilisation
+        self.store_url, self.model, self.thresholds = store_url, model, thresholds
         self.max_message_bytes, self.full_codes_every = max_message_bytes, full_codes_every
         self.announce_weights = announce_weights
+        self.signer = None if signing_key is None else load_signer(signing_key)  # raises KeyFileError
+        if self.signer is not None:
+            log.info("codebook updates are signed with %s key %s", self.signer.scheme, self.signer.key_id)
         self.store = open_store(store_url)
         versions = self.store.versions(model=model)
         self.next_version = versions[-1] + 1 if versions else 0
         self.parent: int | None = None
-        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (item codes, codebooks) of parent
+        # (item codes, codebooks, item ids) of parent: drift compares items, not rows
+        self._previous: tuple[torch.Tensor, torch.Tensor, tuple | None] | None = None
         self._announced: Snapshot | None = None  # the last announced snapshot (no weights): the remap's base
         self._announcements = 0
 
     def publish(self, state: LearnerState, health: dict, watermark: dict, created_at: float) -> Published:
-        reasons = gate(health, self.min_utilisation)
-        health = {**health, "gate": {"passed": not reasons, "reasons": reasons}}
+        refusals = gate(health, self.thresholds, int(state.config["codes"]))
+        health = {**health, "gate": verdict(refusals)}
         if self._previous is not None:
-            codes, books = self._previous
+            codes, books, ids = self._previous
             health["drift"] = {
                 "parent_version": self.parent,
-                **code_drift(codes, state.item_codes, books, state.codebooks),
+                **code_drift(codes, state.item_codes, books, state.codebooks, ids, state.item_ids),
             }
-        snapshot = self._put(state, health, watermark, created_at, accepted=not reasons)
+        snapshot = self._put(state, health, watermark, created_at, accepted=not refusals)
         self.parent = snapshot.version
-        self._previous = (state.item_codes, state.codebooks)
+        self._previous = (state.item_codes, state.codebooks, state.item_ids)
         messages = []
-        if not reasons:
+        if not refusals:
             messages = self._messages(snapshot)
             self._announced = replace(snapshot, weights={})
         return Published(
             version=snapshot.version,
             created_at=created_at,
-            accepted=not reasons,
-            reasons=reasons,
+            accepted=not refusals,
+            refusals=refusals,
             messages=messages,
         )
 
-    def warm_start(self, cfg: SparcConfig) -> Snapshot | None:
-        """The latest snapshot of this model (verified), or None when the store has none; this publisher then
-        continues its lineage (the next snapshot's parent, drift and remap are relative to it). Raises
-        IncompatibleSnapshotError when its model differs from `cfg` in anything but the item table's size."""
-        version = self.store.latest_version(model=self.model)
-        if version is None:
+    def warm_start(self, cfg: SparcConfig, on_corrupt: str = "fallback") -> WarmStart | None:
+        """The latest snapshot of this model (verified), or with a corrupt latest what `on_corrupt` says (module
+        doc); None when the store has none. This publisher then continues its lineage (the next snapshot's
+        parent, drift and remap are relative to it). Raises CorruptSnapshotError when no version can be used (or
+        on_corrupt="refuse"), IncompatibleSnapshotError when the model differs from `cfg` in anything but the
+        item table's size."""
+        found = self._verified_latest(on_corrupt)
+        if found is None:
             return None
-        snapshot = self.store.get(version, model=self.model)
+        snapshot, version = found.snapshot, found.snapshot.version
         try:
             differences = config_differences(snapshot.config, cfg)
         except (TypeError, ValueError) as exc:  # a config this code cannot read (another model's, a newer one)
@@ -126,9 +148,35 @@ class Publisher:
                 differences,
             )
         self.parent = version
-        self._previous = (snapshot.item_codes, snapshot.codebooks)
+        self._previous = (snapshot.item_codes, snapshot.codebooks, snapshot.item_ids)
         self._announced = replace(snapshot, weights={})
-        return snapshot
+        return found
+
+    def _verified_latest(self, on_corrupt: str) -> WarmStart | None:
+        bad: list[str] = []
+        try:
+            latest = self.store.latest_version(model=self.model)
+            if latest is None:
+                return None
+            return WarmStart(self.store.get(latest, model=self.model), [])
+        except (CorruptSnapshotError, SnapshotNotFoundError) as exc:  # a bad blob or manifest, a bad pointer
+            bad.append(str(exc))
+            latest = getattr(exc, "version", None) if isinstance(exc, CorruptSnapshotError) else None
+        where = f"{self.model} in {self.store_url}"
+        good, passed_over = self.store.fallback(below=latest, model=self.model)
+        if on_corrupt != "fallback":
+            hint = f"roll back with `sparc snapshots rollback {good.version} --store {self.store_url}`" if good \
+                else "no earlier version verifies either; start with --no-warm-start"
+            raise CorruptSnapshotError(
+                f"the latest snapshot of {where} fails verification: {bad[0]}; the worker refuses to start "
+                f"(on_corrupt=refuse): {hint}, or use --on-corrupt fallback", kind="latest", model=self.model)
+        bad += passed_over
+        if good is None:
+            raise CorruptSnapshotError(
+                f"no snapshot of {where} to warm-start from: {'; '.join(bad)} (start with --no-warm-start)",
+                kind="latest", model=self.model)
+        self.store.set_latest(good.version, model=self.model)
+        return WarmStart(good, bad)
 
     def latest(self) -> dict | None:
         """The latest snapshot's manifest as JSON (blobs are not read), or None."""
@@ -153,6 +201,7 @@ class Publisher:
                 item_codes=state.item_codes,
                 weights=state.weights,
                 health=health,
+                item_ids=state.item_ids,
             )
             try:
                 self.store.put(snapshot, move_latest=accepted)
@@ -179,4 +228,5 @@ class Publisher:
             self.max_message_bytes,
             full_codes=full,
             with_weights=self.announce_weights,
+            signer=self.signer,
         )

@@ -1,10 +1,13 @@
 """Message schemas of the worker's topics and the validation that guards them.
 
 feedback-events (key = user id, value = JSON):
-    {"event_id": str, "user_id": int | str, "item_id": int >= 1, "timestamp": unix seconds,
+    {"event_id": str, "user_id": int | str, "item_id": ItemId, "timestamp": unix seconds,
      "event_type": str, "weight": float >= 0 (optional, default 1.0)}      (other keys are ignored)
 item-events (key = item id, value = JSON):
-    {"item_id": int >= 1, "attributes": [int >= 1, ...], "timestamp": unix seconds}
+    {"item_id": ItemId, "attributes": [int >= 1, ...], "timestamp": unix seconds}
+ItemId: an integer in [1, 2**63 - 1] or a string of 1 to 256 characters (a SKU). It is an external id, never a
+row number (trainer.vocab): its value costs nothing. Ids are parsed in canonical form (trainer.vocab.canonical_id):
+"7" and 7 are the same item and both parse as 7; "07" stays a string.
 <app_id>-train-examples (internal, one partition): streams.batching.TrainBatch, a micro-batch of valid
     feedback events with their users' histories and the feedback positions it covers (for the snapshot's
     watermark), built from TrainExamples (one event, the user's history before it, where it was read).
@@ -32,9 +35,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from trainer.vocab import INT64_MAX, MAX_ID_CHARS, canonical_id
+
 MIN_TIMESTAMP = 631_152_000  # 1990-01-01T00:00:00Z: anything older is a unit or clock error
 MAX_FUTURE_SECONDS = 86_400  # timestamps more than a day ahead of the worker's clock are rejected
-DEFAULT_MAX_ITEM_ID = 1_000_000
 
 REASONS = (
     "oversized",
@@ -45,9 +49,12 @@ REASONS = (
     "out_of_range",
     "bad_timestamp",
     "not_utf8",
+    "catalogue_full",  # valid, but its new item does not fit the learner's catalogue (CatalogueConfig.on_full)
+    "unknown_item",  # valid feedback on an item no item event has named (item_sources "items")
 )
 
 Id = Annotated[StrictStr, Field(min_length=1, max_length=128)]
+ItemId = StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)]
 
 
 @dataclass(frozen=True)
@@ -69,23 +76,21 @@ def _check_timestamp(value: float, context: dict | None) -> float:
     return value
 
 
-def _check_item(value: int, context: dict | None) -> int:
-    limit = (context or {}).get("max_item_id", DEFAULT_MAX_ITEM_ID)
-    if not 1 <= value <= limit:
-        raise PydanticCustomError(
-            "out_of_range", "item id {value} is not in [1, {limit}]", {"value": value, "limit": limit}
-        )
-    return value
+def _check_item(value: int | str) -> int | str:
+    item = canonical_id(value) if isinstance(value, str) else value  # the field's type bounds the string
+    if isinstance(item, int) and not 1 <= item <= INT64_MAX:
+        raise PydanticCustomError("out_of_range", "item id {value} is not in [1, 2**63 - 1]", {"value": item})
+    return item
 
 
 class _ItemEventBase(BaseModel):
-    """The checks every event naming an item shares: the item id's range and a plausible timestamp
-    (limits from the validation context: "max_item_id", "now")."""
+    """The checks every event naming an item shares: the item id in canonical form and in range, and a plausible
+    timestamp (the clock from the validation context: "now")."""
 
     @field_validator("item_id", check_fields=False)
     @classmethod
-    def _item_in_range(cls, value: int, info) -> int:
-        return _check_item(value, info.context)
+    def _canonical_item(cls, value: int | str) -> int | str:
+        return _check_item(value)
 
     @field_validator("timestamp", check_fields=False)
     @classmethod
@@ -100,7 +105,7 @@ class Feedback(_ItemEventBase):
 
     event_id: Id
     user_id: Id | StrictInt
-    item_id: StrictInt
+    item_id: ItemId
     timestamp: StrictInt | StrictFloat
     event_type: Annotated[StrictStr, Field(min_length=1, max_length=32)]
     weight: Annotated[StrictFloat | StrictInt, Field(ge=0, le=1e6)] = 1.0
@@ -118,7 +123,7 @@ class ItemEvent(_ItemEventBase):
 
     model_config = ConfigDict(strict=True, frozen=True, extra="ignore")
 
-    item_id: StrictInt
+    item_id: ItemId
     attributes: Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(max_length=64)] = []
     timestamp: StrictInt | StrictFloat
 
@@ -140,7 +145,7 @@ class TrainExample(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     event: Feedback
-    history: list[int]  # the user's items before this event, oldest first (at most max_len)
+    history: list[int | str]  # the user's items before this event, oldest first (at most max_len)
     source: Source
 
 
@@ -178,6 +183,9 @@ def _classify(exc: ValidationError) -> Invalid:
         return Invalid("bad_json", errors[0]["msg"])
     if kinds & {"model_type", "model_attributes_type", "dict_type"}:
         return Invalid("not_an_object", "the message is JSON but not an object")
+    # a union field (an id: int or string) whose value has one member's type but is out of its range
+    ranged = {e["loc"][:1] for e in errors if e["type"] in _RANGE_ERRORS}
+    errors = [e for e in errors if not (e["type"] in _TYPE_ERRORS and e["loc"][:1] in ranged)]
     for reason, members in (
         ("missing_field", ("missing",)),
         ("bad_timestamp", ("bad_timestamp",)),
@@ -204,22 +212,11 @@ def _validate(model: type[BaseModel], raw: bytes, max_bytes: int, context: dict[
         return _classify(exc)
 
 
-def validate_feedback(
-    raw: bytes, *, max_bytes: int = 16_384, max_item_id: int = DEFAULT_MAX_ITEM_ID, now: float | None = None
-) -> Feedback | Invalid:
+def validate_feedback(raw: bytes, *, max_bytes: int = 16_384, now: float | None = None) -> Feedback | Invalid:
     """Parse one feedback message; `now` (unix seconds) bounds the timestamp (default: the clock)."""
-    context = {"now": time.time() if now is None else now, "max_item_id": max_item_id}
-    return _validate(Feedback, raw, max_bytes, context)
+    return _validate(Feedback, raw, max_bytes, {"now": time.time() if now is None else now})
 
 
-def validate_item(
-    raw: bytes, *, max_bytes: int = 16_384, max_item_id: int = DEFAULT_MAX_ITEM_ID, now: float | None = None
-) -> ItemEvent | Invalid:
+def validate_item(raw: bytes, *, max_bytes: int = 16_384, now: float | None = None) -> ItemEvent | Invalid:
     """Parse one item-catalogue message (see validate_feedback)."""
-    context = {"now": time.time() if now is None else now, "max_item_id": max_item_id}
-    return _validate(ItemEvent, raw, max_bytes, context)
-
-
-def read_train_example(raw: bytes, max_item_id: int = DEFAULT_MAX_ITEM_ID) -> TrainExample:
-    """Parse a train-topic message, with the same item-id limit ingest applied; raises ValidationError."""
-    return TrainExample.model_validate_json(raw, context={"max_item_id": max_item_id})
+    return _validate(ItemEvent, raw, max_bytes, {"now": time.time() if now is None else now})

@@ -1,26 +1,137 @@
 """The worker's settings: connections, topic names, batching, publishing and the model's shape.
 
-This is the only module of the worker that reads the environment. Every field can be set as `SPARC_<FIELD>`
-(e.g. SPARC_BROKER=127.0.0.1:39092, SPARC_BATCH_SIZE=128) or passed to `WorkerSettings(...)` directly
-(keyword arguments win over the environment). The model hyperparameters become a SparcConfig/TrainConfig.
+This is the only module of the worker that reads the environment or a config file. Every field comes, first match
+wins, from:
+  1. keyword arguments (`WorkerSettings(...)`; the CLI's flags),
+  2. the environment as `SPARC_<FIELD>` (e.g. SPARC_BROKER=127.0.0.1:39092, SPARC_BATCH_SIZE=128),
+  3. a TOML config file (`WorkerSettings.load(config_file=...)`; the CLI's `--config FILE`), whose sections
+     group the fields (SECTIONS: [kafka], [topics], [web], ...),
+  4. the defaults below.
+So an environment variable (a Kubernetes Secret, say) overrides the file (a ConfigMap), and a flag overrides both.
+Faust's own unprefixed variables (WEB_PORT, BROKER_URL, ...) are never read (streams.app).
+
+Secrets: `sasl_password` and `ssl_key_password` are SecretStr (masked in reprs and `sparc config show`); each can
+instead be read from a file (`sasl_password_file`, `ssl_key_password_file`: a mounted Kubernetes Secret).
+The model hyperparameters become a SparcConfig/TrainConfig; the connection a streams.kafka_connection
+KafkaConnection.
 """
 
 from __future__ import annotations
 
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from types import MappingProxyType
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from trainer.config import ONLINE_TRAINING, EncoderConfig, SparcConfig, TrainConfig
+from streams.gate import GateThresholds
+from streams.kafka_connection import KafkaConfigError, KafkaConnection, SaslMechanism, SecurityProtocol, parse_bootstrap
+from trainer.config import ONLINE_TRAINING, CatalogueConfig, EncoderConfig, SparcConfig, TrainConfig
+
+DAY_MS = 24 * 3600 * 1000
+HISTORY_TABLE = "user-history"  # the worker's Faust table; Faust names its changelog topic after it
+
+# The config file's sections: which fields each holds (`sparc config show` prints them in this order). A field
+# named in none belongs to DEFAULT_SECTION.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "kafka": ("broker", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
+              "sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password",
+              "ssl_key_password_file", "ssl_check_hostname", "session_timeout", "fetch_bytes", "producer_linger"),
+    "topics": ("feedback_topic", "item_topic", "updates_topic", "dlq_topic", "partitions", "replication_factor",
+               "min_insync_replicas", "events_retention_ms", "train_retention_ms", "dlq_retention_ms",
+               "updates_retention_ms"),
+    "worker": ("app_id", "store_url", "model_name", "data_dir", "table_store", "warm_start", "on_corrupt",
+               "processed_log", "torch_threads", "device", "switch_interval"),
+    "web": ("web_host", "web_port"),
+    "logging": ("log_format", "log_level"),
+    "ingest": ("max_event_bytes", "dedup_window", "batch_size", "batch_seconds", "train_message_bytes"),
+    "catalogue": ("max_items", "on_catalogue_full", "item_sources", "initial_items"),
+    "publish": ("snapshot_every_steps", "snapshot_every_seconds", "min_utilisation", "min_deep_utilisation",
+                "min_perplexity", "max_collision_rate"),
+    "model": ("num_attributes", "dim", "max_len", "layers", "heads", "dropout", "levels", "codes",
+              "top_codes", "retrieval_loss", "attribute_dropout", "conditioned_detach", "lr", "seed"),
+}
+DEFAULT_SECTION = "worker"
+SECRETS = ("sasl_password", "ssl_key_password")  # each may come from <name>_file instead
+
+_config_file_values: ContextVar[Mapping[str, Any]] = ContextVar(
+    "sparc_config_file_values", default=MappingProxyType({})
+)
+
+
+class ConfigError(ValueError):
+    """A config file or setting that cannot be used; the message is one line, without secrets."""
+
+
+def section_of(field: str) -> str:
+    for section, fields in SECTIONS.items():
+        if field in fields:
+            return section
+    return DEFAULT_SECTION
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A TOML config file as {field: value}: `[section] field = value`, each field in its own section (SECTIONS);
+    top-level fields are accepted too. Raises ConfigError naming the file and what is wrong."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    fields = WorkerSettings.model_fields
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in SECTIONS and key != DEFAULT_SECTION:
+                raise ConfigError(f"{path}: unknown section [{key}] (sections: {', '.join(SECTIONS)})")
+            items = value.items()
+        else:
+            key, items = "", [(key, value)]
+        for name, item in items:
+            where = f"[{key}] {name}" if key else name
+            if name not in fields:
+                raise ConfigError(f"{path}: {where}: no such setting (sparc config show lists them)")
+            if key and section_of(name) != key:
+                raise ConfigError(f"{path}: {where}: {name} belongs in [{section_of(name)}]")
+            values[name] = item
+    return values
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """The values of the config file being loaded (WorkerSettings.load), below the environment."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _config_file_values.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_config_file_values.get())
 
 
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPARC_", frozen=True, extra="forbid")
 
     # --- connections and names
-    broker: str = Field("127.0.0.1:39092", description="Kafka bootstrap servers, host:port[,host:port]")
+    broker: str = Field(
+        "127.0.0.1:39092", description="Kafka bootstrap servers: host:port[,host:port] or kafka://host:port[,...]"
+    )
+    security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, for every Kafka client of the project"
+    )
+    sasl_mechanism: SaslMechanism | None = Field(None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = Field(None, description="prefer SPARC_SASL_PASSWORD or sasl_password_file")
+    sasl_password_file: Path | None = Field(None, description="read the SASL password from this file")
+    ssl_cafile: Path | None = Field(None, description="CA certificates (PEM) that sign the brokers' (default: system)")
+    ssl_certfile: Path | None = Field(None, description="client certificate (PEM), for brokers that require one")
+    ssl_keyfile: Path | None = Field(None, description="the client certificate's private key (PEM)")
+    ssl_key_password: SecretStr | None = Field(None, description="password of an encrypted ssl_keyfile")
+    ssl_key_password_file: Path | None = Field(None, description="read ssl_key_password from this file")
+    ssl_check_hostname: bool = Field(True, description="check that the broker's certificate names its host")
     app_id: str = Field(
         "sparc-worker", description="Faust app id = Kafka consumer group; prefixes internal topics"
     )
@@ -31,14 +142,36 @@ class WorkerSettings(BaseSettings):
     partitions: int = Field(
         4, ge=1, description="partitions of the feedback/item/DLQ topics and of the tables"
     )
+    replication_factor: int | None = Field(
+        None, ge=1, description="replicas of every topic the worker creates, its table changelogs included "
+        "(None: the cluster's default.replication.factor, read from a broker at start)",
+    )
+    min_insync_replicas: int | None = Field(
+        None, ge=1, description="min.insync.replicas of every topic the worker creates (None: the broker's)"
+    )
+    events_retention_ms: int = Field(
+        7 * DAY_MS, ge=-1, description="retention.ms of the feedback topic (-1: forever); item-events is "
+        "compacted (the latest event per item is kept), the table changelogs too",
+    )
+    train_retention_ms: int = Field(
+        7 * DAY_MS, ge=-1, description="retention.ms of the train topic: a worker that is down longer than this "
+        "loses the micro-batches its latest snapshot has not learnt",
+    )
+    dlq_retention_ms: int = Field(14 * DAY_MS, ge=-1, description="retention.ms of the dead-letter topic")
+    updates_retention_ms: int = Field(
+        7 * DAY_MS, ge=-1, description="retention.ms of codebook-updates: a new subscriber reads the topic from "
+        "its start, so it must hold the last update that carries the whole item table",
+    )
     store_url: str = Field(
         "rocksdb://./state/snapshots", description="codebook store (codebook_store.open_store)"
     )
     model_name: str = "sparc"
     data_dir: Path = Field(Path("./state/faust"), description="Faust's table state (RocksDB) lives here")
     table_store: str = Field("rocksdb://", description="Faust table store; memory:// only for tests")
-    web_host: str = "127.0.0.1"
+    web_host: str = Field("127.0.0.1", description="address the web server binds (0.0.0.0: every interface)")
     web_port: int = Field(6066, ge=1, le=65535)
+    log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per line")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     session_timeout: float = Field(
         60.0,
         ge=6.0,
@@ -48,9 +181,6 @@ class WorkerSettings(BaseSettings):
 
     # --- ingest
     max_event_bytes: int = Field(16_384, ge=64, description="larger messages go to the DLQ unread")
-    max_item_id: int = Field(
-        1_000_000, ge=1, description="item ids above this are rejected (the table grows)"
-    )
     dedup_window: int = Field(256, ge=1, description="recent event ids remembered per user")
 
     # --- training and publishing
@@ -82,10 +212,43 @@ class WorkerSettings(BaseSettings):
     snapshot_every_seconds: float = Field(
         60.0, gt=0, description="publish after this long if steps were taken"
     )
+    full_codes_every: int = Field(
+        10, ge=1, description="every N-th codebook update carries the whole item -> code table (the others a remap "
+        "from the previous one): where a subscriber that missed a version, or joins late, catches up",
+    )
+    announce_weights: bool = Field(
+        False, description="codebook updates carry the serving weights too, so subscribers mirror the exact "
+        "snapshot (a serving fleet can follow this learner); larger updates",
+    )
+    signing_key: Path | None = Field(
+        None, description="sign every codebook update with this key file: an Ed25519 private key (PEM) or an "
+        "HMAC-SHA256 shared key (32+ raw bytes); docs/codebook-updates.md. None: updates are unsigned",
+    )
+    # the health gate (streams.gate: the runs its defaults come from)
     min_utilisation: float = Field(
-        0.05, ge=0, le=1, description="health gate: level-1 codebook utilisation floor"
+        GateThresholds.min_utilisation, ge=0, le=1,
+        description="health gate: level-1 utilisation floor, a share of the codewords the catalogue could fill "
+        "(min(codes, items)); streams.gate has the runs the defaults come from",
+    )
+    min_deep_utilisation: float = Field(
+        GateThresholds.min_deep_utilisation, ge=0, le=1,
+        description="health gate: utilisation floor of every level below the first",
+    )
+    min_perplexity: float = Field(
+        GateThresholds.min_perplexity, ge=0,
+        le=1, description="health gate: level-1 perplexity floor (the effective number of codewords in use), a "
+        "share of the codewords the catalogue could fill",
+    )
+    max_collision_rate: float = Field(
+        GateThresholds.max_collision_rate, ge=0, le=1,
+        description="health gate: ceiling on the share of items whose full code another item also has",
     )
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the learner")
+    device: str = Field(
+        "cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="where the learner trains: cpu, cuda[:N] or auto (trainer.device); snapshots and serving stay "
+        "on the CPU",
+    )
     switch_interval: float = Field(
         0.0005,
         gt=0,
@@ -102,16 +265,37 @@ class WorkerSettings(BaseSettings):
         description="start from the store's latest snapshot of model_name when there is one: its weights, step "
         "count and train-topic position (False: a fresh model; versions still continue from the store's highest)",
     )
+    on_corrupt: Literal["fallback", "refuse"] = Field(
+        "fallback",
+        description="a warm start whose latest snapshot fails verification: fall back to the newest earlier "
+        "version that passed the gate and verifies (with a warning naming the bad one; latest is rolled back to "
+        "it), or refuse to start",
+    )
     processed_log: Path | None = Field(
         None,
         description="append a JSON line here per learnt micro-batch (its event ids and train-topic offsets) and "
         "per start (the snapshot resumed from): which events the model has learnt, for audits and tests",
     )
 
-    # --- model (see trainer.config)
-    initial_items: int = Field(
-        0, ge=0, description="item table capacity at start; it grows with the catalogue"
+    # --- the catalogue (trainer.config.CatalogueConfig, trainer.vocab)
+    max_items: int = Field(
+        100_000, ge=1, description="the most items the model holds (rows of its item table; the full softmax "
+        "costs O(max_items) per step)",
     )
+    on_catalogue_full: Literal["refuse", "evict"] = Field(
+        "refuse", description="a new item when max_items are held: refuse it (item events to the DLQ with "
+        "reason catalogue_full; feedback on it is not learnt and goes there too) or evict the least recently seen",
+    )
+    item_sources: Literal["items", "items_and_feedback"] = Field(
+        "items_and_feedback", description="what may add an item: item events only (feedback on an unknown item "
+        "goes to the DLQ, reason unknown_item), or feedback too (it may outrun the item's catalogue event)",
+    )
+    initial_items: int = Field(
+        0, ge=0, description="items 1..N are known from the start (a catalogue whose ids are 1..N); others are "
+        "added as they arrive",
+    )
+
+    # --- model (see trainer.config)
     num_attributes: int = Field(
         1024, ge=0, description="attribute vocabulary; larger attribute ids are ignored"
     )
@@ -136,6 +320,65 @@ class WorkerSettings(BaseSettings):
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
 
+    @field_validator("broker")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        try:
+            return ",".join(parse_bootstrap(value))
+        except KafkaConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, values: Any) -> Any:
+        """<secret>_file: the secret is the file's content (a trailing newline dropped)."""
+        if not isinstance(values, dict):
+            return values
+        for name in SECRETS:
+            path = values.get(f"{name}_file")
+            if path is None:
+                continue
+            if values.get(name) is not None:
+                raise ValueError(f"give {name} or {name}_file, not both")
+            try:
+                values = {**values, name: Path(path).read_text(encoding="utf-8").rstrip("\r\n")}
+            except OSError as exc:
+                raise ValueError(f"cannot read {name}_file {path}: {exc.strerror or exc}") from None
+        return values
+
+    @model_validator(mode="after")
+    def _connection(self) -> WorkerSettings:
+        try:
+            self.kafka_connection()
+        except ValidationError as exc:
+            raise ValueError(exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")) from None
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _ConfigFileSource(settings_cls)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **given: Any) -> WorkerSettings:
+        """Settings from `given` (flags), the environment, then `config_file` (TOML) and the defaults."""
+        token = _config_file_values.set(read_config_file(config_file) if config_file is not None else {})
+        try:
+            return cls(**given)
+        finally:
+            _config_file_values.reset(token)
+
+    def kafka_connection(self) -> KafkaConnection:
+        """The connection every Kafka client of the project uses (streams.kafka_connection): the servers, and the
+        settings of the same names as KafkaConnection's fields."""
+        same = set(KafkaConnection.model_fields) - {"bootstrap_servers"}
+        return KafkaConnection(bootstrap_servers=tuple(self.bootstrap_servers), **{f: getattr(self, f) for f in same})
+
     @field_validator("table_store")
     @classmethod
     def _known_table_store(cls, value: str) -> str:
@@ -150,7 +393,12 @@ class WorkerSettings(BaseSettings):
 
     @property
     def bootstrap_servers(self) -> list[str]:
-        return [s.strip() for s in self.broker.split(",") if s.strip()]
+        return self.broker.split(",")
+
+    @property
+    def changelog_topic(self) -> str:
+        """The user-history table's changelog, which Faust creates (compacted)."""
+        return f"{self.app_id}-{HISTORY_TABLE}-changelog"
 
     def sparc_config(self) -> SparcConfig:
         encoder = EncoderConfig(
@@ -169,3 +417,16 @@ class WorkerSettings(BaseSettings):
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+
+    def gate_thresholds(self) -> GateThresholds:
+        return GateThresholds(
+            min_utilisation=self.min_utilisation,
+            min_deep_utilisation=self.min_deep_utilisation,
+            min_perplexity=self.min_perplexity,
+            max_collision_rate=self.max_collision_rate,
+        )
+
+    def catalogue_config(self) -> CatalogueConfig:
+        return CatalogueConfig(
+            max_items=self.max_items, on_full=self.on_catalogue_full, item_sources=self.item_sources
+        )

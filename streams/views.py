@@ -4,7 +4,10 @@ GET /retrieve/{user_id}?k=50&explore=0.0   soft search for the user's current hi
         {"user_id", "items": [...], "scores": [...], "codes", "code_weights", "history_length",
          "version": the snapshot that served it, "snapshot_created_at"}     503 until a snapshot is served
 GET /snapshots/latest                      the store's latest manifest (config, health, watermark) + "served"
-GET /health                                {"status": "starting" | "ok" | "degraded", ...}
+GET /health                                {"status": "starting" | "ok" | "degraded", ...}: 503 while starting
+GET /livez                                 200 while the app runs (503 once it has crashed): the liveness probe
+GET /readyz                                200 once the tables are recovered AND a snapshot is served, else 503
+                                           (the reasons in the body): the readiness probe
 GET /metrics                               Prometheus text format
 
 The payload functions take the worker and plain arguments, so tests call them without a web server.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -60,7 +64,7 @@ async def retrieve_payload(w: StreamWorker, user_id: str, query: Mapping[str, st
     result = await asyncio.get_running_loop().run_in_executor(None, index.retrieve, history, k, explore, rng)
     return 200, {
         "user_id": user_id,
-        "items": result.items.tolist(),
+        "items": index.ids_of(result.items),
         "scores": [float(x) for x in result.scores],
         "codes": result.codes.tolist(),
         "code_weights": [float(x) for x in result.weights],
@@ -96,12 +100,39 @@ def health_payload(w: StreamWorker) -> dict:
     }
 
 
+def health_response(w: StreamWorker) -> tuple[int, dict]:
+    body = health_payload(w)
+    return (503 if body["status"] == "starting" else 200), body
+
+
+def liveness(w: StreamWorker) -> tuple[int, dict]:
+    """Alive unless the Faust app has crashed (a restart is what helps then)."""
+    if w.app.crashed:
+        return 503, {"alive": False, "reason": repr(w.app.crash_reason)}
+    return 200, {"alive": True}
+
+
+def readiness(w: StreamWorker) -> tuple[int, dict]:
+    """Ready to serve: the history table is recovered (no rebalance under way) and a snapshot is served."""
+    recovered, served = w.tables_recovered(), w.index.current
+    reasons = ([] if recovered else ["tables are recovering"]) + ([] if served else ["no snapshot is served yet"])
+    return (503 if reasons else 200), {
+        "ready": not reasons,
+        "reasons": reasons,
+        "tables_recovered": recovered,
+        "serving": served is not None,
+        "served_version": None if served is None else served.version,
+    }
+
+
 def register(w: StreamWorker) -> None:
     app = w.app
 
     @app.page("/retrieve/{user_id}", name="retrieve")
     async def retrieve(self, request, user_id: str):
+        started = time.perf_counter()
         status, body = await retrieve_payload(w, user_id, request.query)
+        w.metrics.retrieve_seconds.labels(str(status)).observe(time.perf_counter() - started)
         return self.json(body, status=status)
 
     @app.page("/snapshots/latest", name="snapshots-latest")
@@ -111,7 +142,18 @@ def register(w: StreamWorker) -> None:
 
     @app.page("/health", name="health")
     async def health(self, request):
-        return self.json(health_payload(w))
+        status, body = health_response(w)
+        return self.json(body, status=status)
+
+    @app.page("/livez", name="livez")
+    async def livez(self, request):
+        status, body = liveness(w)
+        return self.json(body, status=status)
+
+    @app.page("/readyz", name="readyz")
+    async def readyz(self, request):
+        status, body = readiness(w)
+        return self.json(body, status=status)
 
     @app.page("/metrics", name="metrics")
     async def metrics(self, request):

@@ -48,11 +48,13 @@ from streams.app import create_app, declare_topics
 from streams.batching import LearnerInput, merge_watermarks
 from streams.history import decode_state, encode_state
 from streams.index import IndexHolder, build_index
+from streams.logs import setup_logging
 from streams.metrics import RecoveryMetrics, WorkerMetrics
 from streams.outputs import KafkaOutputs, Outputs
-from streams.publisher import Publisher
+from streams.publisher import IncompatibleSnapshotError, Publisher
 from streams.records import Source
-from streams.settings import WorkerSettings
+from streams.settings import HISTORY_TABLE, WorkerSettings
+from streams.topics import changelog_configs
 from trainer.online import LearnerState, OnlineLearner
 
 log = logging.getLogger(__name__)
@@ -94,16 +96,21 @@ class StreamWorker:
         self.app = create_app(settings, testing=testing)
         self.topics = declare_topics(self.app, settings)
         self.history = self.app.Table(
-            "user-history",
+            HISTORY_TABLE,
             default=None,
             partitions=settings.partitions,
             value_type=bytes,  # Faust's raw serializer: JSON bytes of streams.history.encode_state (get_history)
             help="per user: last items and recent event ids (streams.history)",
+            extra_topic_configs=changelog_configs(settings),
         )
-        self.learner = OnlineLearner(settings.sparc_config(), settings.train_config())
-        self.publisher = Publisher(settings.store_url, settings.model_name, settings.min_utilisation)
+        self.learner = OnlineLearner(settings.sparc_config(), settings.train_config(), settings.device,
+                                     settings.catalogue_config())
+        self.publisher = Publisher(settings.store_url, settings.model_name, settings.gate_thresholds(),
+                                   full_codes_every=settings.full_codes_every,
+                                   announce_weights=settings.announce_weights, signing_key=settings.signing_key)
         self.index = IndexHolder()
         self.metrics = WorkerMetrics(settings.levels, clock)
+        self.metrics.lag_source(self.consumer_lag)
         self.recovery = RecoveryMetrics(self.metrics.registry)
         self.outputs = outputs or KafkaOutputs(self.topics.dlq, self.topics.train, self.topics.updates)
         self.testing = testing
@@ -111,6 +118,7 @@ class StreamWorker:
         self.resume: dict[str, int] = {}  # "topic:partition" -> first offset the warm-start snapshot has not learnt
         self.warm_version: int | None = None
         self.start_message = "warm start off: a fresh model"  # logged once the app runs (logging is set up then)
+        self.start_warnings: list[str] = []  # ... as warnings
         self.last_gate: list[str] = []  # reasons the last snapshot was held back (empty: it passed)
         self.publish_lock = asyncio.Lock()
         self._published = (0, clock())  # (steps, time) of the last snapshot capture
@@ -138,15 +146,23 @@ class StreamWorker:
         @self.app.task
         async def _log_start() -> None:
             log.info("%s", self.start_message)
+            for warning in self.start_warnings:
+                log.warning("%s", warning)
 
     def _warm_start(self) -> None:
         """Continue from the store's latest snapshot, if any (see the module doc); serve it at once."""
-        snapshot = self.publisher.warm_start(self.settings.sparc_config())
-        if snapshot is None:
+        found = self.publisher.warm_start(self.settings.sparc_config(), self.settings.on_corrupt)
+        if found is None:
             self.start_message = f"warm start: no snapshot of {self.settings.model_name!r} in the store; a fresh model"
             return
+        snapshot = found.snapshot
         steps = int(snapshot.health.get("steps", 0))
-        bridged = self.learner.restore(snapshot.config, snapshot.weights, steps)
+        try:
+            bridged = self.learner.restore(snapshot.config, snapshot.weights, steps, snapshot.item_ids)
+        except ValueError as exc:  # e.g. more items than this worker's max_items
+            raise IncompatibleSnapshotError(
+                f"cannot warm-start from {snapshot.model} v{snapshot.version}: {exc} (change the worker's settings "
+                "to fit it, or start with --no-warm-start)", [str(exc)]) from None
         kafka = {k: int(v) for k, v in snapshot.watermark.get("kafka", {}).items()}
         self.watermark = dict(kafka)
         self.resume = dict(kafka)
@@ -163,6 +179,10 @@ class StreamWorker:
             own = ", ".join(f"{k}={getattr(self.learner.model.cfg, k)!r}" for k in bridged)
             theirs = ", ".join(f"{k}={snapshot.config.get(k)!r}" for k in bridged)
             self.start_message += f"; learning goes on with this worker's {own} (the snapshot's: {theirs})"
+        if found.passed_over:
+            self.start_warnings.append(
+                f"the latest snapshot failed verification, so the worker fell back to v{snapshot.version} (the "
+                f"newest that verifies) and rolled latest back to it; passed over: {'; '.join(found.passed_over)}")
 
     def get_history(self, user: str, event: Any) -> dict | None:
         """A user's history-table value (None: unknown user), read for feedback `event` (a Faust event).
@@ -200,7 +220,8 @@ class StreamWorker:
 
     def learn(self, inp: LearnerInput, read_at: Sequence[Source] = ()) -> dict:
         """One micro-batch (in the learner thread); `read_at`: where its messages were read, for the log."""
-        metrics = self.learner.learn(inp.events, inp.histories)
+        with self.metrics.step_seconds.time():
+            metrics = self.learner.learn(inp.events, inp.histories)
         watermark = dict(self.watermark)
         merge_watermarks(watermark, inp.watermark)
         self.watermark = watermark  # swapped whole: readers on the event loop never see it half-updated
@@ -239,6 +260,30 @@ class StreamWorker:
         state, health = self.learner.capture()
         return state, health, dict(self.watermark)
 
+    # --- what the probes and metrics read
+    def tables_recovered(self) -> bool:
+        """Faust has recovered the history table from its changelog and no rebalance is under way."""
+        return self.app.tables.recovery.completed.is_set() and not self.app.rebalancing
+
+    def consumer_lag(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> messages behind the partition's high watermark, for the source topics this
+        worker is assigned and has fetched from (the consumer runs in Faust's consumer thread: read only)."""
+        s = self.settings
+        sources = {s.feedback_topic, s.item_topic, s.train_topic}
+        try:
+            consumer = self.app.consumer
+            lag = {}
+            for tp in consumer.assignment():
+                if tp.topic not in sources:
+                    continue
+                end = consumer.highwater(tp)
+                read = consumer._read_offset.get(tp)  # the last offset handed to a stream (Faust keeps it)
+                if end is not None:
+                    lag[(tp.topic, tp.partition)] = max(0, end - (read + 1 if read is not None else 0))
+            return lag
+        except Exception:  # not started, between assignments: nothing to report
+            return {}
+
     # --- publishing schedule
     def publish_due(self) -> bool:
         steps, at = self._published
@@ -253,9 +298,12 @@ class StreamWorker:
 
     # --- lifecycle
     def run(self) -> int:
-        """Run the Faust worker in this process until it is stopped; returns its exit status."""
+        """Run the Faust worker in this process until it is stopped; returns its exit status. Logging is
+        streams.logs' (format and level from the settings); in JSON mode Faust's start banner is left out."""
         apply_process_settings(self.settings)
-        worker = faust.Worker(self.app, loglevel="INFO")
+        setup_logging(self.settings.log_format, self.settings.log_level)
+        worker = faust.Worker(self.app, loglevel=self.settings.log_level, override_logging=False,
+                              quiet=self.settings.log_format == "json")
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:

@@ -12,6 +12,7 @@ A broker that cannot be had skips the tests on a workstation and FAILS them in C
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -72,8 +73,11 @@ def _broker_problem(bootstrap: str) -> str | None:
 
 
 def _broker_sh(command: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """broker.sh in its secured mode unless told otherwise (SPARC_KAFKA_SECURITY): the plaintext listener the
+    tests use is the same either way, and the secured tests need the SASL_SSL and SSL listeners."""
+    env = {**os.environ, "SPARC_KAFKA_SECURITY": os.environ.get("SPARC_KAFKA_SECURITY", "sasl_ssl")}
     return subprocess.run(
-        ["bash", str(BROKER_SH), command], capture_output=True, text=True, timeout=timeout_s, check=False
+        ["bash", str(BROKER_SH), command], capture_output=True, text=True, timeout=timeout_s, check=False, env=env
     )
 
 
@@ -133,6 +137,22 @@ def kafka_bootstrap() -> Iterator[str]:
         yield from _containerised_broker(container_class)
         return
     yield from _project_broker()
+
+
+@pytest.fixture(scope="session")
+def kafka_secured(kafka_bootstrap: str) -> dict:
+    """How a client reaches the secured listeners of the test broker (deploy/kafka/broker.sh's secured mode):
+    {"sasl_ssl": "host:port", "ssl": "host:port", "sasl_username", "sasl_password_file", "sasl_mechanisms",
+    "ssl_cafile", "ssl_certfile", "ssl_keyfile"}. The same broker as kafka_bootstrap; `make test` starts it with
+    SPARC_KAFKA_SECURITY=sasl_ssl."""
+    try:
+        found = _broker_sh("client-config", timeout_s=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _no_broker(f"{BROKER_SH} client-config did not finish: {exc}")
+    if found.returncode != 0:
+        _no_broker(f"the broker at {kafka_bootstrap} has no secured listeners (start it with "
+                   f"SPARC_KAFKA_SECURITY=sasl_ssl): {_tail(found.stderr, 3)}")
+    return json.loads(Path(found.stdout.strip().splitlines()[-1]).read_text())
 
 
 def _topic_stem(test_name: str) -> str:

@@ -58,7 +58,7 @@ def test_train_stores_a_snapshot_a_worker_can_load(trained):
         snap = store.get(0)
     assert (snap.parent, snap.watermark, snap.num_items) == (None, {"offline": "Tiny"}, 40)
     assert snap.config["num_items"] == 40 and snap.config["codes"] == 8 and snap.config["num_attributes"] == 5
-    assert snap.health["gate"] == {"passed": True, "reasons": []} and snap.health["finite"]
+    assert snap.health["gate"] == {"passed": True, "reasons": [], "refused": []} and snap.health["finite"]
     assert snap.health["offline"]["dataset"] == "Tiny" and snap.health["offline"]["epochs"] == 1
     assert {"items", "level1_utilisation", "collision_rate"} <= set(snap.health)
     model = load_model(snap.config, snap.weights)  # strict: every weight fits the stored config

@@ -259,9 +259,30 @@ def test_manifest_of_another_version_or_format() -> None:
     with pytest.raises(CorruptSnapshotError, match="describes sparc v4"):
         decode(manifest, blobs, model="sparc", version=3)
     body = json.loads(manifest)
-    body["format_version"] = 2
-    with pytest.raises(UnsupportedFormatError, match="format_version 2"):
+    body["format_version"] = 3
+    with pytest.raises(UnsupportedFormatError, match="format_version 3"):
         parse_manifest(json.dumps(body).encode())
+
+
+def test_item_ids_round_trip_exactly_in_one_blob_of_format_2() -> None:
+    """The vocabulary (external id per row) travels as one blob; ints of any int64 size and strings come back
+    exactly as they went (7 and "07" stay apart); a snapshot without one is format 1, row i = item i."""
+    ids = (2**62, "sku-\u00e9", "07", 7, "x" * 200)
+    snap = Snapshot(**{**make_snapshot().__dict__, "item_ids": ids})
+    manifest, blobs = encode(snap)
+    assert sorted(blobs) == sorted((*BLOBS, "item_ids.safetensors"))
+    assert json.loads(manifest)["format_version"] == 2
+    back = decode(manifest, blobs)
+    assert back.item_ids == ids and back.same_as(snap) and "item_ids" not in back.weights
+    identity = Snapshot(**{**make_snapshot().__dict__, "item_ids": [1, 2, 3, 4, 5]})
+    assert identity.item_ids is None and sorted(encode(identity)[1]) == sorted(BLOBS)
+    store = open_store("memory://")
+    store.put(snap)
+    assert store.get(1).item_ids == ids
+    for bad, match in (((1, 2), "names 2 items"), ((1, 2, 3, 4, 4), "twice"), ((1, 2, 3, 4, True), "int64"),
+                       ((1, 2, 3, 4, ""), "int64"), ((1, 2, 3, 4, 2**63), "int64")):
+        with pytest.raises(InvalidSnapshotError, match=match):
+            Snapshot(**{**make_snapshot().__dict__, "item_ids": bad})
 
 
 def test_manifest_edited_consistently_but_without_its_checksum_is_caught() -> None:
@@ -303,6 +324,7 @@ EXPECTED_DRIFT = {
     "codeword_movement": [1.25, 1.0],
     "new_items": 1,
     "removed_items": 0,
+    "reused_rows": 0,
 }
 
 
@@ -312,6 +334,20 @@ def test_drift_on_a_hand_computed_case() -> None:
     assert drift(child, child)["changed_share"] == 0.0
     back = drift(child, parent)
     assert (back["new_items"], back["removed_items"], back["changed_items"]) == (0, 1, 3)
+
+
+def test_drift_follows_items_not_rows() -> None:
+    """Row 2 is handed from item "b" to item "x" (an eviction): "b" left, "x" arrived, and the drift of the items
+    present in both (a, c, d) is their own codes' (c: level 1 2 -> 0; d: level 1 3 -> 2)."""
+    parent, child = two_versions()
+    parent = Snapshot(**{**parent.__dict__, "item_ids": ("a", "b", "c", "d")})
+    child = Snapshot(**{**child.__dict__, "item_ids": ("a", "x", "c", "d", "e")})
+    d = drift(parent, child)
+    assert (d["common_items"], d["changed_items"], d["new_items"], d["removed_items"], d["reused_rows"]) == (
+        3, 2, 2, 1, 1)
+    assert d["level_changed_share"] == [2 / 3, 0.0]
+    moved = Snapshot(**{**child.__dict__, "item_ids": ("c", "x", "a", "d", "e")})  # items a and c swap rows
+    assert drift(parent, moved)["changed_items"] == 3  # a: [0, 1] -> [0, 0]; c: [2, 0] -> [0, 1]; d
 
 
 def test_drift_refuses_different_codebook_shapes() -> None:
@@ -463,6 +499,11 @@ def test_diff_on_a_hand_made_case(store: SnapshotStore) -> None:
     assert summary["changed"][0] == {"item": 2, "old": [1, 1], "new": [1, 2]}
     assert summary["added"] == [{"item": 5, "new": [1, 1]}] and summary["removed"] == []
     json.dumps(summary)
+    named = [Snapshot(**{**s.__dict__, "version": s.version + 2, "parent": None, "item_ids": ids})
+             for s, ids in ((parent, ("a", "b", "c", "d")), (child, ("a", "x", "c", "d", "e")))]
+    for snapshot in named:
+        store.put(snapshot)
+    assert {"parent_version": 3, **store.diff(3, 4).drift} == drift(*named)  # by item: vocabularies read too
 
 
 def test_missing_blob_and_damaged_manifest(store: SnapshotStore) -> None:
@@ -474,8 +515,9 @@ def test_missing_blob_and_damaged_manifest(store: SnapshotStore) -> None:
     set_manifest(store, "sparc", 1, manifest[:-10])
     with pytest.raises(CorruptSnapshotError, match="sparc v1: manifest.json is not valid JSON"):
         store.latest()
-    with pytest.raises(CorruptSnapshotError, match="v1"):
-        store.list()
+    [info] = store.list()  # listed, with what is wrong with it
+    assert info.version == 1 and info.is_latest and "manifest.json is not valid JSON" in info.problem
+    assert info.num_items is None and info.as_dict()["problem"] == info.problem
 
 
 READ_PATHS: dict[str, Callable[[SnapshotStore], object]] = {

@@ -72,6 +72,28 @@ def test_show_and_export_name_a_corrupt_blob(url: str, tmp_path: Path, capsys: p
     assert run(capsys, "show", "2", "--store", url)[0] == 0  # the others are fine
 
 
+def test_verify_and_list_flag_a_corrupt_latest(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "verify", "--store", url)
+    assert code == 0 and out.splitlines() == ["  v1      ok", "* v2      ok", "  v3      ok", "3 of 3 versions verify"]
+    with open_store(url) as store:
+        _, blobs = store.read_raw(2)
+        set_blob(store, "sparc", 2, "codebooks.safetensors", flip(blobs["codebooks.safetensors"], 90))
+    code, out, err = run(capsys, "verify", "--store", url)
+    lines = out.splitlines()
+    assert code == 1 and err == ""
+    assert lines[1].startswith("* v2      CORRUPT: snapshot sparc v2: blob 'codebooks.safetensors' fails its checksum")
+    assert lines[3] == "latest fails: a worker warm start with --on-corrupt fallback continues from v1"
+    code, out, _ = run(capsys, "verify", "--store", url, "--json")
+    report = json.loads(out)
+    assert code == 1 and report["fallback"] == 1 and [v["ok"] for v in report["versions"]] == [True, False, True]
+    code, out, _ = run(capsys, "list", "--store", url)  # list reads manifests, and latest's blobs
+    rows = out.splitlines()
+    assert code == 0 and rows[2].split()[:2] == ["*!", "2"] and "CORRUPT: snapshot sparc v2" in rows[2]
+    assert rows[-1].startswith("latest (v2) fails verification")
+    code, out, _ = run(capsys, "list", "--store", url, "--json")
+    assert [r["problem"] is not None for r in json.loads(out)] == [False, True, False]
+
+
 def test_diff(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "diff", "1", "2", "--store", url)
     assert code == 0

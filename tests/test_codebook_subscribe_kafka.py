@@ -1,11 +1,14 @@
 """codebook_store.subscribe: the Follower's decisions without a broker (unmarked tests), then `subscribe` against
-a real Kafka broker (marked kafka): versions in order, duplicates and a corrupted update skipped, start from a
-version or from latest, live updates, a materialised store that verifies, and an independent consumer."""
+a real Kafka broker (marked kafka): versions in order, duplicates and a corrupted update skipped, a poisoned chunk
+that does not block the genuine update, start from a version or from latest, live updates, a materialised store
+that verifies, and an independent consumer."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
+import numpy as np
 import pytest
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -15,14 +18,14 @@ from codebook_store.messages import SCHEMA, encode
 
 
 def make_snapshot(version: int, base: Snapshot | None = None, *, items: int = 50) -> Snapshot:
-    """Version 0 from scratch; later ones change three items' codes of `base` and add two items."""
+    """Version 0 from scratch; later ones change three items' codes of `base` and its padding row (as the model
+    does), and add two items."""
     g = torch.Generator().manual_seed(version)
     if base is None:
         codes = torch.randint(0, 8, (items + 1, 2), generator=g)
     else:
         codes = torch.cat([base.item_codes, torch.randint(0, 8, (2, 2), generator=g)])
-        codes[[1 + version, 10 + version, 20]] = (codes[[1 + version, 10 + version, 20]] + 1) % 8
-    codes[0] = 0
+        codes[[0, 1 + version, 10 + version, 20]] = (codes[[0, 1 + version, 10 + version, 20]] + 1) % 8
     n = codes.shape[0]
     return Snapshot(
         model="sparc", version=version, parent=None if base is None else base.version,
@@ -54,23 +57,24 @@ def test_follower_resolves_codes_dedups_skips_below_start_and_mirrors(chain):
     f = Follower("sparc", start=1, store=store)
     assert f.offer(v0) is None  # below start: only a base
     got1 = f.offer(v1)
-    assert torch.equal(got1.item_codes, chain[1].item_codes)
+    assert np.array_equal(got1.item_codes, chain[1].item_codes)
     assert f.offer(v1) is None and f.offer(v0) is None  # a duplicate, then a stale version
     got2 = f.offer(v2)
-    assert torch.equal(got2.item_codes, chain[2].item_codes)
+    assert np.array_equal(got2.item_codes, chain[2].item_codes)
     s = f.stats
     assert (s.updates, s.duplicates, s.stale, s.skipped, s.unresolved, s.materialised) == (2, 1, 1, 1, 0, 2)
     assert store.versions() == [1, 2] and store.latest_version() == 2
     mirror = store.get(1)  # codes-only: what the message carried, and a note saying so
     assert torch.equal(mirror.item_codes, chain[1].item_codes) and mirror.weights == {}
     assert mirror.health["materialised"]["weights"] is False and mirror.watermark == chain[1].watermark
+    assert mirror.health["materialised"]["omitted"] == ["weights.safetensors"]
 
 
 def test_follower_without_a_base_yields_the_remap_but_stores_nothing(chain):
     store = open_store("memory://")
     f = Follower("sparc", start=0, store=store)
     got = f.offer(update_of(chain[2], chain[1]))
-    assert got.version == 2 and got.item_codes is None and got.remap.changed_items.numel() == 3
+    assert got.version == 2 and got.item_codes is None and got.remap.changed_items.tolist() == [0, 3, 12, 20]
     assert (f.stats.unresolved, f.stats.unmaterialised, store.versions()) == (1, 1, [])
     full = f.offer(update_of(chain[3], chain[2], full_codes=True, with_weights=True))  # the whole table again
     assert full.complete and store.get(3).same_as(chain[3])  # the publisher's exact snapshot
@@ -81,7 +85,7 @@ def test_follower_finds_a_base_in_its_store(chain):
     store.put(chain[1])
     f = Follower("sparc", start="latest", store=store)
     got = f.offer(update_of(chain[2], chain[1]))
-    assert torch.equal(got.item_codes, chain[2].item_codes) and f.stats.unresolved == 0
+    assert np.array_equal(got.item_codes, chain[2].item_codes) and f.stats.unresolved == 0
 
 
 def test_follower_ignores_other_models(chain):
@@ -129,7 +133,7 @@ def test_subscribe_against_a_real_broker(kafka_bootstrap, kafka_topic, tmp_path,
                     timeout=3)
     got = list(sub)
     assert [u.version for u in got] == [0, 1, 3]
-    assert torch.equal(got[1].item_codes, v1.item_codes)  # rebuilt from v0 + the remap, checked by sha256
+    assert np.array_equal(got[1].item_codes, v1.item_codes)  # rebuilt from v0 + the remap, checked by sha256
     assert got[2].remap_from == 2 and got[2].complete
     s = sub.stats
     assert (s.records, s.updates, s.duplicates, s.rejected, s.unresolved, s.materialised) == (total, 3, 1, 1, 0, 3)
@@ -149,10 +153,10 @@ def test_subscribe_against_a_real_broker(kafka_bootstrap, kafka_topic, tmp_path,
     # from latest: the highest version on the topic first, then each new one as it arrives
     live = iter(subscribe(kafka_bootstrap, topic, start="latest", timeout=10))
     first = next(live)
-    assert first.version == 3 and torch.equal(first.item_codes, v3.item_codes)
+    assert first.version == 3 and np.array_equal(first.item_codes, v3.item_codes)
     produce(kafka_bootstrap, topic, encode(v4, v3, 2048) + encode(v3, v2, 2048))  # v4, then a stale v3
     fourth = next(live)
-    assert fourth.version == 4 and torch.equal(fourth.item_codes, v4.item_codes)
+    assert fourth.version == 4 and np.array_equal(fourth.item_codes, v4.item_codes)
     live.close()
 
     # an independent consumer (its own group) sees every record, each labelled with the schema
@@ -164,3 +168,29 @@ def test_subscribe_against_a_real_broker(kafka_bootstrap, kafka_topic, tmp_path,
         consumer.close()
     assert len(seen) == total + len(encode(v4, v3, 2048)) + len(encode(v3, v2, 2048))
     assert {dict(r.headers)["schema"] for r in seen} == {SCHEMA.encode()} and {r.key for r in seen} == {b"sparc"}
+
+
+@pytest.mark.kafka
+def test_attacks_on_a_real_broker_leave_the_genuine_versions_intact(kafka_bootstrap, kafka_topic, tmp_path, chain):
+    """The three measured attacks, as records on a real topic ahead of the genuine ones: poisoned copies of v1's
+    chunks (each with its own correct chunk sha256), a self-consistent far-future v1e9 with NaN codebooks, and a
+    finite far-future forgery. The subscriber yields v0, v1 and v2 (v2 a remap from v1) with their codes, its
+    mirror's latest is v2, and it says what it refused."""
+    topic = kafka_topic()
+    v0, v1, v2 = chain[:3]
+    genuine_v1 = encode(v1, v0, 2048)
+    poisoned = [(k, v[:-7], [(n, hashlib.sha256(v[:-7]).hexdigest().encode() if n == "chunk-sha256" else x)
+                             for n, x in h]) for k, v, h in genuine_v1[1:]]
+    nan = Snapshot(**{**v2.__dict__, "version": 1_000_000_000, "parent": None,
+                      "codebooks": torch.full_like(v2.codebooks, float("nan"))})
+    leap = Snapshot(**{**v2.__dict__, "version": 999_999_999, "parent": None})
+    produce(kafka_bootstrap, topic, [*encode(v0, None, 2048), *poisoned, *encode(nan, None, 2048),
+                                     *encode(leap, None, 2048), *genuine_v1, *encode(v2, v1, 2048)])
+    url = f"file://{tmp_path}/mirror"
+    sub = subscribe(kafka_bootstrap, topic, start="earliest", store_url=url, timeout=3, max_version_jump=100)
+    got = list(sub)
+    assert [u.version for u in got] == [0, 1, 2] and all(u.item_codes is not None for u in got)
+    assert np.array_equal(got[2].item_codes, v2.item_codes)
+    assert (sub.stats.rejected, sub.stats.refused) == (1, 1)  # the NaN update; the leap
+    with open_store(url, read_only=True) as store:
+        assert store.versions() == [0, 1, 2] and store.latest_version() == 2

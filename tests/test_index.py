@@ -219,6 +219,23 @@ def test_serving_index_faiss_equals_brute_and_the_reference(trained):
         build_index(state, 7, 1.0, top_codes=4, kind="hnsw")
 
 
+def test_serving_index_speaks_external_ids(trained):
+    """A snapshot's vocabulary (LearnerState.item_ids) travels into the index: histories of external ids in,
+    external ids out; ids the snapshot does not hold are left out of the history, as with rows before."""
+    learner, _, _ = trained
+    state = learner.snapshot_state()
+    n = state.item_codes.shape[0] - 1
+    names = tuple(f"sku-{row}" if row % 2 else 10**15 + row for row in range(1, n + 1))  # row r's external id
+    named = build_index(replace(state, item_ids=names), 3, 1.0, top_codes=4)
+    plain = build_index(state, 3, 1.0, top_codes=4)
+    for history in ([1, 2, 3], [40, 41], [7]):
+        external = [names[r - 1] for r in history] + ["sku-unknown", 5 * 10**18]
+        a, b = named.retrieve(external, 10), plain.retrieve(history, 10)
+        np.testing.assert_array_equal(a.items, b.items)  # the same rows ...
+        assert named.ids_of(a.items) == [names[r - 1] for r in b.items]  # ... named by their ids
+    assert plain.ids_of(np.array([4, 2])) == [4, 2] and plain.row_of("4") is None and plain.row_of(n + 1) is None
+
+
 def test_serving_index_updates_incrementally_and_swaps_whole(trained):
     learner, rest, histories = trained
     first_state = learner.snapshot_state()
@@ -226,7 +243,7 @@ def test_serving_index_updates_incrementally_and_swaps_whole(trained):
     holder = IndexHolder()
     assert holder.swap(first) is None
 
-    learner.observe_items([{"item_id": first.num_items + 2, "attributes": [3]}])  # two new items, no training
+    learner.observe_items([{"item_id": first.num_items + 1}, {"item_id": first.num_items + 2, "attributes": [3]}])
     grown = learner.snapshot_state()
     second = update_index(first, grown, 2, 2.0)
     assert second.version == 2 and second.num_items == first.num_items + 2

@@ -15,8 +15,8 @@ from trainer.online import (
     OnlineLearner,
     advance_histories,
     append_history,
-    batch_examples,
     config_differences,
+    event_histories,
     load_model,
     next_item_batch,
 )
@@ -59,12 +59,12 @@ def test_append_history_keeps_the_last_max_len():
     assert append_history([], 9, 3) == [9]
 
 
-def test_batch_examples_use_history_before_each_event_including_earlier_ones_in_the_batch():
+def test_event_histories_hold_the_history_before_each_event_including_earlier_ones_in_the_batch():
     histories = {"a": [1, 2], "b": []}
     events = [ev("a", 3), ev("b", 7), ev("a", 4), ev("c", 5), ev("b", 8)]
     frozen = copy.deepcopy(histories)
-    got = batch_examples(events, histories, max_len=3)
-    assert got == [([1, 2], 3), ([1, 2, 3], 4), ([7], 8)]  # b's and c's first events have no history
+    got = event_histories(events, histories, max_len=3)
+    assert got == [[1, 2], [], [1, 2, 3], [], [7]]  # b's and c's first events have no history
     assert histories == frozen  # read, never written
 
 
@@ -75,27 +75,29 @@ def test_next_item_batch_targets_only_the_last_position():
     assert batch.targets.tolist() == [[0, 0, 4], [6, 0, 0]]
 
 
-def test_advance_histories_matches_batch_examples():
+def test_advance_histories_matches_event_histories():
     events = [ev(u, i) for u, i in [("a", 1), ("a", 2), ("b", 3), ("a", 4)]]
     histories: dict = {}
     advance_histories(histories, events, max_len=2)
     assert histories == {"a": [2, 4], "b": [3]}
 
 
-def test_observe_items_grows_the_table_and_sets_attributes():
+def test_observe_items_adds_one_row_per_item_and_sets_attributes():
     learner = OnlineLearner(small_config(), TrainConfig(seed=0))
-    assert learner.observe_items([{"item_id": 3, "attributes": [5, 9]}, {"item_id": 1}]) == 3
-    assert learner.num_items == 3
-    assert learner.model.items.attributes[3].tolist() == [5, 9]
-    assert learner.observe_items([{"item_id": 2, "attributes": [4]}]) == 0  # attributes only
+    observed = learner.observe_items([{"item_id": 3, "attributes": [5, 9]}, {"item_id": 1}])
+    assert (observed.added, observed.rows, observed.refused) == (2, [1, 2], [])
+    assert learner.num_items == 2 and learner.vocab.ids() == [None, 3, 1]  # rows in order of arrival
+    assert learner.model.items.attributes[1].tolist() == [5, 9]
+    again = learner.observe_items([{"item_id": 1, "attributes": [4]}])  # attributes only
+    assert (again.added, again.rows, learner.num_items) == (0, [2], 2)
     assert learner.model.items.attributes[2].tolist()[:1] == [4]
 
 
-def test_learn_grows_for_unknown_items_and_skips_first_events():
+def test_learn_adds_unknown_items_and_skips_first_events():
     learner = OnlineLearner(small_config(), TrainConfig(seed=0))
     m = learner.learn([ev("a", 5), ev("a", 9), ev("b", 2)], {})
-    assert learner.num_items == 9
-    assert (m["examples"], m["skipped"], m["step"]) == (1, 2, 1)
+    assert learner.num_items == 3 and learner.vocab.ids() == [None, 5, 9, 2]
+    assert (m["examples"], m["skipped"], m["step"], m["unlearnt"]) == (1, 2, 1, [])
     assert torch.isfinite(torch.tensor(m["loss"]))
     # no example: no step
     m = learner.learn([ev("z", 1)], {})
@@ -182,11 +184,11 @@ def test_micro_batches_can_split_a_user_anywhere(stream):
     """Batch boundaries change which step sees an event, never which history an event is trained with."""
     _, feedback = split(stream)
     events = feedback[:200]
-    whole = batch_examples(events, {}, max_len=6)
+    whole = event_histories(events, {}, max_len=6)
     histories: dict = {}
     pieces = []
     for a, b in itertools.pairwise([0, 13, 50, 51, 200]):
-        pieces += batch_examples(events[a:b], histories, max_len=6)
+        pieces += event_histories(events[a:b], histories, max_len=6)
         advance_histories(histories, events[a:b], 6)
     assert pieces == whole
 

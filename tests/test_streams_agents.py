@@ -19,9 +19,9 @@ import pytest
 import torch
 from faust.utils import json as faust_json
 
-from codebook_store import IncompatibleSnapshotError, Reassembler, Snapshot, open_store
+from codebook_store import CorruptSnapshotError, IncompatibleSnapshotError, Reassembler, Snapshot, open_store
 from replay.synthetic import SyntheticConfig, generate
-from streams.agents import handle_train_message, publish
+from streams.agents import handle_items, handle_train_message, publish
 from streams.batching import encode_train_batches, read_train_batch
 from streams.history import apply_feedback, decode_state, encode_state
 from streams.records import Invalid, Source, TrainExample
@@ -75,7 +75,6 @@ def make_worker(tmp_path, **over) -> StreamWorker:
         batch_size=16,
         snapshot_every_steps=5,
         snapshot_every_seconds=3600,
-        min_utilisation=0.1,
         dedup_window=4,
     )
     return StreamWorker(WorkerSettings(**{**settings, **over}), testing=True, outputs=RecordingOutputs())
@@ -114,14 +113,14 @@ def test_ingest_routes_invalid_to_the_dlq_dedups_and_updates_history(tmp_path):
             await agent.put(fb("a", 7, 3), key=b"7")
             await agent.put(fb("b", 7, 4), key=b"7")
             await agent.put(fb("a", 7, 3), key=b"7")  # re-delivered: dropped
-            await agent.put(fb("c", 7, 99_000_000), key=b"7")  # item id beyond max_item_id
+            await agent.put(fb("c", 7, 0), key=b"7")  # item ids start at 1
             await agent.put(fb("d", 8, 4), key=b"8")
         return w.history_value("7"), w.history_value("8")
 
     seven, eight = run(w, scenario)
     assert [(d[0], d[1], d[2].reason) for d in out.dead] == [
         (b"{not json", b"7", "bad_json"),
-        (fb("c", 7, 99_000_000), b"7", "out_of_range"),  # the original bytes, unchanged
+        (fb("c", 7, 0), b"7", "out_of_range"),  # the original bytes, unchanged
     ]
     assert out.dead[0][3].topic == w.settings.feedback_topic and out.dead[1][3].offset == 4
     assert out.forwarded() == [("a", []), ("b", [3]), ("d", [])]
@@ -149,20 +148,59 @@ def test_history_keeps_max_len_items_and_a_window_of_event_ids(tmp_path):
                      "partition": 0}
 
 
-def test_catalog_grows_the_item_table_and_rejects_bad_items(tmp_path):
+def test_catalog_adds_a_row_per_item_and_rejects_bad_items(tmp_path):
     w = make_worker(tmp_path)
 
     async def scenario():
         async with w.agents.catalog.test_context() as agent:
             await agent.put(b'{"item_id": 5, "attributes": [2, 9], "timestamp": 1700000000}', key=b"5")
-            await agent.put(b'{"item_id": "x", "timestamp": 1700000000}', key=b"x")
-            await agent.put(b'{"item_id": 2, "attributes": [4], "timestamp": 1700000000}', key=b"2")
+            await agent.put(b'{"item_id": 1.5, "timestamp": 1700000000}', key=b"x")
+            await agent.put(b'{"item_id": "B00-x", "attributes": [4], "timestamp": 1700000000}', key=b"2")
 
     run(w, scenario)
-    assert w.learner.num_items == 5
-    assert w.learner.model.items.attributes[5].tolist()[:2] == [2, 9]
+    assert w.learner.num_items == 2 and w.learner.vocab.ids() == [None, 5, "B00-x"]
+    assert w.learner.model.items.attributes[1].tolist()[:2] == [2, 9]
     assert [d[2].reason for d in w.outputs.dead] == ["wrong_type"]
     assert w.outputs.dead[0][3].topic == w.settings.item_topic
+
+
+def test_a_full_catalogue_dead_letters_new_items_and_their_feedback(tmp_path):
+    """on_catalogue_full=refuse: an item event beyond max_items goes to the DLQ (reason catalogue_full, its
+    original bytes); feedback naming a new item is not learnt and goes there too, as the train message carries
+    it. Evicting instead: nothing is refused, the least recently seen item leaves (counted)."""
+    w = make_worker(tmp_path, max_items=2)
+    item = b'{"item_id": %d, "timestamp": 1700000000}'
+    examples = [TrainExample.model_validate({
+        "event": {"event_id": f"e{i}", "user_id": "u", "item_id": n, "timestamp": 1.7e9, "event_type": "view"},
+        "history": [], "source": {"topic": "fb", "partition": 0, "offset": i}}) for i, n in enumerate((1, 9, 2))]
+    [message] = encode_train_batches(examples, w.settings.train_message_bytes)
+
+    def items(n: int) -> list:
+        return [(item % i, str(i).encode(), Source(topic=w.settings.item_topic, partition=0, offset=i))
+                for i in range(1, n + 1)]
+
+    async def scenario():
+        await handle_items(w, items(3))
+        await handle_train_message(w, message, Source(topic="train", partition=0, offset=0))
+
+    run(w, scenario)
+    assert w.learner.vocab.ids() == [None, 1, 2]
+    assert [(d[0], d[2].reason) for d in w.outputs.dead] == [
+        (item % 3, "catalogue_full"),
+        (examples[1].event.model_dump_json().encode(), "catalogue_full")]
+    assert "max_items=2" in w.outputs.dead[0][2].detail and w.outputs.dead[1][3].topic == "train"
+    text = w.metrics.render().decode()
+    assert 'sparc_dlq_messages_total{reason="catalogue_full",topic="' + w.settings.item_topic in text
+    assert "sparc_item_events_total 2.0" in text
+
+    evicting = make_worker(tmp_path, max_items=2, on_catalogue_full="evict")
+
+    async def evict():
+        await handle_items(evicting, items(3))
+
+    run(evicting, evict)
+    assert evicting.learner.vocab.ids() == [None, 3, 2] and evicting.outputs.dead == []
+    assert "sparc_catalogue_evictions_total 1.0" in evicting.metrics.render().decode()
 
 
 def test_train_publish_serve(tmp_path, stream):
@@ -201,7 +239,7 @@ def test_train_publish_serve(tmp_path, stream):
     assert [m.version for m in out.announced] == list(range(steps // 5))  # every 5 steps
     last = out.announced[-1]
     assert last.parent == last.version - 1 and last.remap_from == last.version - 1
-    assert last.health["gate"] == {"passed": True, "reasons": []}
+    assert last.health["gate"] == {"passed": True, "reasons": [], "refused": []}
     watermark = last.watermark["kafka"]
     assert sorted(watermark) == [f"{w.settings.feedback_topic}:0", "train:0"]
     assert 0 < watermark["train:0"] <= len(out.messages)
@@ -224,8 +262,33 @@ def test_train_publish_serve(tmp_path, stream):
         assert name in text, name
 
 
+def test_items_named_by_skus_and_huge_ids_end_to_end(tmp_path):
+    """Item ids are external ids, never rows: string SKUs and ids near 2**62 travel through ingest, the history
+    table and the train topic as they are, cost one row each, and /retrieve answers with them."""
+    w = make_worker(tmp_path, batch_size=32)
+    items = [f"sku-{i:03d}" for i in range(12)] + [2**62 + i for i in range(12)]
+    feedback = [fb(f"e{n}", n % 6, items[(n * 7 + n // 6) % len(items)]) for n in range(240)]
+
+    async def scenario():
+        async with w.agents.ingest.test_context() as ingest:
+            for n, raw in enumerate(feedback):
+                await ingest.put(raw, key=str(n % 6).encode())
+        for offset, message in enumerate(w.outputs.messages):
+            await handle_train_message(w, message, Source(topic="train", partition=0, offset=offset))
+        await publish(w)
+        return await retrieve_payload(w, "1", {"k": "10"}), w.history_value("1")
+
+    (status, body), history = run(w, scenario)
+    assert w.learner.num_items == 24 and set(w.learner.vocab.ids()[1:]) == set(items)
+    assert history["items"][-1] in items and any(isinstance(i, str) for i in history["items"])
+    assert status == 200 and len(body["items"]) == 10 and set(body["items"]) <= set(items)
+    assert w.outputs.dead == []
+
+
 def test_a_snapshot_the_gate_rejects_is_not_served(tmp_path):
-    w = make_worker(tmp_path, min_utilisation=1.0, codes=64)  # 64 codes over 12 items: never all used
+    """A collapsed codebook (every item on one codeword per level) is stored for inspection, never served or
+    announced, and counted and explained by reason."""
+    w = make_worker(tmp_path)
     examples = [
         TrainExample.model_validate(
             {
@@ -246,13 +309,20 @@ def test_a_snapshot_the_gate_rejects_is_not_served(tmp_path):
 
     async def scenario():
         await handle_train_message(w, message, Source(topic="train", partition=0, offset=0))
+        with torch.no_grad():
+            for level in w.learner.model.rq.levels:
+                level.codebook.copy_(level.codebook[:1].expand_as(level.codebook))
         await publish(w)
         return await retrieve_payload(w, "0", {}), health_payload(w)
 
     (status, body), health = run(w, scenario)
-    assert status == 503 and "below the floor" in body["last_gate"][0]
+    assert status == 503 and body["last_gate"] == [
+        "level-1 utilisation 0.125 is below the floor 0.250", "collision rate 1.000 is above the ceiling 0.97"]
     assert health["status"] == "starting" and w.outputs.announced == []
-    assert 'sparc_snapshots_total{outcome="rejected"} 1.0' in w.metrics.render().decode()
+    text = w.metrics.render().decode()
+    assert 'sparc_snapshots_total{outcome="rejected"} 1.0' in text
+    assert 'sparc_gate_refusals_total{reason="utilisation"} 1.0' in text  # counted by reason
+    assert 'sparc_gate_refusals_total{reason="collisions"} 1.0' in text
 
 
 # --- recovery: re-delivery (streams.history), warm start and the processed log (streams.worker)
@@ -389,12 +459,42 @@ def test_a_worker_warm_starts_from_a_store_trained_with_other_training_options(t
     assert (latest.config["attribute_dropout"], latest.config["conditioned_detach"]) == (0.0, False)
 
 
+def test_a_worker_with_a_corrupt_latest_falls_back_or_refuses_as_told(tmp_path, stream):
+    """A worker no longer refuses to start when the latest snapshot is corrupt: it warm-starts from the newest
+    earlier version that verifies, says which it passed over, and rolls latest back; --on-corrupt refuse keeps
+    the store as it is and names the version to roll back to."""
+    url = f"file://{tmp_path}/store"
+    first = make_worker(tmp_path, store_url=url)
+    batches = train_messages(first, list(stream.iter_events()))
+
+    async def train():
+        for raw, source in batches[:16]:
+            await handle_train_message(first, raw, source)
+
+    run(first, train)
+    with open_store(url, read_only=True) as store:
+        latest, versions = store.latest_version(), store.versions()
+        good = max(v for v in versions if v < latest and store.manifest(v).health["gate"]["passed"])
+    path = tmp_path / "store" / "sparc" / str(latest) / "weights.safetensors"
+    path.write_bytes(path.read_bytes()[:-8])  # truncated
+    with pytest.raises(CorruptSnapshotError, match=f"v{latest}.*truncated.*rollback {good} "):
+        make_worker(tmp_path, store_url=url, on_corrupt="refuse")
+    w = make_worker(tmp_path, store_url=url)
+    assert w.warm_version == good and w.index.current.version == good
+    [warning] = w.start_warnings
+    assert f"fell back to v{good}" in warning and f"snapshot sparc v{latest}: blob 'weights.safetensors'" in warning
+    with open_store(url, read_only=True) as store:
+        assert store.latest_version() == good
+    w.close()
+
+
 def test_warm_start_from_an_offline_snapshot_reads_the_train_topic_from_its_start(tmp_path):
     """`sparc train` stores a snapshot with watermark {"offline": name}: nothing is skipped after it."""
     url = f"file://{tmp_path}/store"
     w = make_worker(tmp_path, store_url=url)
-    w.learner.observe_items([{"item_id": 30}])
+    w.learner.observe_items([{"item_id": i} for i in range(1, 31)])
     state = w.learner.snapshot_state()
+    assert state.item_ids is None  # row i is item i: the table of an offline model
     w.close()
     with open_store(url) as store:
         store.put(Snapshot(model="sparc", version=4, parent=None, created_at=1.7e9, watermark={"offline": "beauty"},

@@ -117,3 +117,20 @@ def test_drain_rate_counts_from_the_first_ingest_to_the_last_trained():
     ]
     assert drain_rate(timeline, 1000) == pytest.approx(200.0)
     assert drain_rate(timeline[:2], 1000) is None
+
+
+def test_outage_bench_counts_lines_per_level_in_text_and_json_logs():
+    from benchmarks.outage_bench import line_level, summarise
+
+    text = "\n".join([
+        "[2026-12-07 09:26:56,793] [19544] [ERROR] Unable connect to node with id 1: refused",
+        "[2026-12-07 09:26:56,794] [19544] [ERROR] Unable connect to node with id 1: refused",
+        "Traceback (most recent call last):",
+        '{"time": "2026-12-07T09:26:57.000Z", "level": "WARNING", "logger": "x", "message": "m 3", "pid": 1}',
+        "[2026-12-07 09:26:58,000] [19544] [INFO] back",
+    ])
+    assert line_level("  File x, line 3") is None
+    result = summarise(text)
+    assert result["lines"] == 5 and result["bytes"] == len(text.encode())
+    assert result["levels"] == {"ERROR": 2, "continuation": 1, "WARNING": 1, "INFO": 1}
+    assert result["top_lines"][0]["count"] == 2 and "Unable connect" in result["top_lines"][0]["line"]

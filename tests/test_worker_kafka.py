@@ -3,12 +3,16 @@
 Checks: invalid events land in the DLQ unchanged with their reasons; re-produced events are de-duplicated;
 at least two snapshots are announced on codebook-updates with increasing versions; /retrieve answers with the
 version that served it; /snapshots/latest, /health and /metrics answer; SIGTERM stops the worker cleanly.
+Operability: the web server listens on web_host only; /readyz is 503 before the first snapshot and 200 after;
+/metrics has the latency histograms and the consumer lag of every partition; an over-long URL is answered 400
+and logged as one INFO line, never an ERROR with a traceback.
 Every wait is bounded and fails with what it was waiting for. Topics and the consumer group are unique to the
 test run. No timing is asserted.
 """
 
 from __future__ import annotations
 
+import socket
 import uuid
 
 import pytest
@@ -39,6 +43,24 @@ INVALID = {  # raw value -> the reason the worker must give
 }
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on `port` (Linux's /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.rpartition(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    raw = bytes.fromhex(address)
+                    if len(raw) == 4:
+                        found.add(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+                    else:
+                        words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                        found.add(socket.inet_ntop(socket.AF_INET6, words))
+    return found
+
+
 def test_worker_end_to_end(kafka_bootstrap, tmp_path):
     run = uuid.uuid4().hex[:10]
     topics = {name: f"e2e-{name.lower()}-{run}" for name in ("FEEDBACK", "ITEM", "UPDATES", "DLQ")}
@@ -51,6 +73,8 @@ def test_worker_end_to_end(kafka_bootstrap, tmp_path):
     dlq = updates = None
     try:
         w.start()
+        assert listening_addresses(port) == {"127.0.0.1"}  # web_host's default, not 0.0.0.0
+        assert get(port, "/readyz")[0] == 503  # no snapshot yet
         dlq, updates = Reader(kafka_bootstrap, topics["DLQ"]), Reader(kafka_bootstrap, topics["UPDATES"])
 
         feedback, items = topics["FEEDBACK"], topics["ITEM"]
@@ -90,6 +114,9 @@ def test_worker_end_to_end(kafka_bootstrap, tmp_path):
         assert status == 200 and latest["version"] >= body["version"] and latest["served"] >= body["version"]
         status, bad = get_json(port, "/retrieve/17?k=-3")
         assert status == 400 and "k must be" in bad["error"]
+        assert get(port, "/retrieve/" + "x" * 20_000)[0] == 400  # a client's over-long URL
+        status, ready = get_json(port, "/readyz")
+        assert status == 200 and ready["ready"] and ready["served_version"] >= versions[0]
 
         # re-delivery: the same events again are de-duplicated by event id
         assert sparc([*produce, "--limit", "200", "--no-items"]) == 0
@@ -98,6 +125,12 @@ def test_worker_end_to_end(kafka_bootstrap, tmp_path):
         assert metric(text, "sparc_dlq_messages_total") == len(INVALID)
         assert metric(text, "sparc_events_total") == 3000
         assert metric(text, "sparc_snapshot_version") >= versions[1]
+        for status in (200, 400):
+            assert f'sparc_retrieve_seconds_count{{status="{status}"}}' in text
+        assert metric(text, "sparc_train_step_seconds_count") >= 2 and metric(text, "sparc_publish_seconds_count") >= 2
+        lag = {line.split("{")[1].split("}")[0] for line in text.splitlines() if line.startswith("sparc_consumer_lag{")}
+        assert {f'partition="{p}",topic="{topics["FEEDBACK"]}"' for p in (0, 1)} <= lag
+        assert "sparc_build_info{" in text and "process_resident_memory_bytes" in text
         status, health = get_json(port, "/health")
         assert status == 200 and health["status"] == "ok"
     finally:
@@ -107,5 +140,9 @@ def test_worker_end_to_end(kafka_bootstrap, tmp_path):
         code = w.terminate(90) if w.process is not None else "never started"
         delete_topics_of(kafka_bootstrap, run)  # this run's topics, internal too
     assert code == 0, f"worker exit status {code}; log tail:\n{log_tail(w.log, 30)}"
+    log = w.log.read_text()
+    assert "Traceback" not in log, log_tail(w.log, 60)
+    [bad_request] = [line for line in log.splitlines() if "Error handling request" in line]
+    assert "[INFO]" in bad_request and "(answered 400): Got more than" in bad_request  # the over-long URL
     with open_store(f"file://{tmp_path}/store", read_only=True) as store:  # what was announced is stored
         assert set(versions) <= set(store.versions()) and store.latest_version() >= versions[-1]

@@ -89,6 +89,19 @@ class Reader:
             self.records.extend(batch)
         return self.records
 
+    def drain(self, timeout_s: float = 60) -> list:
+        """Poll until every record up to the topic's end offsets (as of this call) is read; fail after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while not self.consumer.assignment() and time.monotonic() < deadline:
+            self.poll()
+        parts = list(self.consumer.assignment())
+        end = self.consumer.end_offsets(parts)
+        while any(self.consumer.position(tp) < end[tp] for tp in parts):
+            if time.monotonic() > deadline:
+                pytest.fail(f"could not read {self.consumer.subscription()} to its end in {timeout_s} s")
+            self.poll()
+        return self.records
+
     def close(self) -> None:
         self.consumer.close()
 
@@ -127,13 +140,13 @@ class WorkerProcess:
         self.log = tmp_path / "worker-0.log"
 
     def start(self, ready_timeout_s: float = 180) -> WorkerProcess:
-        """Start the worker and wait until its web server answers /health."""
+        """Start the worker and wait until its web server answers /livez."""
         self.starts += 1
         self.log = self.tmp_path / f"worker-{self.starts}.log"
         command = [sys.executable, "-m", "cli.main", "worker", *self.flags, "--web-port", str(self.port)]
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        self.wait_for("the worker's web server", lambda: get(self.port, "/health")[0] == 200, ready_timeout_s)
+        self.wait_for("the worker's web server", lambda: get(self.port, "/livez")[0] == 200, ready_timeout_s)
         return self
 
     def wait_for(self, what: str, probe: Callable[[], Any], timeout_s: float) -> Any:

@@ -47,7 +47,7 @@ class SASRec(nn.Module):
     def score(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         z = self.items()
         H = self._states(inputs, lengths, z)
-        h = H[torch.arange(H.shape[0]), lengths - 1]
+        h = H[torch.arange(H.shape[0], device=H.device), lengths - 1]
         return _mask_padding(h @ z.T)
 
 
@@ -72,11 +72,11 @@ class ComiRecSA(nn.Module):
     def _interests(self, inputs: torch.Tensor, lengths: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """-> (B, T, K, D): the K interest vectors of every prefix 0..t."""
         b, t = inputs.shape
-        pos = (lengths[:, None] - 1 - torch.arange(t)[None, :]).clamp(min=0, max=self.cfg.max_len - 1)
+        pos = (lengths[:, None] - 1 - torch.arange(t, device=z.device)[None, :]).clamp(min=0, max=self.cfg.max_len - 1)
         x = F.embedding(inputs, z) + self.position(pos)  # (B, T, D)
         x = F.dropout(x, self.cfg.dropout, self.training)
         a = self.w2(torch.tanh(self.w1(x))).transpose(1, 2)  # (B, K, T): attention logits per key position
-        causal = torch.ones(t, t, dtype=torch.bool).tril()  # query t sees keys <= t
+        causal = torch.ones(t, t, dtype=torch.bool, device=z.device).tril()  # query t sees keys <= t
         a = a[:, :, None, :].masked_fill(~causal[None, None], -math.inf)  # (B, K, Tq, Tk)
         return (torch.softmax(a, dim=-1) @ x[:, None]).permute(0, 2, 1, 3)  # (B, Tq, K, D)
 
@@ -86,7 +86,7 @@ class ComiRecSA(nn.Module):
         valid = batch.targets > 0
         v, y = V[valid], batch.targets[valid]  # (M, K, D), (M,)
         pick = (v * F.embedding(y, z)[:, None, :]).sum(-1).argmax(-1)  # (M,)
-        u = v[torch.arange(v.shape[0]), pick]
+        u = v[torch.arange(v.shape[0], device=v.device), pick]
         loss = full_softmax_ce(u, z[1:], y - 1)
         return loss, {"loss": float(loss.detach())}
 
@@ -94,7 +94,7 @@ class ComiRecSA(nn.Module):
     def score(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         z = self.items()
         V = self._interests(inputs, lengths, z)
-        v = V[torch.arange(V.shape[0]), lengths - 1]  # (B, K, D)
+        v = V[torch.arange(V.shape[0], device=V.device), lengths - 1]  # (B, K, D)
         return _mask_padding((v @ z.T).amax(dim=1))
 
 

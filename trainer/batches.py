@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -28,6 +28,11 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.inputs.shape[0])
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch with its tensors on `device`."""
+        return replace(self, inputs=self.inputs.to(device), targets=self.targets.to(device),
+                       lengths=self.lengths.to(device))
 
 
 def pad_histories(histories: list[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,3 +116,28 @@ class TrainConfig:
     # quality number) depend on the machine's load. Opt-in for long exploratory runs only
     max_seconds: float = math.inf
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class CatalogueConfig:
+    """The online learner's item vocabulary (trainer.vocab): external ids -> rows of the item table.
+
+    max_items    : the most items the table holds (its rows; the full softmax costs O(max_items) per step)
+    on_full      : a new item when the table is full: "refuse" it (item events go to the dead-letter topic with
+                   reason catalogue_full, feedback on it is not learnt) or "evict" the least recently seen item
+                   and reuse its row
+    item_sources : what may add an item: "items" (item events only; feedback naming an unknown item is not
+                   learnt) or "items_and_feedback" (feedback may name an item before its catalogue event)
+    """
+
+    max_items: int = 100_000
+    on_full: Literal["refuse", "evict"] = "refuse"
+    item_sources: Literal["items", "items_and_feedback"] = "items_and_feedback"
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {self.max_items}")
+        if self.on_full not in ("refuse", "evict"):
+            raise ValueError(f"on_full must be refuse or evict, got {self.on_full!r}")
+        if self.item_sources not in ("items", "items_and_feedback"):
+            raise ValueError(f"item_sources must be items or items_and_feedback, got {self.item_sources!r}")

@@ -34,12 +34,14 @@ def fit(
     validate: Callable[[], float],
     desc: str = "train",
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> FitResult:
     """Train until validation (higher is better) stops improving; the best weights are restored at the end.
-    `validate` runs with the model in eval mode (no dropout); the model is left in eval mode."""
+    The model trains on `device` (trainer.device) and stays there. `validate` runs with the model in eval mode
+    (no dropout); the model is left in eval mode."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    trainer = Trainer(model, cfg)
+    trainer = Trainer(model, cfg, device)
 
     def validate_in_eval_mode() -> float:  # no dropout while validating; Trainer.step switches back to training
         model.eval()

@@ -16,7 +16,7 @@ class _FusedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = h @ z.T  # (M, N)
-        rows = torch.arange(h.shape[0])
+        rows = torch.arange(h.shape[0], device=h.device)
         target = logits[rows, y]  # (M,) a copy
         # one pass fewer than logsumexp + exp: shift by the row max, exponentiate in place, normalise
         peak = logits.amax(dim=1, keepdim=True)
@@ -50,5 +50,5 @@ def sampled_softmax_ce(h: torch.Tensor, z_pos: torch.Tensor, y: torch.Tensor, lo
     log_q (M,) log of each positive's sampling probability (its share of the stream).
     """
     logits = h @ z_pos.T - log_q[None, :]  # (M, M)
-    same = (y[:, None] == y[None, :]) & ~torch.eye(y.shape[0], dtype=torch.bool)
-    return F.cross_entropy(logits.masked_fill(same, float("-inf")), torch.arange(h.shape[0]))
+    same = (y[:, None] == y[None, :]) & ~torch.eye(y.shape[0], dtype=torch.bool, device=y.device)
+    return F.cross_entropy(logits.masked_fill(same, float("-inf")), torch.arange(h.shape[0], device=h.device))

@@ -90,14 +90,14 @@ class SparcModel(nn.Module):
             return None
         held = self.held_codes
         if items is None:
-            items = torch.arange(rows)
+            items = torch.arange(rows, device=held.device)
         return torch.where(items < held.shape[0], held[items.clamp(max=held.shape[0] - 1)], -1)
 
     def grow_(self, num_items: int, item_attributes: dict[int, list[int]] | None = None) -> bool:
         """ItemTower.grow_, keeping the held codes as long as the item table (new items hold none)."""
         grown = self.items.grow_(num_items, item_attributes)
         if grown and self.cfg.code_hysteresis > 0:
-            pad = torch.full((num_items + 1 - self.held_codes.shape[0],), -1, dtype=torch.long)
+            pad = self.held_codes.new_full((num_items + 1 - self.held_codes.shape[0],), -1)
             self.held_codes = torch.cat([self.held_codes, pad])
         return grown
 
@@ -122,7 +122,7 @@ class SparcModel(nn.Module):
         # "marginal": log sum_{i: c1(i)=c} softmax(h . z)_i  (padding has probability 0)
         probs = torch.softmax(self._mask_padding(h @ z.T), dim=-1)  # (..., N+1)
         flat = probs.reshape(-1, probs.shape[-1])
-        summed = torch.zeros(flat.shape[0], self.cfg.codes).index_add_(1, codes[:, 0], flat)
+        summed = flat.new_zeros(flat.shape[0], self.cfg.codes).index_add_(1, codes[:, 0], flat)
         return summed.clamp(min=1e-12).log().reshape(*probs.shape[:-1], self.cfg.codes)
 
     def code_vectors(self, state: UserState, code_ids: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ class SparcModel(nn.Module):
         u = state.h[:, None, :] + self.code_proj(e)
         if self.cfg.tower_attention:
             t = state.H.shape[1]
-            pad = torch.arange(t)[None, :] >= state.lengths[:, None].clamp(min=1)  # (B, T) True at padding
+            pad = torch.arange(t, device=e.device)[None, :] >= state.lengths[:, None].clamp(min=1)  # (B, T) at padding
             scores = self.attn_q(e) @ self.attn_k(state.H).transpose(1, 2) / math.sqrt(e.shape[-1])  # (B, K, T)
             scores = scores.masked_fill(pad[:, None, :], -math.inf)
             u = u + torch.softmax(scores, dim=-1) @ self.attn_v(state.H)
@@ -158,18 +158,18 @@ class SparcModel(nn.Module):
         b, _, d = H.shape
         width = int(cols.max()) + 1  # no target attends further
         # keys and values at the positions some target of the row attends to (up to the row's last target)
-        reach = torch.full((b,), -1, dtype=torch.long).scatter_reduce(0, rows, cols, "amax")
-        kr, kc = (torch.arange(width)[None, :] <= reach[:, None]).nonzero(as_tuple=True)
+        reach = rows.new_full((b,), -1).scatter_reduce(0, rows, cols, "amax")
+        kr, kc = (torch.arange(width, device=H.device)[None, :] <= reach[:, None]).nonzero(as_tuple=True)
         seen = H[kr, kc]
         k = H.new_zeros(b, width, d).index_put((kr, kc), self.attn_k(seen))
         v = H.new_zeros(b, width, d).index_put((kr, kc), self.attn_v(seen))
         # each row's targets side by side as its queries (slot = rank of the target within its row); an empty
         # slot asks about position 0, and its answer is never read
         per_row = torch.bincount(rows, minlength=b)
-        slot = torch.arange(rows.shape[0]) - (per_row.cumsum(0) - per_row)[rows]
+        slot = torch.arange(rows.shape[0], device=H.device) - (per_row.cumsum(0) - per_row)[rows]
         q = H.new_zeros(b, int(per_row.max()), d).index_put((rows, slot), self.attn_q(e))
-        asked = torch.zeros(q.shape[:2], dtype=torch.long).index_put((rows, slot), cols)  # (B, Q) positions
-        causal = torch.arange(width)[None, None, :] <= asked[:, :, None]  # (B, Q, width)
+        asked = rows.new_zeros(q.shape[:2]).index_put((rows, slot), cols)  # (B, Q) positions
+        causal = torch.arange(width, device=H.device)[None, None, :] <= asked[:, :, None]  # (B, Q, width)
         a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=causal[:, None])
         return u + a[:, 0][rows, slot]
 
@@ -204,7 +204,7 @@ class SparcModel(nn.Module):
         order = torch.argsort(item_codes, stable=True) + 1  # item ids grouped by code
         ends = torch.bincount(item_codes, minlength=self.cfg.codes).cumsum(0)
         rank = torch.empty_like(order)
-        rank[order - 1] = torch.arange(order.shape[0])  # item id - 1 -> its place in `order`
+        rank[order - 1] = torch.arange(order.shape[0], device=order.device)  # item id - 1 -> its place in `order`
         target_code = code1[y]
         total = u.new_zeros(())
         for c in torch.unique(target_code).tolist():
@@ -254,7 +254,7 @@ class SparcModel(nn.Module):
             metrics["interest_top1"] = float((logits.argmax(-1) == target_code).float().mean())
         zy = F.embedding(y, cat.z)  # the targets' z (F.embedding: its backward sums in a fixed order)
         if self.cfg.shuffle_bpr_weight > 0:
-            perm = torch.randperm(y.shape[0])
+            perm = torch.randperm(y.shape[0], device=y.device)
             u_neg = self._target_code_vectors(state.H, rows, cols, e[perm])
             differs = target_code != target_code[perm]
             bpr = -F.logsigmoid(((u - u_neg) * zy).sum(-1))[differs].mean() if differs.any() else u.sum() * 0
@@ -270,12 +270,17 @@ class SparcModel(nn.Module):
 
     @torch.no_grad()
     def update_codebooks_(self, batch: Batch, generator: torch.Generator | None = None) -> dict:
-        """EMA/revival update of the codebooks from the items consumed in this batch, and the item counts behind
-        the logQ correction (both no-ops in eval mode; a frozen codebook still counts consumption)."""
+        """`update_from_items_` with the items consumed in this batch (its targets, row-major)."""
+        return self.update_from_items_(batch.targets[batch.targets > 0], generator)
+
+    @torch.no_grad()
+    def update_from_items_(self, y: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """EMA/revival update of the codebooks from the consumed items y (M,), and the item counts behind the logQ
+        correction (both no-ops in eval mode; a frozen codebook still counts consumption). A data-parallel step
+        passes every rank's targets (trainer.distributed)."""
         if not self.training:
             return {"revived": 0}
-        y = batch.targets[batch.targets > 0]
-        self.items.counts.index_add_(0, y, torch.ones(y.shape[0]))
+        self.items.counts.index_add_(0, y, self.items.counts.new_ones(y.shape[0]))
         out = self.rq.update_(self.items(y, dropout=True), generator, self._held(0, y), self.cfg.code_hysteresis)
         if self.cfg.code_hysteresis > 0 and not bool(self.rq.levels[0].frozen):
             held = self.catalogue().codes[:, 0]  # what the items hold from now on
@@ -409,7 +414,7 @@ class SparcModel(nn.Module):
         if exclude is not None:
             scores = scores.masked_fill(exclude, -math.inf)
         weights, codes = torch.softmax(logits_c, dim=-1).topk(top_codes, dim=-1)
-        weights = (weights / weights.sum(-1, keepdim=True)).numpy()  # renormalised, as choose_codes does
+        weights = (weights / weights.sum(-1, keepdim=True)).cpu().numpy()  # renormalised, as choose_codes does
         return served_scores(scores, cat.level1(), codes, weights, k, exploit=exploit,
                              bias=None if exploit is None else self.lift_bias(lift))
 
@@ -424,7 +429,7 @@ class SparcModel(nn.Module):
 
         def single_vector_within() -> torch.Tensor:  # log p_h(i | c(i)): h's softmax within each item's code
             glob = torch.log_softmax(self._mask_padding(state.h @ cat.z.T), dim=-1)  # (B, N+1)
-            p_code = torch.zeros(glob.shape[0], self.cfg.codes).index_add_(1, code1[1:], glob[:, 1:].exp())
+            p_code = glob.new_zeros(glob.shape[0], self.cfg.codes).index_add_(1, code1[1:], glob[:, 1:].exp())
             return glob - p_code.clamp(min=1e-30).log()[:, code1.clamp(min=0)]
 
         within = self._memo(state, cat, ("within",), single_vector_within)

@@ -3,17 +3,26 @@
 Pure PyTorch, no I/O. The caller owns the user histories (a dict in replay, a Faust table in the worker) and
 passes them in; the learner owns the model, its optimiser and its random state.
 
-    learner = OnlineLearner(SparcConfig(num_items=0, num_attributes=...), TrainConfig(seed=0))
-    learner.observe_items([{"item_id": 7, "attributes": [3, 12]}])       # new items -> grown item table
+    learner = OnlineLearner(SparcConfig(num_items=0, num_attributes=...), TrainConfig(seed=0), catalogue=...)
+    learner.observe_items([{"item_id": "sku-7", "attributes": [3, 12]}])  # new items -> rows of the item table
     metrics = learner.learn(events, histories)                            # one Trainer.step
     advance_histories(histories, events, learner.max_len)                 # the caller moves histories on
-    learner.restore(snapshot.config, snapshot.weights, steps=120)         # warm start from a snapshot
+    learner.restore(snapshot.config, snapshot.weights, 120, snapshot.item_ids)  # warm start from a snapshot
+
+Items are named by external ids (int or str); the learner's vocabulary (`vocab`, trainer.vocab.ItemVocab) maps
+them to rows of the item table, one row per item, at most CatalogueConfig.max_items (a full table refuses new
+items or evicts the least recently seen, per CatalogueConfig.on_full; an evicted item's row is reset for the new
+one). Events and histories carry external ids; rows never leave the learner except in LearnerState, which
+carries the vocabulary beside them.
 
 Events are mappings with at least "user_id" and "item_id". `histories[user]` is the user's items (oldest
 first) as of the START of the batch; an event's training input is that history followed by the items of the
 same user's earlier events in the batch, and its target is the event's item (next-item prediction at the last
 position only: earlier positions were trained when their own events arrived). A user's first event has no
-history and gives no example. Same seed + same batches in the same order -> the same weights and snapshots.
+history and gives no example. History items the vocabulary does not hold (never admitted, or evicted since) are
+left out of the input. An event whose item cannot be admitted (CatalogueConfig.item_sources "items" and an
+unknown item; or a full table that refuses) is not learnt; `learn` names it. Same seed + same batches in the same
+order -> the same weights and snapshots.
 
 Random state: the learner draws dropout from a torch RNG state of its own (seeded by TrainConfig.seed), swapped
 into torch's process-wide generator only for the length of a step. Every use of that generator here (building a
@@ -26,16 +35,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Hashable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from trainer.batches import Batch, pad_histories
-from trainer.config import TRAINING_ONLY_FIELDS, SparcConfig, TrainConfig
+from trainer.config import TRAINING_ONLY_FIELDS, CatalogueConfig, SparcConfig, TrainConfig
 from trainer.model import Catalogue, SparcModel
 from trainer.rq import code_health
 from trainer.step import Trainer
+from trainer.vocab import ItemId, ItemVocab
 
 GLOBAL_RNG_LOCK = threading.Lock()  # held by everything here that touches torch's process-wide generator
 
@@ -68,13 +78,13 @@ def restart_seed(seed: int, steps: int) -> int:
     return (seed * 1_000_003 + steps) % (2**63)
 
 
-def append_history(history: Sequence[int], item: int, max_len: int) -> list[int]:
+def append_history(history: Sequence[ItemId], item: ItemId, max_len: int) -> list[ItemId]:
     """The history after `item`: the last `max_len` items, oldest first."""
-    return [*history, int(item)][-max_len:]
+    return [*history, item][-max_len:]
 
 
 def advance_histories(
-    histories: MutableMapping[Hashable, list[int]], events: Iterable[Mapping], max_len: int
+    histories: MutableMapping[Hashable, list[ItemId]], events: Iterable[Mapping], max_len: int
 ) -> None:
     """Append each event's item to its user's history, in order (what the worker's ingest agent does)."""
     for event in events:
@@ -82,24 +92,21 @@ def advance_histories(
         histories[user] = append_history(histories.get(user, ()), event["item_id"], max_len)
 
 
-def batch_examples(
-    events: Sequence[Mapping], histories: Mapping[Hashable, Sequence[int]], max_len: int
-) -> list[tuple[list[int], int]]:
-    """(history before the event, target item) for every event that has a history, in event order.
-
-    `histories` is read, never written: in-batch predecessors are tracked locally.
-    """
-    running: dict[Hashable, list[int]] = {}
-    examples = []
+def event_histories(
+    events: Sequence[Mapping], histories: Mapping[Hashable, Sequence[ItemId]], max_len: int
+) -> list[list[ItemId]]:
+    """The history before each event (its user's history followed by the user's earlier events in the batch;
+    empty for a user's first event), in event order. `histories` is read, never written."""
+    running: dict[Hashable, list[ItemId]] = {}
+    out = []
     for event in events:
-        user, item = event["user_id"], int(event["item_id"])
+        user = event["user_id"]
         before = running.get(user)
         if before is None:
             before = list(histories.get(user, ()))[-max_len:]
-        if before:
-            examples.append((before, item))
-        running[user] = append_history(before, item, max_len)
-    return examples
+        out.append(before)
+        running[user] = append_history(before, event["item_id"], max_len)
+    return out
 
 
 def next_item_batch(examples: Sequence[tuple[Sequence[int], int]], max_len: int) -> Batch:
@@ -124,6 +131,7 @@ class LearnerState:
     item_vectors : float32 (N+1, D) the catalogue's z, what a retrieval index searches
     weights      : the model's state_dict (serving weights), cloned
     steps        : training steps taken so far
+    item_ids     : the external id of rows 1..N (the vocabulary), or None when row i is item i
     """
 
     config: dict
@@ -132,29 +140,59 @@ class LearnerState:
     item_vectors: torch.Tensor
     weights: dict[str, torch.Tensor]
     steps: int
+    item_ids: tuple[ItemId, ...] | None = None
 
     @property
     def num_items(self) -> int:
         return int(self.item_codes.shape[0]) - 1
 
 
+@dataclass(frozen=True)
+class Observed:
+    """What `observe_items` did: items added (new rows or reused ones), items evicted to make room, items
+    refused (a full table under on_full="refuse"; their events belong in the dead-letter topic), and the rows
+    whose item or attributes changed (a cache of per-row results must recompute them)."""
+
+    added: int = 0
+    evicted: list[ItemId] = field(default_factory=list)
+    refused: list[ItemId] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+
+
 class OnlineLearner:
-    """A SparcModel and its Trainer, fed one micro-batch of events at a time."""
+    """A SparcModel and its Trainer, fed one micro-batch of events at a time, and the vocabulary of its items."""
 
-    def __init__(self, model_cfg: SparcConfig, train_cfg: TrainConfig):
+    def __init__(
+        self,
+        model_cfg: SparcConfig,
+        train_cfg: TrainConfig,
+        device: str | torch.device = "cpu",
+        catalogue: CatalogueConfig | None = None,
+    ):
+        """A learner built with num_items = N knows items 1..N at rows 1..N (an offline model's table)."""
         self.train_cfg = train_cfg
+        self.catalogue_cfg = catalogue = catalogue or CatalogueConfig()
+        self.vocab = ItemVocab.identity(model_cfg.num_items, catalogue.max_items, catalogue.on_full)
         with private_rng(seed=train_cfg.seed) as rng:
-            self.model = SparcModel(model_cfg)
-        self._rng_state = rng.state  # dropout etc. draw from this, not the process's RNG
-        self.trainer = Trainer(self.model, train_cfg)
+            self.model = SparcModel(model_cfg)  # built on the CPU: the same initial weights on any device
+        self._rng_state = rng.state  # dropout etc. draw from this, not the process's RNG (CUDA's own on a GPU)
+        self.trainer = Trainer(self.model, train_cfg, device)
 
-    def restore(self, config: Mapping, weights: Mapping[str, torch.Tensor], steps: int = 0) -> list[str]:
+    def restore(
+        self,
+        config: Mapping,
+        weights: Mapping[str, torch.Tensor],
+        steps: int = 0,
+        item_ids: Sequence[ItemId] | None = None,
+    ) -> list[str]:
         """Continue from a snapshot (a warm start): its model (config and weights; the item table has the
-        snapshot's size), `steps` as the step count. A snapshot carries no optimiser state, so Adam starts
-        afresh; the random state is seeded from (TrainConfig.seed, steps). Learning goes on under this learner's
-        own training options (TRAINING_ONLY_FIELDS); returns those in which the snapshot differs. Raises
-        ValueError when the config differs in anything else but num_items, or the weights do not fit it
-        (nothing changes)."""
+        snapshot's size), `steps` as the step count, `item_ids` as the vocabulary (the external id of rows
+        1..N; None: row i is item i, as in snapshots written before vocabularies). A snapshot carries no
+        optimiser state, so Adam starts afresh, nor when items were last seen, so eviction order starts as the
+        rows' order; the random state is seeded from (TrainConfig.seed, steps). Learning goes on under this
+        learner's own training options (TRAINING_ONLY_FIELDS); returns those in which the snapshot differs.
+        Raises ValueError when the config differs in anything else but num_items, the weights do not fit it,
+        or the vocabulary does not fit the table or this learner's max_items (nothing changes)."""
         differ = config_differences(config, self.model.cfg)
         if differ:
             raise ValueError(f"the snapshot's model differs from this learner's in {', '.join(differ)}")
@@ -162,11 +200,12 @@ class OnlineLearner:
         continued = {**dict(config), **{k: getattr(self.model.cfg, k) for k in TRAINING_ONLY_FIELDS}}
         with private_rng(seed=restart_seed(self.train_cfg.seed, steps)) as rng:
             model = _build_model(continued, weights)
+        vocab = restored_vocab(model.items.num_items, item_ids, self.catalogue_cfg)
         model.train()
-        trainer = Trainer(model, self.train_cfg)
+        trainer = Trainer(model, self.train_cfg, self.trainer.device)
         trainer.steps = int(steps)
         trainer.generator.manual_seed(restart_seed(self.train_cfg.seed, steps))
-        self.model, self.trainer, self._rng_state = model, trainer, rng.state
+        self.model, self.trainer, self._rng_state, self.vocab = model, trainer, rng.state, vocab
         return bridged
 
     @property
@@ -181,41 +220,98 @@ class OnlineLearner:
     def steps(self) -> int:
         return self.trainer.steps
 
-    def observe_items(self, item_events: Iterable[Mapping]) -> int:
-        """Grow the item table to the largest id seen and set the listed items' attributes.
+    def observe_items(self, item_events: Iterable[Mapping]) -> Observed:
+        """Admit the items of item events (new ones get a row, known ones are seen again) and set their
+        attributes. Item events: {"item_id": int | str, "attributes": [int, ...] (optional)}."""
+        events = list(item_events)
+        admitted, evicted, added = self._admit([e["item_id"] for e in events])
+        rows = [self.vocab.row(e["item_id"]) for e in events]  # after every admission (one may evict another)
+        attributes = {
+            row: [int(a) for a in e["attributes"]]
+            for e, row in zip(events, rows, strict=True)
+            if row is not None and e.get("attributes") is not None
+        }
+        if attributes:
+            self.trainer.grow_items(self.num_items, attributes)
+        return Observed(
+            added=added,
+            evicted=evicted,
+            refused=[e["item_id"] for e, row in zip(events, admitted, strict=True) if row is None],
+            rows=sorted({r for r in admitted if r is not None}),
+        )
 
-        Item events: {"item_id": int >= 1, "attributes": [int, ...] (optional)}. Returns the rows added.
-        """
-        attributes: dict[int, list[int]] = {}
-        largest = 0
-        for event in item_events:
-            item = int(event["item_id"])
-            largest = max(largest, item)
-            if event.get("attributes") is not None:
-                attributes[item] = [int(a) for a in event["attributes"]]
-        before = self.num_items
-        if largest or attributes:
-            self.trainer.grow_items(max(largest, before), attributes or None)
-        return self.num_items - before
-
-    def learn(self, events: Sequence[Mapping], histories: Mapping[Hashable, Sequence[int]]) -> dict:
+    def learn(self, events: Sequence[Mapping], histories: Mapping[Hashable, Sequence[ItemId]]) -> dict:
         """One training step on the events that have a history (see module doc). Returns the step's metrics
-        plus "examples" and "skipped" (events without history); no step is taken when there is no example."""
-        largest = max((int(e["item_id"]) for e in events), default=0)
-        if largest > self.num_items:  # feedback can outrun the item's catalogue event
-            self.trainer.grow_items(largest)
-        examples = batch_examples(events, histories, self.max_len)
-        out = {"examples": len(examples), "skipped": len(events) - len(examples)}
+        plus "examples", "skipped" (events that gave no example), "unlearnt" ([(event index, reason)] for the
+        events whose item is not in the vocabulary: "catalogue_full" or "unknown_item"), "evicted" (items evicted
+        to admit the batch's) and "history_dropped" (history items left out of inputs, not in the vocabulary);
+        no step is taken when there is no example."""
+        evicted = self._admit_targets([e["item_id"] for e in events])
+        examples, out = self._examples(events, histories)
+        out["evicted"] = len(evicted)
         if not examples:
             return {**out, "step": self.steps}
-        grow_to = max(max(h) for h, _ in examples)
-        if grow_to > self.num_items:  # histories given by the caller may name items we were never told of
-            self.trainer.grow_items(grow_to)
-        batch = next_item_batch(examples, self.max_len)
+        return {**self._step(next_item_batch(examples, self.max_len)), **out}
+
+    def _admit_targets(self, targets: Sequence[ItemId]) -> list[ItemId]:
+        """Feedback targets, in order: admitted (item_sources "items_and_feedback": feedback may outrun its item's
+        catalogue event) or only seen again ("items"). Returns the items evicted to make room."""
+        if self.catalogue_cfg.item_sources == "items_and_feedback":
+            return self._admit(targets)[1]
+        for item in targets:
+            self.vocab.touch(item)
+        return []
+
+    def _examples(
+        self, events: Sequence[Mapping], histories: Mapping[Hashable, Sequence[ItemId]]
+    ) -> tuple[list[tuple[list[int], int]], dict]:
+        """(history rows, target row) of every event that can be learnt now (its targets admitted), and what
+        `learn` reports about the events: "examples", "skipped", "unlearnt", "history_dropped"."""
+        reason = "catalogue_full" if self.catalogue_cfg.item_sources == "items_and_feedback" else "unknown_item"
+        examples, unlearnt, dropped = [], [], 0
+        for i, before in enumerate(event_histories(events, histories, self.max_len)):
+            row = self.vocab.row(events[i]["item_id"])  # after every admission of the batch (one may evict another)
+            if row is None:
+                unlearnt.append((i, reason))
+                continue
+            known = self.vocab.known_rows(before)
+            dropped += len(before) - len(known)
+            if known:
+                examples.append((known, row))
+        out = {"examples": len(examples), "skipped": len(events) - len(examples), "unlearnt": unlearnt,
+               "history_dropped": dropped}
+        return examples, out
+
+    def _step(self, batch: Batch | None) -> dict:
+        """Trainer.step on the learner's private RNG (batch None: a data-parallel rank without examples)."""
         with private_rng(self._rng_state) as rng:
             metrics = self.trainer.step(batch)
         self._rng_state = rng.state
-        return {**metrics, **out}
+        return metrics
+
+    def _admit(self, items: Sequence[ItemId]) -> tuple[list[int | None], list[ItemId], int]:
+        """Admit `items` in order (ItemVocab.admit): their rows (None: refused), the items evicted and the number
+        of new items. The item table grows to the vocabulary's size; rows handed to new items are reset."""
+        table = self.num_items
+        rows: list[int | None] = []
+        evicted: list[ItemId] = []
+        reused: list[int] = []
+        added = 0
+        for item in items:
+            admission = self.vocab.admit(item)
+            if admission is None:
+                rows.append(None)
+                continue
+            rows.append(admission.row)
+            added += admission.new
+            if admission.evicted is not None:
+                evicted.append(admission.evicted)
+            if admission.new and admission.row <= table:
+                reused.append(admission.row)
+        if len(self.vocab) > table:
+            self.trainer.grow_items(len(self.vocab))
+        self.trainer.reset_items(reused)
+        return rows, evicted, added
 
     @torch.no_grad()
     def health(self) -> dict:
@@ -225,14 +321,29 @@ class OnlineLearner:
     @torch.no_grad()
     def snapshot_state(self) -> LearnerState:
         """Copies of everything a snapshot and a serving index need (see LearnerState)."""
-        return capture_state(self.model, self.steps)
+        return capture_state(self.model, self.steps, item_ids=self.item_ids())
 
     @torch.no_grad()
     def capture(self) -> tuple[LearnerState, dict]:
         """snapshot_state() and health() together, from one pass of the item tower and codebooks over the
         catalogue (each alone makes that pass; the worker takes both for every snapshot)."""
         cat = self.model.catalogue()
-        return capture_state(self.model, self.steps, cat), {**model_health(self.model, cat), "steps": self.steps}
+        state = capture_state(self.model, self.steps, cat, self.item_ids())
+        return state, {**model_health(self.model, cat), "steps": self.steps}
+
+    def item_ids(self) -> tuple[ItemId, ...] | None:
+        """The external id of rows 1..N, or None when row i is item i (LearnerState.item_ids)."""
+        return None if self.vocab.is_identity() else tuple(self.vocab.ids()[1:])
+
+
+def restored_vocab(num_items: int, item_ids: Sequence[ItemId] | None, catalogue: CatalogueConfig) -> ItemVocab:
+    """The vocabulary of a snapshot's item table of `num_items` rows (item_ids None: row i is item i); raises
+    ValueError when it does not fit the table or `catalogue.max_items`."""
+    if item_ids is not None and len(item_ids) != num_items:
+        raise ValueError(f"the snapshot names {len(item_ids)} items for an item table of {num_items}")
+    if item_ids is None:
+        return ItemVocab.identity(num_items, catalogue.max_items, catalogue.on_full)
+    return ItemVocab(catalogue.max_items, catalogue.on_full, item_ids)
 
 
 def config_differences(config: Mapping, cfg: SparcConfig, *, training_only: bool = False) -> list[str]:
@@ -285,15 +396,22 @@ def model_health(model: SparcModel, cat: Catalogue | None = None) -> dict:
 
 
 @torch.no_grad()
-def capture_state(model: SparcModel, steps: int = 0, cat: Catalogue | None = None) -> LearnerState:
-    """Copies of everything a snapshot and a serving index need, taken from `model` (offline or online).
-    `cat`: model.catalogue(), if at hand."""
+def capture_state(
+    model: SparcModel, steps: int = 0, cat: Catalogue | None = None, item_ids: tuple[ItemId, ...] | None = None
+) -> LearnerState:
+    """CPU copies of everything a snapshot and a serving index need, taken from `model` (offline or online, on
+    any device). `cat`: model.catalogue(), if at hand; `item_ids`: the vocabulary (None: row i is item i)."""
     cat = model.catalogue() if cat is None else cat
     return LearnerState(
         config=replace(model.cfg, num_items=model.items.num_items).to_json(),
-        codebooks=model.rq.codebooks.detach().clone().float(),
-        item_codes=cat.codes.detach().clone().long(),
-        item_vectors=cat.z.detach().clone().float(),
-        weights={k: v.detach().clone() for k, v in model.state_dict().items()},
+        codebooks=_cpu_copy(model.rq.codebooks).float(),
+        item_codes=_cpu_copy(cat.codes).long(),
+        item_vectors=_cpu_copy(cat.z).float(),
+        weights={k: _cpu_copy(v) for k, v in model.state_dict().items()},
         steps=steps,
+        item_ids=item_ids,
     )
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)

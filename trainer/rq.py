@@ -19,10 +19,10 @@ from torch import nn
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
     """Plain Lloyd k-means. x: (N, D) -> centroids (k, D). With N < k, points are sampled with replacement."""
     n = x.shape[0]
-    if n >= k:
-        idx = torch.randperm(n, generator=generator)[:k]
+    if n >= k:  # picks drawn on the CPU (the trainer's generator lives there) whatever x's device
+        idx = torch.randperm(n, generator=generator, device="cpu")[:k]
     else:
-        idx = torch.randint(0, n, (k,), generator=generator)
+        idx = torch.randint(0, n, (k,), generator=generator, device="cpu")
     centroids = x[idx].clone()
     for _ in range(iters):
         assign = torch.cdist(x, centroids).argmin(dim=1)  # (N,)
@@ -98,7 +98,7 @@ class VectorQuantizer(nn.Module):
         dead = (self.cluster_size < self.dead_threshold).nonzero().flatten()
         if dead.numel() == 0 or x.shape[0] == 0:
             return 0
-        pick = torch.randint(0, x.shape[0], (dead.numel(),), generator=generator)
+        pick = torch.randint(0, x.shape[0], (dead.numel(),), generator=generator, device="cpu")
         fresh = x.detach().float()[pick]
         self.codebook[dead] = fresh
         self.embed_sum[dead] = fresh

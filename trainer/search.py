@@ -576,17 +576,18 @@ def served_scores(scores, item_codes, codes, weights, k: int, *, exploit: int | 
         width = min(k, scores.shape[1])
         explore_v, explore_at = lift.topk(width, dim=1)
         room = k - taken.sum(dim=1, keepdim=True)  # (S, 1)
-        explore_ok = (torch.arange(width)[None, :] < room) & torch.isfinite(explore_v)
+        explore_ok = (torch.arange(width, device=scores.device)[None, :] < room) & torch.isfinite(explore_v)
         head_v, head_at = head.topk(min(exploit, scores.shape[1]), dim=1)
         out = torch.full_like(scores, -math.inf)
-        slots = torch.arange(2 * k, 0, -1, dtype=scores.dtype)  # 2k, 2k-1, ..., 1: a value per slot
+        # 2k, 2k-1, ..., 1: a value per slot
+        slots = torch.arange(2 * k, 0, -1, dtype=scores.dtype, device=scores.device)
         out.scatter_(1, head_at, torch.where(torch.isfinite(head_v), slots[None, : head_at.shape[1]], -math.inf))
         value = torch.where(explore_ok, slots[k : k + width][None, :], -math.inf)
-        rows = torch.arange(scores.shape[0])[:, None].expand_as(explore_at)
+        rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(explore_at)
         out[rows[explore_ok], explore_at[explore_ok]] = value[explore_ok]
         return out
     S, K = codes.shape
-    quotas = torch.from_numpy(allocate_quotas_rows(np.asarray(weights), k))  # (S, K)
+    quotas = torch.from_numpy(allocate_quotas_rows(np.asarray(weights), k)).to(scores.device)  # (S, K)
     vals, ids = [], []
     for j in range(K):
         member = item_codes[None, :] == codes[:, j, None]  # (S, N+1)
@@ -596,16 +597,16 @@ def served_scores(scores, item_codes, codes, weights, k: int, *, exploit: int | 
     vals, ids = torch.stack(vals, 1), torch.stack(ids, 1)  # (S, K, k)
     finite = torch.isfinite(vals)
     take = torch.minimum(quotas, finite.sum(-1))  # each code's own slots
-    within = torch.arange(vals.shape[-1])[None, None, :] < take[..., None]
+    within = torch.arange(vals.shape[-1], device=scores.device)[None, None, :] < take[..., None]
     free = k - take.sum(1)  # slots short lists could not fill, for the best of the rest
     pool = vals.masked_fill(within | ~finite, -math.inf).reshape(S, -1)
     pool_v, pool_at = pool.topk(min(k, pool.shape[1]), dim=1)
-    pool_keep = (torch.arange(pool_v.shape[1])[None, :] < free[:, None]) & torch.isfinite(pool_v)
+    pool_keep = (torch.arange(pool_v.shape[1], device=scores.device)[None, :] < free[:, None]) & torch.isfinite(pool_v)
     chosen = torch.cat([ids.masked_fill(~within, 0).reshape(S, -1),
                         ids.reshape(S, -1).gather(1, pool_at).masked_fill(~pool_keep, 0)], dim=1)
     keep = torch.cat([within.reshape(S, -1), pool_keep], dim=1)
     out = torch.full_like(scores, -math.inf)
-    rows = torch.arange(S)[:, None].expand_as(chosen)
+    rows = torch.arange(S, device=scores.device)[:, None].expand_as(chosen)
     out[rows[keep], chosen[keep]] = scores[rows[keep], chosen[keep]]
     return out
 
@@ -619,7 +620,8 @@ def explore_ranking(scores, bias, exploit: int):
     lift = scores + bias
     top_v, top_at = scores.topk(min(exploit, scores.shape[1]), dim=1)
     ceiling = lift.masked_fill(~torch.isfinite(lift), -math.inf).amax(dim=1, keepdim=True)
-    above = ceiling + torch.arange(top_at.shape[1], 0, -1, dtype=scores.dtype)[None, :]  # ceiling + E, ..., + 1
+    steps = torch.arange(top_at.shape[1], 0, -1, dtype=scores.dtype, device=scores.device)
+    above = ceiling + steps[None, :]  # ceiling + E, ..., + 1
     return lift.scatter(1, top_at, torch.where(torch.isfinite(top_v), above, -math.inf))
 
 

@@ -24,8 +24,9 @@ def pad_attributes(item_attributes: dict[int, list[int]], num_items: int) -> tor
 class ItemTower(nn.Module):
     """z_i = ID embedding_i + W * mean(attribute embeddings of i).   (N+1, D); row 0 is padding.
 
-    The ID table grows with `grow_` when unseen items arrive; a new item's ID row starts at zero, so its z
-    comes from its attributes alone until it has interactions.
+    The ID table grows with `grow_` when unseen items arrive, and a row handed to another item is cleared with
+    `reset_rows_`; a new item's ID row starts at zero, so its z comes from its attributes alone until it has
+    interactions.
     """
 
     def __init__(self, num_items: int, dim: int, num_attributes: int = 0, attributes: torch.Tensor | None = None,
@@ -83,25 +84,36 @@ class ItemTower(nn.Module):
         """
         grown = False
         if num_items > self.num_items:
-            extra = torch.zeros(num_items - self.num_items, self.dim)
+            extra = self.id_embedding.new_zeros(num_items - self.num_items, self.dim)
             self.id_embedding = nn.Parameter(torch.cat([self.id_embedding.data, extra]))
-            self.counts = torch.cat([self.counts, torch.zeros(num_items + 1 - self.counts.shape[0])])
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(num_items + 1 - self.counts.shape[0])])
             if self.use_attributes:
-                pad = torch.zeros(num_items - self.attributes.shape[0] + 1, self.attributes.shape[1], dtype=torch.long)
+                pad = self.attributes.new_zeros(num_items - self.attributes.shape[0] + 1, self.attributes.shape[1])
                 self.attributes = torch.cat([self.attributes, pad])
             grown = True
         if item_attributes and self.use_attributes:
             limit = self.attr_embedding.num_embeddings
             width = max(len(a) for a in item_attributes.values())
             if width > self.attributes.shape[1]:
-                pad = torch.zeros(self.attributes.shape[0], width - self.attributes.shape[1], dtype=torch.long)
+                pad = self.attributes.new_zeros(self.attributes.shape[0], width - self.attributes.shape[1])
                 self.attributes = torch.cat([self.attributes, pad], dim=1)
             for item, attrs in item_attributes.items():
                 kept = [a for a in attrs if 0 < a < limit]
                 self.attributes[item].zero_()
                 if kept:
-                    self.attributes[item, : len(kept)] = torch.as_tensor(kept)
+                    self.attributes[item, : len(kept)] = torch.as_tensor(kept, device=self.attributes.device)
         return grown
+
+    @torch.no_grad()
+    def reset_rows_(self, rows: list[int]) -> None:
+        """Make `rows` new items again (rows reused for other items): zero ID rows, no attributes, no counts."""
+        if not rows:
+            return
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.id_embedding.device)
+        self.id_embedding[idx] = 0.0
+        self.counts[idx] = 0.0
+        if self.use_attributes:
+            self.attributes[idx] = 0
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -144,7 +156,8 @@ class CausalEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        pos = (lengths[:, None] - 1 - torch.arange(t)[None, :]).clamp(min=0, max=self.cfg.max_len - 1)  # (B, T)
+        back = lengths[:, None] - 1 - torch.arange(t, device=x.device)[None, :]
+        pos = back.clamp(min=0, max=self.cfg.max_len - 1)  # (B, T)
         h = x * math.sqrt(d) + self.position(pos)
         h = F.dropout(h, self.cfg.dropout, self.training)
         for block in self.blocks:
@@ -185,4 +198,4 @@ def length_buckets(longest: int) -> list[int]:
 
 def last_state(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """H (B, T, D), lengths (B,) -> the state at each sequence's last item (B, D)."""
-    return h[torch.arange(h.shape[0]), (lengths - 1).clamp(min=0)]
+    return h[torch.arange(h.shape[0], device=h.device), (lengths - 1).clamp(min=0)]

@@ -7,6 +7,7 @@
 #   broker.sh status             exit 0 and print the address if it runs and answers, non-zero otherwise
 #   broker.sh stop [--keep-data] SIGTERM, SIGKILL after SPARC_KAFKA_STOP_TIMEOUT s; drops the data dir
 #   broker.sh address            print the bootstrap address start would announce (checks nothing)
+#   broker.sh client-config      secured mode: print the path of the JSON file that says how a client connects
 #
 # Environment (all optional):
 #   SPARC_CACHE                  cache root (default ~/.cache/sparc-stream); jars go to kafka-<pom sha>/libs
@@ -17,6 +18,12 @@
 #   SPARC_KAFKA_START_TIMEOUT    seconds to wait for readiness (default 120)
 #   SPARC_KAFKA_STOP_TIMEOUT     seconds between SIGTERM and SIGKILL (default 20)
 #   SPARC_KAFKA_KEEP_DATA=1      stop keeps the data dir (same as --keep-data)
+#   SPARC_KAFKA_SECURITY=sasl_ssl secured mode: two more listeners beside the PLAINTEXT one (which stays as it is):
+#                                SASL_SSL (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512; user "sparc") and SSL with client
+#                                certificates required; a CA, the broker's and a client's certificates (openssl) and
+#                                the user's password are made in $SPARC_KAFKA_DIR/tls on the first secured start
+#   SPARC_KAFKA_SASL_SSL_PORT    SASL_SSL listener port (default PORT + 2)
+#   SPARC_KAFKA_SSL_PORT         SSL listener port (default PORT + 3)
 #
 # Progress goes to stderr so that stdout carries only what callers parse (the address).
 set -euo pipefail
@@ -29,6 +36,10 @@ controller_port="${SPARC_KAFKA_CONTROLLER_PORT:-39093}"
 num_partitions="${SPARC_KAFKA_NUM_PARTITIONS:-1}"
 start_timeout="${SPARC_KAFKA_START_TIMEOUT:-120}"
 stop_timeout="${SPARC_KAFKA_STOP_TIMEOUT:-20}"
+security="${SPARC_KAFKA_SECURITY:-plaintext}"
+sasl_ssl_port="${SPARC_KAFKA_SASL_SSL_PORT:-$((port + 2))}"
+ssl_port="${SPARC_KAFKA_SSL_PORT:-$((port + 3))}"
+sasl_user=sparc
 
 host=127.0.0.1
 address="$host:$port"
@@ -39,6 +50,7 @@ pid_file="$state/broker.pid"
 data_dir="$state/data"
 log_dir="$state/logs"
 server_log="$log_dir/server.log"   # written by log4j2 (see write_config)
+tls="$state/tls"                   # secured mode: certificates, keys, the user's password, client.json
 stdout_log="$log_dir/stdout.log"   # the JVM's own stdout/stderr (crashes before logging starts)
 
 say() { echo "kafka: $*" >&2; }
@@ -120,17 +132,24 @@ cluster_id() {
 }
 
 write_config() {
+  local listeners="PLAINTEXT://$host:$port,CONTROLLER://$host:$controller_port"
+  local advertised="PLAINTEXT://$address" protocols="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+  if secured; then
+    listeners="$listeners,SASL_SSL://$host:$sasl_ssl_port,SSL://$host:$ssl_port"
+    advertised="$advertised,SASL_SSL://$host:$sasl_ssl_port,SSL://$host:$ssl_port"
+    protocols="$protocols,SASL_SSL:SASL_SSL,SSL:SSL"
+  fi
   cat >"$state/server.properties" <<EOF
 # Written by deploy/kafka/broker.sh start; rewritten on every fresh start.
 # One node is both broker and controller (KRaft, static quorum), on loopback only.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$host:$controller_port
-listeners=PLAINTEXT://$host:$port,CONTROLLER://$host:$controller_port
-advertised.listeners=PLAINTEXT://$address
+listeners=$listeners
+advertised.listeners=$advertised
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=$protocols
 log.dirs=$data_dir
 
 # One node: every internal topic has one replica (and one partition, it is small and fast).
@@ -153,6 +172,23 @@ num.network.threads=2
 num.io.threads=4
 num.recovery.threads.per.data.dir=1
 EOF
+  if secured; then
+    cat >>"$state/server.properties" <<EOF
+
+# Secured mode (SPARC_KAFKA_SECURITY=sasl_ssl): TLS from the PEM files make_tls wrote; SASL users on SASL_SSL
+# (PLAIN from this JAAS line, SCRAM from the metadata log: StorageTool --add-scram at format); client
+# certificates required on SSL.
+ssl.keystore.type=PEM
+ssl.keystore.location=$tls/broker.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$tls/ca.pem
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$sasl_user="$(cat "$tls/password")";
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.ssl.ssl.client.auth=required
+EOF
+  fi
 
   # The jars carry no log4j2 config. INFO is needed for "Kafka Server started" (kafka.server.KafkaRaftServer).
   cat >"$state/log4j2.xml" <<EOF
@@ -172,6 +208,52 @@ EOF
   </Loggers>
 </Configuration>
 EOF
+}
+
+secured() {
+  case "$security" in
+    sasl_ssl) return 0 ;;
+    plaintext) return 1 ;;
+    *) die "SPARC_KAFKA_SECURITY must be plaintext or sasl_ssl, not '$security'" ;;
+  esac
+}
+
+# The secured mode's TLS material and user, kept in the state dir across starts (so --keep-data keeps working): a
+# CA; the broker's key and certificate for 127.0.0.1 and localhost (broker.pem: PKCS#8 key + chain, Kafka's PEM
+# keystore); a client key and certificate (for SSL's required client auth), all remade when missing or within a
+# day of expiring; the user's random password (made once: SCRAM credentials live in the metadata log); and
+# client.json, which says how a client connects (listeners, files, user) for tests and tools.
+make_tls() {
+  command -v openssl >/dev/null || die "openssl not found: the secured mode makes its certificates with it"
+  mkdir -p "$tls"
+  (
+    set -e
+    cd "$tls"
+    if [ ! -s password ]; then
+      head -c 18 /dev/urandom | base64 | tr '+/' '-_' >password
+      chmod 600 password
+    fi
+    if ! openssl x509 -checkend 86400 -noout -in broker.crt >/dev/null 2>&1 || [ ! -s client.pem ]; then
+      echo "kafka: making a CA, the broker's and a client's certificates in $tls" >&2
+      ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+      openssl req -x509 "${ec[@]}" -keyout ca.key -out ca.pem -days 365 -subj "/CN=sparc-test-ca" 2>/dev/null
+      printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >broker.ext
+      openssl req "${ec[@]}" -keyout broker.key -out broker.csr -subj "/CN=localhost" 2>/dev/null
+      openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out broker.crt -days 365 \
+        -extfile broker.ext 2>/dev/null
+      openssl req "${ec[@]}" -keyout client.key -out client.csr -subj "/CN=sparc-client" 2>/dev/null
+      openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 365 \
+        2>/dev/null
+      { openssl pkcs8 -topk8 -nocrypt -in broker.key; cat broker.crt ca.pem; } >broker.pem
+      chmod 600 ./*.key broker.pem
+    fi
+    cat >client.json <<EOF
+{"sasl_ssl": "$host:$sasl_ssl_port", "ssl": "$host:$ssl_port", "plaintext": "$address",
+ "sasl_username": "$sasl_user", "sasl_password_file": "$tls/password",
+ "sasl_mechanisms": ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"],
+ "ssl_cafile": "$tls/ca.pem", "ssl_certfile": "$tls/client.pem", "ssl_keyfile": "$tls/client.key"}
+EOF
+  ) || die "making the certificates in $tls failed"
 }
 
 # Wait until the log says "Kafka Server started" AND the probe answers. Fails if the JVM dies on the way.
@@ -213,8 +295,9 @@ start() {
     say "removing a stale pid file ($(cat "$pid_file" 2>/dev/null))"
     rm -f "$pid_file"
   fi
-  local p
-  for p in "$port" "$controller_port"; do
+  local p ports=("$port" "$controller_port")
+  if secured; then ports+=("$sasl_ssl_port" "$ssl_port"); make_tls; fi
+  for p in "${ports[@]}"; do
     if port_in_use "$p"; then
       die "port $p on $host is in use by another process (set SPARC_KAFKA_PORT / SPARC_KAFKA_CONTROLLER_PORT)"
     fi
@@ -229,14 +312,22 @@ start() {
 
   local java_opts=(-Xms128m -Xmx512m -XX:+UseSerialGC -Djava.awt.headless=true
                    "-Dlog4j2.configurationFile=$state/log4j2.xml")
+  local scram=() mechanism
+  if secured; then
+    for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
+      scram+=(--add-scram "$mechanism=[name=$sasl_user,password=$(cat "$tls/password")]")
+    done
+  fi
   say "formatting storage in $data_dir"
   if ! java "${tool_opts[@]}" "${java_opts[@]}" -cp "$libs/*" kafka.tools.StorageTool format \
-      -t "$(cluster_id)" -c "$state/server.properties" --ignore-formatted >&2; then
+      -t "$(cluster_id)" -c "$state/server.properties" --ignore-formatted "${scram[@]}" >&2; then
     show_logs
     die "formatting the storage failed (StorageTool, see above); config in $state/server.properties"
   fi
 
-  say "starting the broker on $address (controller $host:$controller_port); logs in $log_dir"
+  local extra=""
+  if secured; then extra="; SASL_SSL $host:$sasl_ssl_port, SSL $host:$ssl_port (client certificates required)"; fi
+  say "starting the broker on $address (controller $host:$controller_port$extra); logs in $log_dir"
   # setsid: its own session, so the caller's Ctrl-C or exit does not take it down. The inner shell writes
   # its own pid, then execs java in place (so the pid is the JVM's). 9>&-: the broker must not inherit the
   # start/stop lock, or it would hold it for its whole life.
@@ -317,7 +408,7 @@ stop() {
 }
 
 usage() {
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in
@@ -325,6 +416,9 @@ case "${1:-}" in
   start) start ;;
   status) status ;;
   address) echo "$address" ;;
+  client-config)
+    { secured && [ -f "$tls/client.json" ]; } || die "no secured broker here: start it with SPARC_KAFKA_SECURITY=sasl_ssl"
+    echo "$tls/client.json" ;;
   stop) shift; stop "$@" ;;
   -h | --help | help) usage ;;
   *) usage >&2; exit 2 ;;
