@@ -4,7 +4,8 @@ One model configuration per run (`--set FIELD=VALUE`, as `sparc replay --set`, o
 defaults), replayed twice through the prequential engine (test-then-train, the worker's learning step):
 
   Beauty   `--data` (an S3-Rec folder with timestamps) in time order, the evolving model, scored as served soft
-           search with 20 slots (what /retrieve returns) and ranked over the whole catalogue, 16 events per
+           search with 20 slots (what /retrieve returns; with --exploit E --lift L its exploration slots: the
+           first E by probability, the rest by p(i|u) / q(i)^lift) and ranked over the whole catalogue, 16 events per
            micro-batch, windows of 20,000 events (the README's replay): level-1 churn per window (items whose
            level-1 code changed since the previous window), users' top-interest churn, Recall@20, new items that
            reached 10 retrievals, codebook health at the end;
@@ -34,6 +35,7 @@ import torch
 
 from benchmarks.common import write_json
 from benchmarks.drift_bench import parse_overrides, replay_ranks, stream_config
+from cli.allocator import tune_allocator
 from cli.errors import UserError
 from cli.evaluate import parse_sparc_set
 from replay.plots import plot_churn_tradeoff
@@ -45,20 +47,26 @@ from trainer.config import SparcConfig, TrainConfig
 SERVED, RANKED = ScoreMode(served=20), ScoreMode()
 
 
-def beauty(data: str, overrides: dict, limit: int | None, window: int, per_batch: int) -> dict:
+def served_mode(exploit: int | None = None, lift: float = 1.0) -> ScoreMode:
+    """What the Beauty replay scores as served: 20 slots of soft search, with exploration slots when `exploit`."""
+    return SERVED if exploit is None else ScoreMode(served=SERVED.served, exploit=exploit, lift=lift)
+
+
+def beauty(data: str, overrides: dict, limit: int | None, window: int, per_batch: int,
+           served: ScoreMode = SERVED) -> dict:
     """The evolving model over the dataset in time order: served / ranked accuracy, reach, churn, health."""
     source = open_source(data)
     total = source.feedback if limit is None else min(source.feedback or limit, limit)
     settings = ReplaySettings(model=worker_model_config(**overrides), train=TrainConfig(batch_size=64),
-                              regimes=("evolving",), modes=(SERVED, RANKED), window_events=window,
+                              regimes=("evolving",), modes=(served, RANKED), window_events=window,
                               eval_per_batch=per_batch)
-    return summarise(replay(take_feedback(source.records(), limit), settings, total))
+    return summarise(replay(take_feedback(source.records(), limit), settings, total), served)
 
 
-def summarise(report: dict) -> dict:
+def summarise(report: dict, served_as: ScoreMode = SERVED) -> dict:
     """What the trade-off needs from a replay report with the evolving variants soft:served=20 and soft (the
     `sparc replay --variants evolving --modes soft,soft:served=20` report of the same model is one)."""
-    served, ranked = (report["variants"][f"evolving/{m.name}"] for m in (SERVED, RANKED))
+    served, ranked = (report["variants"][f"evolving/{m.name}"] for m in (served_as, RANKED))
     o = served["overall"]
     last = served["windows"][-1]
     churn = [w["level1_changed_share"] for w in served["windows"] if w["level1_changed_share"] is not None]
@@ -76,7 +84,7 @@ def summarise(report: dict) -> dict:
     }
 
 
-def reported(path: Path, overrides: dict) -> dict:
+def reported(path: Path, overrides: dict, served: ScoreMode = SERVED) -> dict:
     """`summarise` of an earlier replay report, after checking that it replayed the same model."""
     report = json.loads(path.read_text())
     model = SparcConfig.from_json(report["settings"]["model"]).to_json()  # fields added since: their defaults
@@ -84,7 +92,7 @@ def reported(path: Path, overrides: dict) -> dict:
     differs = sorted(k for k in expected if k != "num_items" and model[k] != expected[k])
     if differs:
         raise ValueError(f"{path}: its model differs from this configuration in {', '.join(differs)}")
-    return summarise(report)
+    return summarise(report, served)
 
 
 def shifts(seed: int, overrides: dict, stream_overrides: dict, pre: int, width: int, step: int) -> dict:
@@ -117,6 +125,7 @@ def shifts(seed: int, overrides: dict, stream_overrides: dict, pre: int, width: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # as every entry point does (cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.churn_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="S3-Rec dataset folder replayed in time order (e.g. amazon_beauty)")
@@ -136,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pre", type=int, default=3000, help="shift stream: events before a shift for its level")
     p.add_argument("--width", type=int, default=2000, help="shift stream: events per window (recovery, churn)")
     p.add_argument("--step", type=int, default=500, help="shift stream: events between recovery windows")
+    p.add_argument("--exploit", type=int, default=None, metavar="E",
+                   help="served lists with exploration slots: the first E by probability (default: none)")
+    p.add_argument("--lift", type=float, default=1.0, help="with --exploit: the rest by p(i|u) / q(i)^lift (1)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="draw the trade-off from the JSON files given")
     p.add_argument("results", nargs="*", type=Path, help="with --plot: JSON results of earlier runs")
     args = p.parse_args(argv)
@@ -151,14 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_sparc_set(args.sparc_set)
         worker_model_config(**overrides)
+        served = served_mode(args.exploit, args.lift)
         stream_overrides = parse_overrides(args.stream)
     except (UserError, ValueError, TypeError) as exc:
         p.exit(2, f"churn_bench: {exc}\n")
     torch.set_num_threads(1)
     started = time.perf_counter()
     try:
-        on_data = (reported(args.data_report, overrides) if args.data_report
-                   else beauty(args.data, overrides, args.limit, args.window, args.eval_per_batch))
+        on_data = (reported(args.data_report, overrides, served) if args.data_report
+                   else beauty(args.data, overrides, args.limit, args.window, args.eval_per_batch, served))
     except (SourceError, ValueError) as exc:
         p.exit(2, f"churn_bench: {exc}\n")
     print(f"{args.data or args.data_report}: served R@20 {on_data['served_recall@20']:.4f}, "
@@ -172,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "interest churn against accuracy and recovery",
         "command": " ".join(["python -m benchmarks.churn_bench", *(sys.argv[1:] if argv is None else argv)]),
         "label": args.label or (", ".join(args.sparc_set) or "worker defaults"),
-        "set": overrides, "model": worker_model_config(**overrides).to_json(), "torch_threads": 1,
+        "set": overrides, "served": served.name, "model": worker_model_config(**overrides).to_json(),
+        "torch_threads": 1,
         "data": on_data, "shift_stream": on_shifts, "seconds": time.perf_counter() - started,
     })
     return 0

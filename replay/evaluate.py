@@ -62,6 +62,7 @@ def _metrics_block(score_fn, split: LeaveOneOut, max_len: int, train_counts: np.
         "cold_users": int(cold.sum()),
     }
     out.update(coverage_and_tail(test["top"], train_counts, split.num_items))
+    out.update({f"valid_{k}": v for k, v in coverage_and_tail(valid["top"], train_counts, split.num_items).items()})
     out["_top"] = test["top"]  # the test lists, for interests_per_list once a SPARC model gives codes (not in JSON)
     return out
 

@@ -560,10 +560,16 @@ def test_churn_benchmark_end_to_end(tmp_path):
 
     rep = tmp_path / "rep"
     assert sparc(["replay", "--events", "synthetic:2?users=30&events=480&items=60&topics=4", "--variants",
-                  "evolving", "--modes", "soft,soft:served=20", "--window", "160", "--eval-per-batch", "16",
+                  "evolving", "--modes", "soft,soft:served=20,soft:served=20:x=10:lift=1", "--window", "160",
+                  "--eval-per-batch", "16",
                   "--codes", "8", "--set", "ema_decay=0.999", "--report", str(rep), "--quiet"]) == 0
     again = churn_bench.reported(rep / "report.json", {"codes": 8, "ema_decay": 0.999})
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in d.items() if k != "seconds"}
+    # served with exploration slots (--exploit 10 --lift 1): the same model and churn, its own served lists
+    explored = churn_bench.reported(rep / "report.json", {"codes": 8, "ema_decay": 0.999}, churn_bench.served_mode(10))
+    assert churn_bench.served_mode(10).name == "soft:served=20:x=10:lift=1"
+    assert (explored["ranked_recall@20"], explored["level1_churn"]) == (d["ranked_recall@20"], d["level1_churn"])
+    assert 0 <= explored["served_recall@20"] <= 1 and explored["served_coverage@20"] > 0
     with pytest.raises(ValueError, match="differs from this configuration in ema_decay"):
         churn_bench.reported(rep / "report.json", {"codes": 8})
     other = tmp_path / "other.json"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.sparc_ablation import main
 from replay.evaluate import EvalSettings
 from tests.test_cli_evaluate import write_dataset
@@ -18,7 +20,7 @@ def test_scores_one_model_every_way_and_chooses_on_validation(tmp_path):
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["set"] == {"attribute_dropout": 0.5, "conditioned_detach": False}
-    assert report["epochs"] == 4 and report["threads"] == 1
+    assert report["sparc_fit"]["epochs"] == 4 and report["threads"] == 1
     assert set(report["scorings"]) == {"soft/mix=0.0", "soft/mix=0.5", "soft/mix=0.9", "soft/mix=1.0", "hard",
                                        "soft/x=10:lift=0.5", "soft/x=10:lift=1"}
     plain, explored = report["scorings"]["soft/mix=0.0"], report["scorings"]["soft/x=10:lift=1"]
@@ -29,6 +31,37 @@ def test_scores_one_model_every_way_and_chooses_on_validation(tmp_path):
     for scoring in report["scorings"].values():
         assert 0 < scoring["coverage@20"] <= 1
         assert 0 <= scoring["ndcg@10"] <= scoring["recall@10"] <= scoring["recall@20"] <= 1
+
+
+def test_saved_models_are_scored_again_and_exploration_is_chosen_on_validation(tmp_path):
+    """--models-dir: the first run trains and saves SPARC and SASRec, the second loads them and scores the same
+    numbers; the exploration setting chosen is the smallest lift that reaches SASRec's validation discovery."""
+    data = write_dataset(tmp_path / "tiny")
+    runs = []
+    for name in ("first", "again"):
+        out = tmp_path / f"{name}.json"
+        assert main(["--data", str(data), "--max-epochs", "2", "--threads", "1", "--sasrec", "--models-dir",
+                     str(tmp_path / "models"), "--exploit-grid", "4,10", "--lift-grid", "0,4", "--out", str(out)]) == 0
+        runs.append(json.loads(out.read_text()))
+    first, again = runs
+    assert "loaded_from" not in first["sparc_fit"] and again["sparc_fit"]["loaded_from"].endswith("sparc.safetensors")
+    assert again["sasrec_fit"]["epochs"] == first["sasrec_fit"]["epochs"] == 2
+    assert again["scorings"] == first["scorings"]
+    scorings, sasrec = first["scorings"], first["scorings"]["sasrec"]
+    assert set(scorings) >= {"sasrec", "soft/x=4:lift=0", "soft/x=4:lift=4", "soft/x=10:lift=0", "soft/x=10:lift=4"}
+
+    def reaches(r):
+        return (r["valid_coverage@20"] >= 0.95 * sasrec["valid_coverage@20"]
+                and r["valid_tail_share@20"] >= sasrec["valid_tail_share@20"]
+                and r["valid_recall@10"] >= sasrec["valid_recall@10"] and r["valid_ndcg@10"] >= sasrec["valid_ndcg@10"])
+
+    ok = sorted((r["lift"], -r["exploit"], name) for name, r in scorings.items() if "lift" in r and reaches(r))
+    assert first["chosen_explore"] == (ok[0][2] if ok else None)
+    # a saved model is not loaded under other settings
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(data), "--max-epochs", "2", "--seed", "1", "--models-dir", str(tmp_path / "models"),
+              "--out", str(tmp_path / "x.json")])
+    assert exc.value.code == 2 and not (tmp_path / "x.json").exists()
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
