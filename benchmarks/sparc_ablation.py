@@ -17,7 +17,8 @@ SASRec's (none: no setting qualifies).
 
 --models-dir DIR keeps the trained models (DIR/sparc.safetensors, DIR/sasrec.safetensors, each with a JSON of its
 seed, --set and fit) and loads one found there instead of training it again (its seed and --set must match), so
-serving-time variants are scored on one trained model without retraining:
+serving-time variants are scored on one trained model without retraining (and --resume JSON keeps the scorings of
+an earlier result on the same saved model):
 
     python -m benchmarks.sparc_ablation --data ../shared/datasets/amazon_beauty --threads 1 --sasrec \
         --models-dir runs/ablation/beauty_s0 --exploit-grid 10,15 --lift-grid 0.5,1,1.5 --out runs/ablation/s0.json
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sasrec", action="store_true", help="score SASRec of the same seed beside SPARC")
     p.add_argument("--models-dir", type=Path, default=None,
                    help="save the trained models here, or load them from here when saved with this seed and --set")
+    p.add_argument("--resume", type=Path, default=None, metavar="JSON",
+                   help="an earlier result of this benchmark on the same saved SPARC model (--models-dir): its "
+                        "scorings are kept, only the others are scored")
     p.add_argument("--out", type=Path, required=True, help="write the JSON result here")
     args = p.parse_args(argv)
     if args.threads:
@@ -186,8 +190,21 @@ def main(argv: list[str] | None = None) -> int:
             p.exit(2, f"sparc_ablation: {exc}\n")
         print(f"sasrec: {baseline}", flush=True)
         scorings["sasrec"] = model_scorer(sas)
+    kept = {}
+    if args.resume:
+        prev = json.loads(args.resume.read_text())
+        def fit_info(info: dict) -> dict:  # the saved model's fit, whether that run trained it or loaded it
+            return {k: v for k, v in info.items() if k != "loaded_from"}
+
+        if "loaded_from" not in fitted or (prev["seed"], prev["set"], fit_info(prev["sparc_fit"])) != (
+                args.seed, settings.sparc, fit_info(fitted)):
+            p.exit(2, f"sparc_ablation: --resume {args.resume}: not a result of the same saved model\n")
+        kept = prev["scorings"]
     results, codes = {}, model.catalogue().level1().cpu().numpy()
     for name, fn in scorings.items():
+        if name in kept:
+            results[name] = kept[name]
+            continue
         results[name] = summary(_metrics_block(fn, split, max_len, counts), codes)
         if name in explored:
             results[name].update(exploit=explored[name][0], lift=explored[name][1])

@@ -57,6 +57,14 @@ def test_saved_models_are_scored_again_and_exploration_is_chosen_on_validation(t
 
     ok = sorted((r["lift"], -r["exploit"], name) for name, r in scorings.items() if "lift" in r and reaches(r))
     assert first["chosen_explore"] == (ok[0][2] if ok else None)
+    # --resume: the scorings of the first result are kept, the new ones scored
+    out = tmp_path / "more.json"
+    assert main(["--data", str(data), "--max-epochs", "2", "--threads", "1", "--models-dir", str(tmp_path / "models"),
+                 "--exploit-grid", "4", "--lift-grid", "0,2", "--resume", str(tmp_path / "first.json"),
+                 "--out", str(out)]) == 0
+    more = json.loads(out.read_text())["scorings"]
+    assert more["soft/x=4:lift=0"] == scorings["soft/x=4:lift=0"] and more["hard"] == scorings["hard"]
+    assert more["soft/x=4:lift=2"]["lift"] == 2 and "sasrec" not in more
     # a saved model is not loaded under other settings
     with pytest.raises(SystemExit) as exc:
         main(["--data", str(data), "--max-epochs", "2", "--seed", "1", "--models-dir", str(tmp_path / "models"),
