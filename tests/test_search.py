@@ -193,25 +193,33 @@ def test_allocate_quotas_rows_equals_allocate_quotas_row_by_row():
         allocate_quotas_rows(np.full((2, 4), 0.25), 3)
 
 
+def random_mixture(rng, items, item_codes, num_codes: int, rows: int):
+    """`rows` users of up to 3 random distinct codes each: (codes (R, K), weights (R, K), user vectors (R, K, D),
+    scores (R, N+1)): each row's log mixture probability log p_k + u_k.z - LSE_k on code c_k's items, -5 elsewhere
+    and -inf at padding."""
+    n_codes = min(3, num_codes)
+    codes = np.stack([rng.choice(num_codes, size=n_codes, replace=False) for _ in range(rows)])
+    weights = rng.dirichlet(np.ones(n_codes), size=rows)
+    users = rng.normal(size=(rows, n_codes, items.shape[1])).astype(np.float32)
+    scores = np.full((rows, len(items)), -5.0)
+    for r in range(rows):
+        for j in range(n_codes):
+            member = np.flatnonzero(item_codes == codes[r, j])
+            member = member[member > 0]
+            dots = (items[member] @ users[r, j]).astype(np.float64)
+            scores[r, member] = np.log(weights[r, j]) + dots - logsumexp(dots)
+    scores[:, 0] = -np.inf
+    return codes, weights, users, scores
+
+
 def test_served_scores_keep_exactly_what_soft_search_serves():
     """The batched form (offline evaluation) against soft_search on a brute-force retriever, row by row."""
     for seed in range(40):
         items, item_codes, num_codes, _, _, _, k = random_case(seed)
         rng = np.random.default_rng(100 + seed)
-        rows, n_codes = 6, min(3, num_codes)
-        codes = np.stack([rng.choice(num_codes, size=n_codes, replace=False) for _ in range(rows)])
-        weights = rng.dirichlet(np.ones(n_codes), size=rows)
-        users = rng.normal(size=(rows, n_codes, items.shape[1])).astype(np.float32)
-        k = max(k, n_codes)
-        # each row's log mixture probability: log p_k + u_k.z - LSE_k on code c_k's items, anything elsewhere
-        scores = np.full((rows, len(items)), -5.0)
-        for r in range(rows):
-            for j in range(n_codes):
-                member = np.flatnonzero(item_codes == codes[r, j])
-                member = member[member > 0]
-                dots = (items[member] @ users[r, j]).astype(np.float64)
-                scores[r, member] = np.log(weights[r, j]) + dots - logsumexp(dots)
-        scores[:, 0] = -np.inf
+        rows = 6
+        codes, weights, users, scores = random_mixture(rng, items, item_codes, num_codes, rows)
+        k = max(k, codes.shape[1])
         served = served_scores(torch.from_numpy(scores), torch.from_numpy(np.where(np.arange(len(items)) == 0, -1,
                                                                                     item_codes)),
                                torch.from_numpy(codes), weights, k).numpy()
@@ -518,21 +526,12 @@ def test_served_scores_with_exploration_keep_soft_searchs_slots_in_order():
     for seed in range(30):
         items, item_codes, num_codes, _, _, _, k = random_case(seed)
         rng = np.random.default_rng(200 + seed)
-        rows, n_codes = 5, min(3, num_codes)
-        codes = np.stack([rng.choice(num_codes, size=n_codes, replace=False) for _ in range(rows)])
-        weights = rng.dirichlet(np.ones(n_codes), size=rows)
-        users = rng.normal(size=(rows, n_codes, items.shape[1])).astype(np.float32)
+        rows = 5
+        codes, weights, users, scores = random_mixture(rng, items, item_codes, num_codes, rows)
+        n_codes = codes.shape[1]
         k = max(k, n_codes + 1)
         exploit = int(rng.integers(n_codes, k))
         bias = rng.normal(scale=2.0, size=len(items))
-        scores = np.full((rows, len(items)), -5.0)
-        for r in range(rows):
-            for j in range(n_codes):
-                member = np.flatnonzero(item_codes == codes[r, j])
-                member = member[member > 0]
-                dots = (items[member] @ users[r, j]).astype(np.float64)
-                scores[r, member] = np.log(weights[r, j]) + dots - logsumexp(dots)
-        scores[:, 0] = -np.inf
         served = served_scores(torch.from_numpy(scores), torch.from_numpy(np.where(np.arange(len(items)) == 0, -1,
                                                                                     item_codes)),
                                torch.from_numpy(codes), weights, k, exploit=exploit,
