@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from test_packaging import PYPROJECT, lock_requirers
 from test_streams_agents import make_worker
 
 from cli.main import build_parser
@@ -232,6 +235,26 @@ def test_the_dockerfile_is_multi_stage_non_root_cpu_torch_and_runs_sparc(routes,
     assert "torch" in lock  # the image installs the lock's torch version from TORCH_INDEX
     run = " ".join(arg for op, arg in steps if op == "RUN")
     assert "--index-url \"$TORCH_INDEX\"" in run and "requirements.lock" in run
+    assert "--require-hashes" in run and "pip check" in run
+
+
+def test_the_image_leaves_out_exactly_what_only_the_test_extra_and_the_cuda_torch_bring():
+    """The Dockerfile's drop lists against the lock: a package the image leaves out is needed by nothing it keeps,
+    and everything that only the `test` extra brings is left out."""
+    run = " ".join(arg for op, arg in dockerfile_instructions() if op == "RUN")
+    test_only = set(re.search(r"drop='([^']+)'", run).group(1).split("|"))
+    cuda = re.search(r'drop="\$drop\|([^"]+)"', run).group(1)
+    via = lock_requirers()
+    test_extra = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["project"]["optional-dependencies"]["test"]}
+    expected, grew = set(test_extra), True
+    while grew:  # packages whose every requirer is in the test-only set
+        more = {name for name, by in via.items() if by and by <= expected and "." not in by}
+        grew, expected = bool(more - expected), expected | more
+    assert test_only == expected
+    dropped = {name for name in via if re.fullmatch(f"({cuda})", name)}
+    assert "torch" in dropped and any(name.startswith("nvidia-") for name in dropped)
+    for name in dropped - {"torch"}:
+        assert via[name] <= dropped, f"{name} is needed by {via[name] - dropped}, which the CPU image keeps"
 
 
 # ------------------------------------------------------------------------------------------- dashboard
