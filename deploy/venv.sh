@@ -24,8 +24,10 @@ if [ ! -f "$venv/.complete" ]; then
     -r "$root/requirements.lock" >&2
   touch "$venv/.complete"
 fi
-if [ "$(cat "$venv/.project-root" 2>/dev/null)" != "$root" ]; then
+# redone when the clone or its pyproject.toml (packages, the `sparc` entry point) changes
+project="$root $(sha256sum "$root/pyproject.toml" | cut -c1-16)"
+if [ "$(cat "$venv/.project-root" 2>/dev/null)" != "$project" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$root" >&2
-  echo "$root" > "$venv/.project-root"
+  echo "$project" > "$venv/.project-root"
 fi
 echo "$venv"
