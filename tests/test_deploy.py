@@ -22,7 +22,7 @@ from packaging.utils import canonicalize_name
 from test_packaging import PYPROJECT, lock_requirers
 from test_streams_agents import make_worker
 
-from cli.main import build_parser
+from sparc_stream.cli.main import build_parser
 from streams.settings import WorkerSettings, read_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_the_chart_runs_the_cli_with_its_config_ports_probes_and_volumes(helm, r
     pod = sts["spec"]["template"]["spec"]
     [container] = pod["containers"]
     args = parse_command(container["args"])
-    assert args.command == "worker" and args.func.__module__ == "cli.worker"
+    assert args.command == "worker" and args.func.__module__ == "sparc_stream.cli.worker"
     config_mount = mounted_at(container, str(args.config))
     assert config_mount["name"] == "config" and config_mount["subPath"] == "sparc.toml"
     [config_volume] = [v for v in pod["volumes"] if v["name"] == "config"]
@@ -229,7 +229,7 @@ def test_the_dockerfile_is_multi_stage_non_root_cpu_torch_and_runs_sparc(routes,
     assert int(dict(steps)["EXPOSE"]) == settings.web_port and settings.web_host == "0.0.0.0"
     health = dict(steps)["HEALTHCHECK"]
     assert f"127.0.0.1:{settings.web_port}/livez" in health and "/livez" in routes
-    for package in ("cli", "trainer", "streams", "codebook_store", "replay"):
+    for package in ("sparc_stream", "trainer", "streams", "codebook_store", "replay"):
         assert package in copied
     lock = {line.split("==")[0] for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
     assert "torch" in lock  # the image installs the lock's torch version from TORCH_INDEX
