@@ -1,13 +1,21 @@
-"""Packaging: ranges in pyproject.toml, exact pins with hashes in requirements.lock, and the environment the tests run
-in is the lock's (every package it holds, transitive ones included)."""
+"""Packaging: ranges in pyproject.toml, exact pins with hashes in requirements.lock, the environment the tests run in
+is the lock's (every package it holds, transitive ones included), and the wheel: only the project's own packages,
+ranges in its metadata, `sparc kafka` outside a checkout."""
 
 from __future__ import annotations
 
+import email
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -97,3 +105,48 @@ def test_this_environment_is_the_lock_and_the_lock_is_closed_under_dependencies(
         todo += [(Requirement(t), frozenset(req.extras)) for t in metadata.requires(req.name) or []]
     unreached = set(lock) - {key.split("[")[0] for key in seen}
     assert not unreached, f"the lock holds packages nothing here needs: {sorted(unreached)}"
+
+
+# ------------------------------------------------------------------------------------------------ the wheel
+
+PACKAGES = {"sparc_stream", "trainer", "streams", "codebook_store", "replay"}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel `pip wheel` builds from a copy of this checkout (a copy, so no earlier build/ leaks into it)."""
+    src, out = tmp_path_factory.mktemp("src") / "sparc-stream", tmp_path_factory.mktemp("wheel")
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs",
+                                                             "state", ".pytest_cache", ".ruff_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(out), str(src)], check=True, capture_output=True, timeout=300)
+    return next(out.glob("sparc_stream-*.whl"))
+
+
+def test_the_wheel_installs_only_the_projects_packages_and_states_ranges(wheel):
+    with zipfile.ZipFile(wheel) as whl:
+        names = whl.namelist()
+        info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        meta = email.message_from_bytes(whl.read(f"{info}/METADATA"))
+        entry_points = whl.read(f"{info}/entry_points.txt").decode()
+    assert {n.split("/")[0] for n in names} - {info} == PACKAGES  # no cli, benchmarks, tests or deploy
+    assert "sparc_stream/cli/main.py" in names
+    assert "sparc = sparc_stream.cli.main:main" in entry_points
+    requires = {canonicalize_name(Requirement(r).name): Requirement(r) for r in meta.get_all("Requires-Dist")}
+    for name in ("faust-streaming", "aiokafka", "mode-streaming", "kafka-python", "torch"):
+        assert requires[name].specifier and "==" not in str(requires[name].specifier), requires[name]
+    assert set(meta.get_all("Provides-Extra")) == {"subscriber", "full", "test"}
+
+
+def test_sparc_kafka_from_an_installed_wheel_says_in_one_line_that_it_needs_a_checkout(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import sparc_stream.cli.kafka as k; print(k.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(target))  # the installed copy, not this checkout
+    run = subprocess.run([str(target / "bin" / "sparc"), "kafka", "status"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "sparc kafka: error: needs a source checkout" in run.stderr, run.stderr
