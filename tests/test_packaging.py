@@ -150,3 +150,16 @@ def test_sparc_kafka_from_an_installed_wheel_says_in_one_line_that_it_needs_a_ch
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and "sparc kafka: error: needs a source checkout" in run.stderr, run.stderr
+
+
+def test_nothing_imports_or_runs_the_old_top_level_cli_package():
+    """The command-line code lives in sparc_stream/cli; a branch written before the move must not bring `cli` back
+    (a module left in cli/, an import of it, or `python -m cli.main`)."""
+    assert not (ROOT / "cli").exists()
+    old = re.compile(r"^\s*(from\s+cli[\s.]|import\s+cli\b)|[\"']-m[\"'],\s*[\"']cli\.|-m cli\.", re.M)
+    skip = {".git", "build", "runs", "state", "__pycache__", ".pytest_cache", ".ruff_cache"}
+    files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".sh", ".yaml", ".toml", ".tpl")
+             or p.name in ("Makefile", "Dockerfile", "run")]
+    offenders = [str(p.relative_to(ROOT)) for p in files if p.is_file() and p != Path(__file__).resolve()
+                 and not skip & set(p.relative_to(ROOT).parts) and old.search(p.read_text(errors="replace"))]
+    assert not offenders, f"still naming the old cli package: {offenders}"
