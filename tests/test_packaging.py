@@ -163,3 +163,22 @@ def test_nothing_imports_or_runs_the_old_top_level_cli_package():
     offenders = [str(p.relative_to(ROOT)) for p in files if p.is_file() and p != Path(__file__).resolve()
                  and not skip & set(p.relative_to(ROOT).parts) and old.search(p.read_text(errors="replace"))]
     assert not offenders, f"still naming the old cli package: {offenders}"
+
+
+def test_the_one_line_missing_install_message_knows_every_extras_modules():
+    """A command that needs more than is installed names the extra to install (sparc_stream/cli/errors.py): each
+    distribution an extra adds is known there by a module of its own, and every module named there belongs to a
+    distribution of that extra, so the map follows pyproject.toml."""
+    from sparc_stream.cli.errors import _EXTRAS, extra_providing
+
+    modules_of: dict[str, set[str]] = {}
+    for module, dists in metadata.packages_distributions().items():
+        for dist in dists:
+            modules_of.setdefault(canonicalize_name(dist), set()).add(module)
+    assert set(_EXTRAS) == {"subscriber", "full"}
+    for extra, named in _EXTRAS.items():
+        dists = {canonicalize_name(Requirement(t).name) for t in PYPROJECT["project"]["optional-dependencies"][extra]}
+        for name in dists - {"sparc-stream"}:
+            assert any(extra_providing(m) == extra for m in modules_of[name]), f"{extra}: {name} is not named"
+        provided = set().union(*(modules_of[name] for name in dists - {"sparc-stream"}))
+        assert set(named) <= provided, f"{extra}: {set(named) - provided} come from no distribution of that extra"
