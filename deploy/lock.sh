@@ -19,7 +19,7 @@ if [ ! -x "$tools/bin/uv" ]; then
 fi
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
-cp requirements.lock "$out"   # uv prefers the versions already in its output file
+if [ -f requirements.lock ]; then cp requirements.lock "$out"; fi   # uv prefers the versions already in its output file
 python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))' \
   | "$tools/bin/uv" pip compile pyproject.toml - --extra full --extra test --generate-hashes \
       --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet -o "$out" "$@"
