@@ -35,13 +35,13 @@ import torch
 
 from benchmarks.common import write_json
 from benchmarks.drift_bench import parse_overrides, replay_ranks, stream_config
-from cli.allocator import tune_allocator
-from cli.errors import UserError
-from cli.evaluate import parse_sparc_set
 from replay.plots import plot_churn_tradeoff
 from replay.prequential import ReplaySettings, ScoreMode, recovery, replay, worker_model_config
 from replay.sources import SourceError, open_source, take_feedback
 from replay.synthetic import generate
+from sparc_stream.cli.allocator import tune_allocator
+from sparc_stream.cli.errors import UserError
+from sparc_stream.cli.evaluate import parse_sparc_set
 from trainer.config import SparcConfig, TrainConfig
 
 SERVED, RANKED = ScoreMode(served=20), ScoreMode()

@@ -41,9 +41,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.common import write_json
-from cli.allocator import tune_allocator
-from cli.errors import UserError
-from cli.evaluate import parse_sparc_set
 from replay.datasets import DataError, leave_one_out, load_s3rec
 from replay.evaluate import (
     EvalSettings,
@@ -56,6 +53,9 @@ from replay.evaluate import (
     validation_subset,
 )
 from replay.metrics import interests_per_list
+from sparc_stream.cli.allocator import tune_allocator
+from sparc_stream.cli.errors import UserError
+from sparc_stream.cli.evaluate import parse_sparc_set
 from trainer.baselines import SASRec
 from trainer.fit import fit
 
@@ -113,7 +113,7 @@ def trained_model(path: Path | None, meta: dict, build, train) -> tuple[torch.nn
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.sparc_ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="S3-Rec dataset folder (e.g. amazon_beauty)")

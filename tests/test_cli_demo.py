@@ -7,7 +7,7 @@ import json
 from types import SimpleNamespace
 
 import trainer.fit
-from cli.main import main
+from sparc_stream.cli.main import main
 
 ARGS = ["demo", "--users", "60", "--events", "1500", "--max-epochs", "4", "--models", "sparc,sasrec", "--quiet"]
 

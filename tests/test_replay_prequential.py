@@ -556,7 +556,7 @@ def test_churn_benchmark_end_to_end(tmp_path):
     assert 0 < s["mean_recovery_events"] <= 300
     assert s["level1_churn_stationary"] is not None and s["level1_churn_at_shifts"] is not None
     # the same Beauty-side numbers from an earlier `sparc replay` report of the same model; another model refused
-    from cli.main import main as sparc
+    from sparc_stream.cli.main import main as sparc
 
     rep = tmp_path / "rep"
     assert sparc(["replay", "--events", "synthetic:2?users=30&events=480&items=60&topics=4", "--variants",

@@ -143,7 +143,7 @@ class WorkerProcess:
         """Start the worker and wait until its web server answers /livez."""
         self.starts += 1
         self.log = self.tmp_path / f"worker-{self.starts}.log"
-        command = [sys.executable, "-m", "cli.main", "worker", *self.flags, "--web-port", str(self.port)]
+        command = [sys.executable, "-m", "sparc_stream.cli.main", "worker", *self.flags, "--web-port", str(self.port)]
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         self.wait_for("the worker's web server", lambda: get(self.port, "/livez")[0] == 200, ready_timeout_s)
