@@ -60,18 +60,26 @@ class ServingIndex:
         return [self.item_ids[int(r) - 1] for r in rows]
 
     def retrieve(
-        self, history: Sequence[ItemId], k: int, explore: float = 0.0, rng: np.random.Generator | None = None
+        self,
+        history: Sequence[ItemId],
+        k: int,
+        explore: float = 0.0,
+        rng: np.random.Generator | None = None,
+        exploit: int | None = None,
+        lift: float = 1.0,
     ) -> SearchResult:
         """Soft search for one user's history (external ids, oldest first); the result holds rows (`ids_of`).
         Items the snapshot does not hold (newer than it, or evicted) are dropped from the history. With no
-        history left, the most popular items (no codes searched): the sequence encoder needs at least one item."""
+        history left, the most popular items (no codes searched): the sequence encoder needs at least one item.
+        exploit < k: exploration slots (trainer.search, step 5): the slots after the first `exploit` go to items
+        by p(i | u) / q(i)^lift."""
         known = np.asarray([r for r in map(self.row_of, history) if r is not None], dtype=np.int64)
         if known.size == 0:
             none, scores = np.zeros(0, dtype=np.int64), self.popularity[:k].astype(np.float32)
             return SearchResult(self.popular[:k], scores, codes=none, weights=np.zeros(0), quotas=none)
         return retrieve(
             self.model, known, self.retriever, k, top_codes=min(self.top_codes, k), explore=explore, rng=rng,
-            catalogue=self.catalogue,
+            catalogue=self.catalogue, exploit=exploit, lift=lift,
         )
 
 

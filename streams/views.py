@@ -38,36 +38,47 @@ class BadRequest(ValueError):
     pass
 
 
-def _parse(query: Mapping[str, str]) -> tuple[int, float]:
+def _parse(query: Mapping[str, str]) -> tuple[int, float, int | None, float]:
+    """k, explore (sampled codes), exploit and lift (exploration slots: the first `exploit` by probability, the
+    rest by p(i | u) / q(i)^lift; no exploit: none)."""
     try:
         k = int(query.get("k", "50"))
         explore = float(query.get("explore", "0.0"))
+        exploit = int(query["exploit"]) if "exploit" in query else None
+        lift = float(query.get("lift", "1.0"))
     except ValueError:
-        raise BadRequest("k must be an integer and explore a number") from None
+        raise BadRequest("k and exploit must be integers, explore and lift numbers") from None
     if not 1 <= k <= MAX_K:
         raise BadRequest(f"k must be in [1, {MAX_K}]")
     if not (math.isfinite(explore) and 0.0 <= explore <= 1.0):
         raise BadRequest("explore must be in [0, 1]")
-    return k, explore
+    if not (math.isfinite(lift) and lift >= 0.0):
+        raise BadRequest("lift must be >= 0")
+    return k, explore, exploit, lift
 
 
 async def retrieve_payload(w: StreamWorker, user_id: str, query: Mapping[str, str]) -> tuple[int, dict]:
     try:
-        k, explore = _parse(query)
+        k, explore, exploit, lift = _parse(query)
     except BadRequest as exc:
         return 400, {"error": str(exc)}
     index = w.index.current  # one read: this request is served by this index, whatever swaps meanwhile
     if index is None:
         return 503, {"error": "no snapshot is served yet", "last_gate": w.last_gate}
+    if exploit is not None and not min(index.top_codes, k) <= exploit <= k:
+        return 400, {"error": f"exploit must be in [{min(index.top_codes, k)}, k]: a slot per code searched"}
     history = history_of(w.history_value(user_id))
     rng = np.random.default_rng() if explore > 0 else None
-    result = await asyncio.get_running_loop().run_in_executor(None, index.retrieve, history, k, explore, rng)
+    result = await asyncio.get_running_loop().run_in_executor(
+        None, index.retrieve, history, k, explore, rng, exploit, lift
+    )
     return 200, {
         "user_id": user_id,
         "items": index.ids_of(result.items),
         "scores": [float(x) for x in result.scores],
         "codes": result.codes.tolist(),
         "code_weights": [float(x) for x in result.weights],
+        "explored": result.explored,  # the last `explored` items fill exploration slots
         "history_length": len(history),
         "version": index.version,
         "snapshot_created_at": index.created_at,

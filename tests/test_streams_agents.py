@@ -228,9 +228,11 @@ def test_train_publish_serve(tmp_path, stream):
             await retrieve_payload(w, "1", {"k": "0"}),
             await latest_payload(w),
             health_payload(w),
+            [await retrieve_payload(w, "1", q) for q in ({"k": "10"}, {"k": "20", "exploit": "10", "lift": "1"},
+                                                         {"k": "20", "exploit": "1"}, {"k": "20", "lift": "-1"})],
         )
 
-    (status, body), (x_status, x_body), (bad, _), (l_status, latest), health = run(w, scenario)
+    (status, body), (x_status, x_body), (bad, _), (l_status, latest), health, slots = run(w, scenario)
     assert len(out.forwarded()) == stream.num_events  # first events too: the learner skips them (no history)
     sizes = [len(read_train_batch(m).events) for m in out.messages]  # one message per micro-batch
     assert max(sizes) == w.settings.batch_size and len(sizes) >= -(-stream.num_events // w.settings.batch_size)
@@ -246,6 +248,11 @@ def test_train_publish_serve(tmp_path, stream):
     assert status == 200 and body["version"] == last.version and len(body["items"]) == 20
     assert body["history_length"] == 5 and body["scores"] == sorted(body["scores"], reverse=True)
     assert x_status == 200 and len(x_body["items"]) == 20
+    # exploration slots: the first 10 are what k=10 serves, the other 10 explore; too few slots or a bad lift: 400
+    (_, top10), (e_status, explored), (few, few_body), (neg, _) = slots
+    assert e_status == 200 and explored["items"][:10] == top10["items"] and explored["explored"] == 10
+    assert len(set(explored["items"])) == 20 and body["explored"] == 0
+    assert (few, neg) == (400, 400) and "exploit must be in" in few_body["error"]
     assert bad == 400
     assert l_status == 200 and latest["version"] == last.version and latest["served"] == last.version
     assert health["status"] == "ok" and health["served_version"] == last.version
