@@ -238,17 +238,17 @@ def test_the_dockerfile_is_multi_stage_non_root_cpu_torch_and_runs_sparc(routes,
 
 
 def test_every_metric_on_the_dashboard_is_one_the_worker_exposes(tmp_path):
+    from test_streams_agents import learn, publish
     from test_streams_probes import one_train_message
 
-    from streams.agents import handle_train_message, publish
     from streams.records import Source
 
     w = make_worker(tmp_path, min_utilisation=0.0)
 
     async def scenario():
         w.app.finalize()
-        await handle_train_message(w, one_train_message(), Source(topic="train", partition=0, offset=0))
-        await publish(w)
+        learn(w, one_train_message(), Source(topic="train", partition=0, offset=0))
+        publish(w)
 
     try:
         asyncio.run(scenario())
