@@ -29,7 +29,7 @@ them together); rank 0 alone reads item-events, captures and publishes, with eve
 `processed_log` (optional, JSON lines) records each learnt step ({"step", "read": {"topic:partition": [first,
 end)}, "event_ids", "at"}) and each start ({"start": {"version", "steps", "resume", ...}}). The events a
 snapshot has learnt are those of the steps whose every read span ends at or below its watermark, less the steps
-a later start discarded (those reading at or above its resume position); tests/worker_harness.learnt_event_ids.
+a later start discarded (those reading at or above its resume position); streams.processed_log.
 """
 
 from __future__ import annotations

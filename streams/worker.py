@@ -17,7 +17,7 @@ Recovery (at-least-once; a stop by SIGTERM and a crash by SIGKILL take the same 
   start restores it and reads every train and item-events partition from the position it has learnt; the rest
   is learnt again. Versions come from the store (one above its highest), so they keep increasing across
   restarts.
-- `processed_log` (optional, JSON lines): streams.learning's; tests/worker_harness.learnt_event_ids reads it.
+- `processed_log` (optional, JSON lines): streams.learning's; streams.processed_log reads it.
 - Not recovered: Adam's moments are not in snapshots, so a restarted optimiser starts afresh; events whose
   training example was re-forwarded after a crash may be learnt twice (at least once, not exactly once).
 """

@@ -11,7 +11,7 @@
 - Data parallel: two learner ranks (`--world-size 2`, gloo) read two train partitions each, train together and
   rank 0 publishes snapshots whose watermark holds all four partitions.
 Every wait is bounded and fails naming what it waited for; no timing is asserted (benchmarks/roles_bench.py
-measures failover and the replicas' convergence).
+measures failover and the serve replicas' convergence).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from worker_harness import (
     WorkerProcess,
     delete_topics_of,
     free_port,
+    get,
     get_json,
     learnt_event_ids,
     log_tail,
@@ -35,6 +36,7 @@ from worker_harness import (
     train_positions,
 )
 
+from benchmarks.roles_bench import partitions_of
 from codebook_store import open_store
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(900)]
@@ -51,12 +53,14 @@ def feedback_events(seed: int = 0) -> list[dict]:
 
 
 class Producer(threading.Thread):
-    """Sends the events in order, about `rate` a second (pacing only: nothing depends on it)."""
+    """Sends the events in order, about `rate` a second (pacing only: nothing depends on it). With `hold_at`, it
+    stops after that many events until `resume` is set (so that the test can act in the middle of the stream)."""
 
-    def __init__(self, bootstrap: str, topic: str, events: list[dict], rate: float):
+    def __init__(self, bootstrap: str, topic: str, events: list[dict], rate: float, hold_at: int | None = None):
         super().__init__(daemon=True)
         self.bootstrap, self.topic, self.events, self.rate = bootstrap, topic, events, rate
         self.sent, self.error, self.stop = 0, None, threading.Event()
+        self.hold_at, self.resume = hold_at, threading.Event()
 
     def run(self) -> None:
         try:
@@ -68,6 +72,9 @@ class Producer(threading.Thread):
                         producer.send(self.topic, key=key, value=json.dumps(e).encode())
                     producer.flush()
                     self.sent = min(start + 20, len(self.events))
+                    if self.hold_at is not None and self.sent >= self.hold_at:
+                        self.hold_at = None
+                        self.resume.wait(300)
                     if self.stop.wait(20 / self.rate):
                         return
             finally:
@@ -95,7 +102,7 @@ def test_two_ingest_one_learn_two_serve_lose_nothing_when_an_ingest_replica_is_k
                            name=f"serve-{n}") for n in range(2)]
     everyone = [*ingest, learn, *serve]
     events = feedback_events()
-    producer = Producer(kafka_bootstrap, env["SPARC_FEEDBACK_TOPIC"], events, rate=150)
+    producer = Producer(kafka_bootstrap, env["SPARC_FEEDBACK_TOPIC"], events, rate=150, hold_at=len(events) // 3)
     codes = {}
     try:
         for p in everyone:  # all at once (each waits for its own web server below)
@@ -112,8 +119,13 @@ def test_two_ingest_one_learn_two_serve_lose_nothing_when_an_ingest_replica_is_k
         producer.start()
         learn.wait_for("a third of the stream produced and learning under way", lambda: producer.sent >= len(
             events) // 3 and learn.metric("sparc_learnt_events_total") > 0, 180)
+        producer.resume.set()  # the stream goes on, and ingest-0 dies in the middle of it
+        learn.wait_for("the stream under way again", lambda: producer.sent >= len(events) // 3 + 60, 60)
+        held = partitions_of(get(ingest[0].port, "/metrics")[1].decode(), env["SPARC_FEEDBACK_TOPIC"])
+        assert held, "ingest-0 holds no feedback partition: killing it would test nothing"
         killed_at = producer.sent
         ingest[0].kill()  # its partitions go to ingest-1 after the session timeout; nothing restarts it
+        assert killed_at < len(events), "the stream ended before the kill"
         producer.join(timeout=300)
         assert not producer.is_alive() and producer.error is None, f"the producer failed: {producer.error!r}"
         wanted = {e["event_id"] for e in events}
@@ -149,6 +161,7 @@ def test_two_ingest_one_learn_two_serve_lose_nothing_when_an_ingest_replica_is_k
         rekeyed = ingest[1].metric("sparc_rekeyed_events_total")
     finally:
         producer.stop.set()
+        producer.resume.set()
         for p in everyone:
             if p.process is not None and p.process.poll() is None:
                 codes[p.name] = p.terminate()
@@ -158,7 +171,8 @@ def test_two_ingest_one_learn_two_serve_lose_nothing_when_an_ingest_replica_is_k
     assert rekeyed > 0  # the wrongly keyed users went through the repartition topic
     starts = [line for line in read_processed_log(processed) if "start" in line]
     assert len(starts) == 1  # the learner never restarted: the ingest failure never reached it
-    print(f"killed ingest-0 with {killed_at} of {len(events)} events produced; latest v{latest}; "
+    print(f"killed ingest-0 (feedback partitions {held}) with {killed_at} of {len(events)} events produced; "
+          f"latest v{latest}; "
           f"re-keyed by the survivor {rekeyed}")
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer
 
 from codebook_store import CodebookUpdate, Reassembler
+from streams.processed_log import learnt_event_ids, read_processed_log, train_positions  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"SPARC_CODES": "16", "SPARC_DIM": "32", "SPARC_LAYERS": "1", "SPARC_MAX_LEN": "20"}
@@ -193,40 +194,3 @@ class WorkerProcess:
         """For `finally` blocks: make sure the process is gone."""
         if self.process is not None and self.process.poll() is None:
             self.terminate(30)
-
-
-def read_processed_log(path: Path) -> list[dict]:
-    """The worker's processed log (streams.worker): one dict per complete line (a crash may cut the last one)."""
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def learnt_event_ids(lines: list[dict], upto: Mapping[str, int]) -> list[str]:
-    """The event ids a snapshot whose watermark is `upto` ({"topic:partition": next offset}, its train
-    partitions' at least) has learnt, from the learner's processed log (streams.learning).
-
-    A start line resumes from a snapshot that has learnt the train messages below its resume positions: the
-    steps logged before that start that read at or above them were learnt by a model that no snapshot kept, and
-    are learnt again after it. So the lineage is: every step, minus those a later start discarded, whose every
-    read span ends at or below `upto`. The list keeps repeats (an event trained twice, at least once is the
-    contract). Lines of several data-parallel ranks: give each rank's lines (its own log) and join the lists."""
-    kept: list[tuple[dict, list[str]]] = []
-    for line in lines:
-        if "start" in line:
-            resume = line["start"]["resume"]
-            kept = [(read, ids) for read, ids in kept
-                    if all(first < resume.get(key, 0) for key, (first, _) in read.items())]
-        elif "read" in line:
-            kept.append((line["read"], line["event_ids"]))
-    return [event_id for read, ids in kept if all(end <= upto.get(key, 0) for key, (_, end) in read.items())
-            for event_id in ids]
-
-
-def train_positions(watermark: Mapping[str, int], app_id: str) -> dict[str, int]:
-    """The train-topic entries of a snapshot's watermark."""
-    return {key: offset for key, offset in watermark.items() if key.startswith(f"{app_id}-train-examples:")}
