@@ -7,17 +7,21 @@ One run = unique topics, groups, store and state directories. It starts 2 `sparc
 membership: --group-instance-id ingest-0/1; SPARC_SESSION_TIMEOUT --session-timeout), 1 `sparc learn` (with a
 processed log) and --serve `sparc serve` replicas, produces the Beauty catalogue, then --events feedback events
 at --rate events/s, and SIGKILLs ingest-0 once --kill-at of them are produced (nothing restarts it). Then it
-waits until the latest snapshot has learnt every event (or --max-seconds).
+waits until the latest snapshot has learnt every event and every serve replica answers from it (or
+--max-seconds).
 
 Measured, from the processes' own endpoints polled every --poll seconds:
   - loss: produced event ids minus those the latest snapshot has learnt (streams.processed_log over the
     learner's processed log, below the snapshot's train watermark). 0 is the contract (at least once).
   - failover: the killed replica's feedback partitions (its sparc_consumer_lag labels just before the kill);
-    per feedback partition, the seconds from the kill until the learner's watermark first moves past the
-    offset it had at the kill ("trains again"), beside the longest such gap before the kill (the normal
-    cadence of micro-batches and steps).
+    per feedback partition, the seconds from the kill until the learner's watermark includes the first event
+    produced after the kill ("trains again": in the dead replica's partitions, only a replica that took them
+    over can forward it), beside the longest gap between advances before the kill (the normal cadence of
+    micro-batches and steps).
   - replicas: for every snapshot version, when each serve replica first answered with it (/readyz's
     served_version); the spread between the first and the last replica, beside the publish interval.
+  - what each process needs: its peak resident memory (VmRSS) and the bytes in its state directory (and the
+    store's) at the end.
 Timing numbers depend on the machine's load: the JSON keeps the load average before and after.
 """
 
@@ -45,7 +49,6 @@ from benchmarks.worker_bench import (
     beauty_events,
     feedback_offsets,
     http_get,
-    parse_metrics,
     percentiles,
     produce,
     start_process,
@@ -65,18 +68,37 @@ def partitions_of(metrics_text: str, topic: str) -> list[int]:
     return sorted(out)
 
 
-def train_again(timeline: list[tuple[float, dict[int, int]]], killed_at: float) -> dict[int, dict[str, Any]]:
-    """Per feedback partition: seconds from `killed_at` until the learnt offset first exceeds the one it had at
-    the kill (None: never in the timeline), and the longest gap between two advances before the kill."""
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process now (MB; None once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def dir_mb(path: Path) -> float:
+    """Bytes under a directory, in MB (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6 if path.exists() else 0.0
+
+
+def train_again(timeline: list[tuple[float, dict[int, int]]], killed_at: float,
+                first_after: dict[int, int]) -> dict[int, dict[str, Any]]:
+    """Per feedback partition: seconds from `killed_at` until the learner has learnt the first event produced
+    after the kill (offset `first_after[p]`; None: not in the timeline). Events produced after the kill in the
+    dead replica's partitions can only be learnt once another replica holds them; what it had forwarded before
+    dying does not count. Beside it, the longest gap between two advances of the learnt offset before the kill."""
     before = [(t, o) for t, o in timeline if t <= killed_at]
-    after = [(t, o) for t, o in timeline if t > killed_at]
-    at_kill = before[-1][1] if before else {}
     out = {}
-    for p in sorted({p for _, o in timeline for p in o}):
-        resumed = next((t for t, o in after if o.get(p, 0) > at_kill.get(p, 0)), None)
+    for p in sorted({p for _, o in timeline for p in o} | set(first_after)):
+        first = first_after.get(p)
+        learnt = None if first is None else next(
+            (t for t, o in timeline if t > killed_at and o.get(p, 0) > first), None)
         moves = [t for (t, o), (_, prev) in zip(before[1:], before, strict=False) if o.get(p, 0) > prev.get(p, 0)]
         gaps = [b - a for a, b in zip(moves, moves[1:], strict=False)]
-        out[p] = {"trains_again_after_s": None if resumed is None else resumed - killed_at,
+        out[p] = {"trains_again_after_s": None if learnt is None else learnt - killed_at,
                   "longest_gap_before_kill_s": max(gaps) if gaps else None}
     return out
 
@@ -125,6 +147,7 @@ def run(args) -> dict[str, Any]:
     out: dict[str, Any] = {"run": run_id, "topics": topics, "events": len(feedback)}
     timeline: list[tuple[float, dict[int, int]]] = []
     first_seen: dict[str, dict[int, float]] = {r.name: {} for r in serve}
+    peak_rss: dict[str, float] = {}
     produced: list = []
     t0 = time.time()
     try:
@@ -156,6 +179,9 @@ def run(args) -> dict[str, Any]:
                 version = json.loads(b).get("served_version") if st else None
                 if version is not None:
                     first_seen[r.name].setdefault(version, now)
+            for p in everyone:
+                if (rss := rss_mb(p.process.pid)) is not None:
+                    peak_rss[p.name] = max(rss, peak_rss.get(p.name, 0.0))
             if killed_at is None and now - produce_started >= kill_after_s:
                 killed_partitions = partitions_of(http_get(ingest[0].port, "/metrics")[1].decode(), topics["feedback"])
                 ingest[0].process.send_signal(signal.SIGKILL)
@@ -168,8 +194,9 @@ def run(args) -> dict[str, Any]:
                 if st == 200:
                     upto = train_positions(json.loads(b)["watermark"]["kafka"], app_id)
                     missing = wanted - set(learnt_event_ids(read_processed_log(processed), upto))
-                    if not missing:
-                        break
+                    if not missing and all(max(seen, default=-1) >= json.loads(b)["version"]
+                                           for seen in first_seen.values()):
+                        break  # every event learnt, and every serve replica answers from that snapshot
             time.sleep(args.poll)
         stop.set()
         producer.join(timeout=60)
@@ -180,17 +207,22 @@ def run(args) -> dict[str, Any]:
     out["events_produced"] = len(produced)
     out["events_lost"] = None if missing is None else len(missing)
     out["lost_examples"] = sorted(missing)[:10] if missing else []
-    out["learnt_every_event_after_s"] = None if missing else timeline[-1][0] - produce_started
+    out["learnt_and_served_after_s"] = None if missing else timeline[-1][0] - produce_started
     out["killed_at_s"] = None if killed_at is None else killed_at - produce_started
     out["killed_partitions"] = killed_partitions
     if killed_at is not None:
-        per = train_again(timeline, killed_at)
+        first_after: dict[int, int] = {}
+        for partition, offset, at in produced:
+            if at > killed_at:
+                first_after[partition] = min(offset, first_after.get(partition, offset))
+        per = train_again(timeline, killed_at, first_after)
         out["per_partition"] = per
         theirs = [per[p]["trains_again_after_s"] for p in killed_partitions if p in per]
         out["killed_partitions_train_again_after_s"] = (max(theirs) if theirs and None not in theirs else None)
     out["replicas"] = replica_spread(first_seen)
-    out["metrics_learner"] = {k: v for k, v in parse_metrics(
-        http_get(learn.port, "/metrics")[1].decode(errors="replace")).items() if k.startswith("sparc_learnt")}
+    out["peak_rss_mb"] = peak_rss
+    out["disk_mb"] = {p.name: dir_mb(workdir / p.name) for p in everyone}
+    out["disk_mb"]["store"] = dir_mb(workdir / "store")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
         try:
@@ -209,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:39092"),
                    help="Kafka bootstrap servers (default: KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:39092)")
     p.add_argument("--data", type=Path, default=BEAUTY, help="S3-Rec dataset folder (default Amazon Beauty)")
-    p.add_argument("--events", type=int, default=20_000, help="feedback events, first N in time order")
+    p.add_argument("--events", type=int, default=30_000, help="feedback events, first N in time order")
     p.add_argument("--rate", type=float, default=800.0, help="feedback events per second (default 800)")
     p.add_argument("--kill-at", type=float, default=0.4, help="SIGKILL ingest-0 once this share is produced")
     p.add_argument("--session-timeout", type=float, default=10.0, help="SPARC_SESSION_TIMEOUT (default 10)")

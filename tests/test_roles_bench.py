@@ -16,13 +16,17 @@ def test_partitions_of_reads_the_consumer_lag_labels_of_one_topic():
     assert partitions_of(text, "other") == []
 
 
-def test_train_again_times_each_partition_from_the_kill_beside_its_normal_cadence():
-    # partition 0 advances every second until the kill at t=10, then again at t=23; partition 1 never stops
-    timeline = [(float(t), {0: t if t <= 10 else (10 if t < 23 else t), 1: t}) for t in range(0, 30)]
-    out = train_again(timeline, killed_at=10.5)
+def test_train_again_waits_for_the_first_event_produced_after_the_kill():
+    # partition 0 advances every second until the kill at t=10.5, then once more at t=12 (what the dead replica
+    # had forwarded), then from t=23 on (the take-over); partition 1 never stops
+    def offset0(t: int) -> int:
+        return t if t <= 10 else 11 if t < 23 else t
+
+    timeline = [(float(t), {0: offset0(t), 1: t}) for t in range(0, 30)]
+    out = train_again(timeline, killed_at=10.5, first_after={0: 11, 1: 11})
     assert out[0] == {"trains_again_after_s": 12.5, "longest_gap_before_kill_s": 1.0}
-    assert out[1]["trains_again_after_s"] == 0.5
-    never = train_again([(0.0, {0: 1}), (1.0, {0: 2}), (5.0, {0: 2})], killed_at=2.0)
+    assert out[1]["trains_again_after_s"] == 1.5  # offset 11 learnt once the next offset is 12, at t=12
+    never = train_again([(0.0, {0: 1}), (1.0, {0: 2}), (5.0, {0: 2})], killed_at=2.0, first_after={0: 2})
     assert never[0] == {"trains_again_after_s": None, "longest_gap_before_kill_s": None}
 
 
