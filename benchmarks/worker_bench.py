@@ -4,6 +4,7 @@
     python -m benchmarks.worker_bench --rate 800 --limit 32000 --out runs/worker_bench_paced.json   # freshness
     python -m benchmarks.worker_bench --profile-only --out runs/learner_profile.json      # no broker
     python -m benchmarks.worker_bench --limit 60000 --set retrieval_loss=sampled --out runs/worker_bench_sampled.json
+    python -m benchmarks.worker_bench --roles --limit 30000 --out runs/wb_roles.json   # ingest / learn as processes
 
 One run = unique topics, consumer group, store and table directory (nothing is shared with another run):
   1. baseline: the same Beauty events (time order, as `sparc produce` sends them) through
@@ -17,6 +18,10 @@ One run = unique topics, consumer group, store and table directory (nothing is s
      the worker starts first, the catalogue is produced, then the feedback at R events/s (from a thread of this
      process, which therefore competes for the CPU) while the worker runs. The worker is stopped after
      --max-seconds even if it has not finished: rates are then over what it did.
+     --roles runs the scale-out roles instead: `sparc learn` (and --serve `sparc serve` replicas) first, then
+     --ingest `sparc ingest` replicas, on one file:// or rocksdb:// store; "the worker" below is then the
+     learner (its /health, /metrics) and the ingest replicas (their sparc_events_total), CPU summed over every
+     process. The JSON's top level has `e2e_events_per_second` and `learner_events_per_second` (the baseline).
   3. measured from the worker's own counters, polled every --poll seconds: /health's watermark (the feedback
      offsets the learner has trained on; all events are valid, so their sum is the events trained), /metrics'
      sparc_events_total (events ingested), steps and snapshots. Rates: trained per second over the steady
@@ -756,6 +761,7 @@ def _fmt(x: Any, spec: str = ".0f") -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     base, k = result.get("baseline"), result.get("kafka")
+    who = "roles" if result.get("settings", {}).get("roles") else "worker"
     print()
     if "deployment" in result:
         share = result.get("e2e_share_of_learner")
@@ -769,12 +775,12 @@ def print_table(result: dict[str, Any]) -> None:
     if k:
         tr = k["trained"]
         cpu_us = k["cpu"]["worker_cpu_us_per_trained_event"]
-        print(f"{'worker, trained (steady 10-90%)':<40} {tr['reached']:>8} {_fmt(tr['steady']):>9} "
+        print(f"{who + ', trained (steady 10-90%)':<40} {tr['reached']:>8} {_fmt(tr['steady']):>9} "
               f"{_fmt(1e6 / cpu_us if cpu_us else None):>9} {_fmt(k['steps'], 'd'):>6} {k['snapshots_published']:>9}")
-        print(f"{'worker, trained (from first trained)':<40} {tr['reached']:>8} {_fmt(tr['whole']):>9}")
-        print(f"{'worker, end to end (first ingest -> all)':<40} {tr['reached']:>8} "
+        print(f"{who + ', trained (from first trained)':<40} {tr['reached']:>8} {_fmt(tr['whole']):>9}")
+        print(f"{who + ', end to end (first ingest -> all)':<40} {tr['reached']:>8} "
               f"{_fmt(k['end_to_end_events_per_second']):>9}")
-        print(f"{'worker, ingested (ingest agent)':<40} {k['ingested']['reached']:>8} "
+        print(f"{who + ', ingested (ingest agent)':<40} {k['ingested']['reached']:>8} "
               f"{_fmt(k['ingested']['steady']):>9}")
         f = k["freshness"]
         pe, ps = f["per_event_s"], f["per_snapshot_newest_event_s"]
@@ -782,7 +788,7 @@ def print_table(result: dict[str, Any]) -> None:
               f"max {_fmt(pe['max'], '.2f')} s over {pe['n']} events ({f['events_not_covered']} in no snapshot); "
               f"newest event per snapshot p50 {_fmt(ps['p50'], '.2f')} s, p99 {_fmt(ps['p99'], '.2f')} s")
         c = k["cpu"]
-        print(f"worker CPU: {_fmt(c['worker_cpu_s'], '.1f')} s total, event loop thread "
+        print(f"{who} CPU: {_fmt(c['worker_cpu_s'], '.1f')} s total, event loop thread "
               f"{_fmt(c['event_loop_thread_cpu_s'], '.1f')} s, other threads {_fmt(c['other_threads_cpu_s'], '.1f')} s "
               f"(busiest {_fmt(c['busiest_other_thread_cpu_s'], '.1f')} s)")
         ip, tp = k["cpu_us_per_event"]["ingest_phase"], k["cpu_us_per_event"]["train_phase"]
