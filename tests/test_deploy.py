@@ -220,13 +220,38 @@ def test_the_chart_runs_the_scale_out_roles_with_their_commands_probes_and_volum
     assert settings.group_instance_id is None  # not shared: each ingest pod has its own
 
 
-def test_the_chart_refuses_roles_beside_the_worker_a_partial_set_and_two_learners(helm):
+def test_the_chart_refuses_roles_beside_the_worker_a_partial_set_and_uneven_learner_ranks(helm):
     for sets, message in (((*ROLES[1:],), "roles.worker and the scale-out roles are both enabled"),
                           ((ROLES[0], ROLES[1]), "roles.learn.enabled must be true"),
-                          ((*ROLES, "roles.learn.replicas=2"), "roles.learn.replicas must be 1")):
+                          ((*ROLES, "roles.learn.replicas=3"), "must divide the train partitions (4)")):
         done = subprocess.run([helm, "template", "rel", str(CHART), *[a for s in sets for a in ("--set", s)]],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr, (sets, done.stderr)
+
+
+def test_the_chart_runs_data_parallel_learner_ranks_one_pod_each(helm, tmp_path, monkeypatch):
+    docs = render(helm, *ROLES, "roles.learn.replicas=2")
+    sts = one(docs, "StatefulSet", "-learn")
+    [container] = sts["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert sts["spec"]["replicas"] == 2 and env["SPARC_WORLD_SIZE"]["value"] == "2"
+    # the rank is the pod's index in its StatefulSet (the label Kubernetes 1.28+ puts on every such pod)
+    assert env["SPARC_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    url = env["SPARC_DIST_URL"]["value"]
+    headless = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == sts["spec"]["serviceName"]]
+    assert url.startswith(f"tcp://{sts['metadata']['name']}-0.{sts['spec']['serviceName']}:")  # rank 0's pod
+    assert headless and headless[0]["spec"]["publishNotReadyAddresses"] is True  # resolvable before it is ready
+    assert {"name": "dist", "containerPort": int(url.rsplit(":", 1)[1]), "protocol": "TCP"} in container["ports"]
+    config = one(docs, "ConfigMap", "config")["data"]["sparc.toml"]
+    for rank in ("0", "1"):  # what each pod's settings come to
+        for name in ("SPARC_WORLD_SIZE", "SPARC_DIST_URL"):
+            monkeypatch.setenv(name, env[name]["value"])
+        monkeypatch.setenv("SPARC_RANK", rank)
+        settings = config_from(config, tmp_path)
+        assert (settings.world_size, settings.rank, settings.dist_url) == (2, int(rank), url)
+        assert settings.train_topic_partitions % settings.world_size == 0
+    one_learner = one(render(helm, *ROLES), "StatefulSet", "-learn")["spec"]["template"]["spec"]["containers"][0]
+    assert not {"SPARC_WORLD_SIZE", "SPARC_RANK"} & {e["name"] for e in one_learner["env"]}
 
 
 def test_the_service_monitor_scrapes_each_role_once(helm):
