@@ -82,7 +82,8 @@ def mounted_at(container: dict, path: str) -> dict:
 
 def test_helm_lint_passes_with_defaults_and_with_everything_on(helm):
     for sets in ([], ["serviceMonitor.enabled=true", "grafanaDashboard.enabled=true", "kafka.tlsSecret.name=t",
-                      "kafka.tlsSecret.clientCertificate=true", "kafka.saslPasswordSecret.name=s"]):
+                      "kafka.tlsSecret.clientCertificate=true", "kafka.saslPasswordSecret.name=s"],
+                 [*ROLES, "roles.learn.replicas=2", "serviceMonitor.enabled=true"]):
         done = subprocess.run([helm, "lint", str(CHART), "--strict", *[a for s in sets for a in ("--set", s)]],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
