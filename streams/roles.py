@@ -196,6 +196,10 @@ def run_node(node: Any, settings: WorkerSettings) -> int:
     try:
         asyncio.run(main())
     finally:
+        # asyncio gave SIGTERM/SIGINT their default action back: one more while the node closes (a data-parallel
+        # rank waits in a barrier for the others to stop too) must not kill it half-way through
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
         node.close()
     failure = node.failure() or (failed[0] if failed else None)
     if failure is not None:

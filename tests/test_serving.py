@@ -157,3 +157,35 @@ def test_the_roles_http_endpoints_through_aiohttp(tmp_path):
     assert [status for status, _ in got] == [503, 503, 400, 503, 200, 503, 200]
     assert json.loads(got[3][1])["reasons"] == ["no snapshot is served yet"]
     assert b"sparc_retrieve_seconds_count" in got[6][1]
+
+
+def test_a_node_that_gets_sigterm_again_while_it_closes_still_closes_and_exits_0(tmp_path):
+    """streams.roles.run_node: after its event loop has ended, a second SIGTERM (a data-parallel rank waiting in
+    its closing barrier, told to stop again) must not kill the process half-way through close()."""
+    import subprocess
+    import sys
+
+    from worker_harness import ROOT
+
+    code = """
+import os, signal, sys, time
+from types import SimpleNamespace
+from streams.roles import run_node
+
+class Node:
+    serving = learning = metrics = None
+    def work(self):
+        return {"done": lambda stop: None}  # ends at once: the node stops
+    def started(self):
+        pass
+    def failure(self):
+        return None
+    def close(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        print("closed", flush=True)
+
+sys.exit(run_node(Node(), SimpleNamespace(web_host="127.0.0.1", web_port=0)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "closed", (done.returncode, done.stderr[-2000:])
