@@ -139,10 +139,8 @@ class Learning:
         self._processed = None
         self._processed_lock = threading.Lock()
         try:
-            self.publisher = Publisher(
-                s.store_url, s.model_name, s.gate_thresholds(), full_codes_every=s.full_codes_every,
-                announce_weights=s.announce_weights, signing_key=s.signing_key, read_only=self.rank > 0)
-            if self.rank == 0:
+            if self.rank == 0:  # the other ranks open the store read-only once rank 0 has (it may create it)
+                self.publisher = self._open_publisher()
                 self.epoch = self.publisher.claim(f"{role} rank 0 on {socket.gethostname()} pid {os.getpid()}")
             self._warm_start(s.warm_start)
             self.recovery.warm_version.set(-1 if self.warm_version is None else self.warm_version)
@@ -157,17 +155,25 @@ class Learning:
             raise
 
     # ------------------------------------------------------------------ start
+    def _open_publisher(self) -> Publisher:
+        """The store, as rank 0 writes it (creating it if need be) or another rank reads it (read-only)."""
+        s = self.settings
+        return Publisher(s.store_url, s.model_name, s.gate_thresholds(), full_codes_every=s.full_codes_every,
+                         announce_weights=s.announce_weights, signing_key=s.signing_key, read_only=self.rank > 0)
+
     def _warm_start(self, enabled: bool) -> None:
         """Continue from the store's latest snapshot, if any (see the module doc); serve it at once. Ranks agree on
-        the version: rank 0's choice (-1: none) is gathered first."""
-        assert self.publisher is not None
+        the version: rank 0's choice (-1: none) is gathered first; then the other ranks open the store."""
         found = None
         if self.rank == 0 and enabled:
+            assert self.publisher is not None
             found = self.publisher.warm_start(self.settings.sparc_config(), self.settings.on_corrupt)
         if self.world_size > 1:
             chosen = int(self.learner.parallel.gather_ints([found.snapshot.version if found else -1])[0, 0])
-            if self.rank > 0 and chosen >= 0:
-                found = self.publisher.warm_start(self.settings.sparc_config(), version=chosen)
+            if self.rank > 0:
+                self.publisher = self._open_publisher()
+                if chosen >= 0:
+                    found = self.publisher.warm_start(self.settings.sparc_config(), version=chosen)
         if found is None:
             if enabled:
                 self.start.message = (f"warm start: no snapshot of {self.settings.model_name!r} in the store; a "
