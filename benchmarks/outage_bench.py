@@ -33,7 +33,7 @@ from pathlib import Path
 
 from benchmarks.common import write_json
 from benchmarks.worker_bench import free_port, http_get, parse_metrics
-from cli.allocator import tune_allocator
+from sparc_stream.cli.allocator import tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 BROKER_SH = ROOT / "deploy" / "kafka" / "broker.sh"
@@ -95,7 +95,7 @@ def produce_forever(bootstrap: str, topic: str, rate: float, stop: threading.Eve
     """Synthetic feedback at `rate` events/s until `stop`; sends that fail during the outage are dropped."""
     from kafka import KafkaProducer
 
-    from cli.produce import Pacer
+    from sparc_stream.cli.produce import Pacer
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks=1, max_block_ms=1000,
                              reconnect_backoff_max_ms=1000)
@@ -122,7 +122,7 @@ def events_total(port: int) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--broker", required=True, help="the broker.sh broker's bootstrap address")
     p.add_argument("--rate", type=float, default=400.0, help="feedback events per second (default 400)")
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     env["SPARC_UPDATES_TOPIC"], env["SPARC_DLQ_TOPIC"] = f"outage-updates-{run}", f"outage-dlq-{run}"
     log = workdir / "worker.log"
     with log.open("wb") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", *flags], env=env, cwd=ROOT,
+        worker = subprocess.Popen([sys.executable, "-m", "sparc_stream.cli.main", "worker", *flags], env=env, cwd=ROOT,
                                   stdout=out, stderr=subprocess.STDOUT)
     stop, sent = threading.Event(), [0]
     producer = threading.Thread(target=produce_forever, args=(args.broker, topic, args.rate, stop, sent),

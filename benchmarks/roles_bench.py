@@ -54,7 +54,7 @@ from benchmarks.worker_bench import (
     start_process,
     stop_worker,
 )
-from cli.allocator import tune_allocator
+from sparc_stream.cli.allocator import tune_allocator
 from streams.processed_log import learnt_event_ids, read_processed_log, train_positions
 
 

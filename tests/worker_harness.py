@@ -147,7 +147,8 @@ class WorkerProcess:
         """Start the process and (wait) wait until its web server answers /livez."""
         self.starts += 1
         self.log = self.tmp_path / f"{self.name}-{self.starts}.log"
-        command = [sys.executable, "-m", "cli.main", self.command, *self.flags, "--web-port", str(self.port)]
+        command = [sys.executable, "-m", "sparc_stream.cli.main", self.command, *self.flags, "--web-port",
+                   str(self.port)]
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         if wait:

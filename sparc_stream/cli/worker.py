@@ -12,9 +12,9 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from cli.device import HELP as DEVICE_HELP
-from cli.device import check_device
-from cli.errors import UserError
+from sparc_stream.cli.device import HELP as DEVICE_HELP
+from sparc_stream.cli.device import check_device
+from sparc_stream.cli.errors import UserError
 
 # flag -> (WorkerSettings field, add_argument keywords)
 FLAGS: dict[str, tuple[str, dict]] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.worker import add_role_flags, start_role
+from sparc_stream.cli.worker import add_role_flags, start_role
 
 
 def register(sub: argparse._SubParsersAction) -> None:
