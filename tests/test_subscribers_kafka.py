@@ -125,7 +125,8 @@ def test_the_stream_has_new_items_remaps_and_full_tables(published):
     with_ids = [has_vocabulary(u) for u in updates]
     assert with_ids[-1] and with_ids == sorted(with_ids), "the vocabulary appears with the first eviction and stays"
     assert any(with_ids[::5]), "no whole table carried a vocabulary"
-    assert all(u.vocabulary_sent == ("whole" if has else None) for u, has in zip(updates[::5], with_ids[::5], strict=True))
+    whole_tables = zip(updates[::5], with_ids[::5], strict=True)
+    assert all(u.vocabulary_sent == ("whole" if has else None) for u, has in whole_tables)
     deltas = [u for u in updates if u.vocabulary_sent == "delta"]  # whole where most rows churned (fewer bytes)
     assert deltas and all((u.vocabulary_sent is not None) == has for u, has in zip(updates, with_ids, strict=True))
     follower = Follower(start=0)
