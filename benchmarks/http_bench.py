@@ -161,14 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             table_store="memory://", dim=model.cfg.encoder.dim, max_len=args.max_len, codes=model.cfg.codes,
             top_codes=args.top_codes,
         )
-        w = StreamWorker(settings, testing=True)  # no broker: memory tables; web app built, not auto-started
+        w = StreamWorker(settings, testing=True, learn=False)  # no broker: memory tables; web app not started
         try:
             rng = np.random.default_rng(args.seed)
             chosen = rng.choice(ds.num_users, size=min(args.users, ds.num_users), replace=False)
             histories = {str(ds.user_ids[u]): ds.sequences[u][-args.max_len :].tolist() for u in chosen}
             for user, items in histories.items():
                 w.history.data[user] = {"items": items, "recent": []}  # the table's store, as ingest leaves it
-            w.index.swap(index)
+            w.serving.index.swap(index)
             users = list(histories)
             order = [users[i % len(users)] for i in range(args.warmup + args.requests)]
             paths = [f"/retrieve/{u}?k={args.k}" for u in order]

@@ -4,6 +4,7 @@
     python -m benchmarks.worker_bench --rate 800 --limit 32000 --out runs/worker_bench_paced.json   # freshness
     python -m benchmarks.worker_bench --profile-only --out runs/learner_profile.json      # no broker
     python -m benchmarks.worker_bench --limit 60000 --set retrieval_loss=sampled --out runs/worker_bench_sampled.json
+    python -m benchmarks.worker_bench --roles --limit 30000 --out runs/wb_roles.json   # ingest / learn as processes
 
 One run = unique topics, consumer group, store and table directory (nothing is shared with another run):
   1. baseline: the same Beauty events (time order, as `sparc produce` sends them) through
@@ -17,6 +18,10 @@ One run = unique topics, consumer group, store and table directory (nothing is s
      the worker starts first, the catalogue is produced, then the feedback at R events/s (from a thread of this
      process, which therefore competes for the CPU) while the worker runs. The worker is stopped after
      --max-seconds even if it has not finished: rates are then over what it did.
+     --roles runs the scale-out roles instead: `sparc learn` (and --serve `sparc serve` replicas) first, then
+     --ingest `sparc ingest` replicas, on one file:// or rocksdb:// store; "the worker" below is then the
+     learner (its /health, /metrics) and the ingest replicas (their sparc_events_total), CPU summed over every
+     process. The JSON's top level has `e2e_events_per_second` and `learner_events_per_second` (the baseline).
   3. measured from the worker's own counters, polled every --poll seconds: /health's watermark (the feedback
      offsets the learner has trained on; all events are valid, so their sum is the events trained), /metrics'
      sparc_events_total (events ingested), steps and snapshots. Rates: trained per second over the steady
@@ -495,9 +500,12 @@ class WorkerRun:
     port: int
     log: Path
     started: float
+    name: str = "worker"
 
 
-def start_worker(args, run: str, topics: Mapping[str, str], workdir: Path, overrides: Mapping[str, str]) -> WorkerRun:
+def start_process(args, run: str, topics: Mapping[str, str], workdir: Path, overrides: Mapping[str, str],
+                  command: str = "worker", name: str = "worker", env_more: Mapping[str, str] = ()) -> WorkerRun:
+    """`sparc COMMAND` (worker or a role) in a subprocess with this run's settings as SPARC_* variables."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPARC_")}  # only what this run says
     env.update({f"SPARC_{k.upper()}": str(v) for k, v in overrides.items()})
@@ -507,44 +515,103 @@ def start_worker(args, run: str, topics: Mapping[str, str], workdir: Path, overr
         "SPARC_FEEDBACK_TOPIC": topics["feedback"], "SPARC_ITEM_TOPIC": topics["item"],
         "SPARC_UPDATES_TOPIC": topics["updates"], "SPARC_DLQ_TOPIC": topics["dlq"],
         "SPARC_STORE_URL": args.store or f"rocksdb://{workdir}/snapshots",
-        "SPARC_DATA_DIR": str(workdir / "faust"), "SPARC_WEB_PORT": str(port),
+        "SPARC_DATA_DIR": str(workdir / name), "SPARC_WEB_PORT": str(port), **dict(env_more),
     })
-    launch = "from sparc_stream.cli.main import main; import sys; sys.exit(main(['worker']))"
-    log = workdir / "worker.log"
+    launch = f"from sparc_stream.cli.main import main; import sys; sys.exit(main([{command!r}]))"
+    log = workdir / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-c", launch], env=env, cwd=ROOT, stdout=out,
                                    stderr=subprocess.STDOUT)
-    return WorkerRun(process, port, log, time.time())
+    return WorkerRun(process, port, log, time.time(), name)
 
 
-def sample(w: WorkerRun, topic: str, broker_pid: int | None = None) -> dict[str, Any] | None:
-    """The worker's counters and CPU now (and the broker's CPU, when its process id is given)."""
-    status, body = http_get(w.port, "/health")
+@dataclass
+class Deployment:
+    """The processes of one run: `sparc worker` alone, or the roles (ingest replicas, a learner, serve replicas).
+    The learner (the worker) answers /health and /snapshots/latest; ingest (the worker) counts events."""
+
+    learner: WorkerRun
+    ingest: list[WorkerRun]
+    serve: list[WorkerRun] = field(default_factory=list)
+
+    @property
+    def processes(self) -> list[WorkerRun]:
+        return list({id(p): p for p in (self.learner, *self.ingest, *self.serve)}.values())
+
+    @property
+    def started(self) -> float:
+        return min(p.started for p in self.processes)
+
+    def alive(self) -> bool:
+        return all(p.process.poll() is None for p in self.processes)
+
+    def stop(self) -> dict[str, int | str]:
+        return {p.name: stop_worker(p) for p in self.processes}
+
+    def tails(self, lines: int = 15) -> dict[str, str]:
+        return {p.name: _tail(p.log, lines) for p in self.processes}
+
+
+def deploy(args, run: str, topics: Mapping[str, str], workdir: Path, overrides: Mapping[str, str]) -> Deployment:
+    """Start the worker, or the roles: the learner and serve replicas first (ready when they answer /livez), then
+    the ingest replicas, so that the drain is timed from ingest's start as it is in the worker (whose learner
+    thread also starts before Faust)."""
+    if not args.roles:
+        worker = start_process(args, run, topics, workdir, overrides)
+        return Deployment(worker, [worker])
+    learner = start_process(args, run, topics, workdir, overrides, "learn", "learn")
+    serve = [start_process(args, run, topics, workdir, overrides, "serve", f"serve-{n}") for n in range(args.serve)]
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(http_get(p.port, "/livez")[0] == 200 for p in (learner, *serve)):
+        if any(p.process.poll() is not None for p in (learner, *serve)):
+            break
+        time.sleep(0.2)
+    ingest = [start_process(args, run, topics, workdir, overrides, "ingest", f"ingest-{n}",
+                            {"SPARC_GROUP_INSTANCE_ID": f"ingest-{n}"}) for n in range(args.ingest)]
+    return Deployment(learner, ingest, serve)
+
+
+def sample(d: Deployment, topic: str, broker_pid: int | None = None) -> dict[str, Any] | None:
+    """The learner's and ingest's counters and the processes' CPU now (and the broker's, given its process id).
+    CPU: with the worker, its event loop is the main thread and the learner its busiest other thread; with the
+    roles, the ingest processes' main threads and the learner process's busiest thread (its loop)."""
+    status, body = http_get(d.learner.port, "/health")
     if status not in (200, 503):  # 503: starting (no snapshot served yet), the counters are there all the same
         return None
     health = json.loads(body)
-    metrics = parse_metrics(http_get(w.port, "/metrics")[1].decode(errors="replace"))
-    cpu = proc_cpu(w.process.pid)
+    metrics = parse_metrics(http_get(d.learner.port, "/metrics")[1].decode(errors="replace"))
+    ingested = 0
+    for p in d.ingest:
+        text = http_get(p.port, "/metrics")[1].decode(errors="replace")
+        ingested += int(parse_metrics(text).get("sparc_events_total", 0))
+    cpu = {p.name: proc_cpu(p.process.pid) for p in d.processes}
+    learner = cpu.get(d.learner.name, {})
+    served = [health.get("served_version", health.get("published_version"))]
+    for p in d.serve:
+        st, b = http_get(p.port, "/readyz")
+        served.append(json.loads(b).get("served_version") if st else None)
     return {
-        "t": time.time() - w.started,
+        "t": time.time() - d.started,
         "trained": sum(feedback_offsets(health.get("watermark", {}), topic).values()),
-        "ingested": int(metrics.get("sparc_events_total", 0)),
+        "ingested": ingested,
         "items": int(metrics.get("sparc_item_events_total", 0)),
         "steps": int(metrics.get("sparc_train_steps_total", 0)),
         "examples": int(metrics.get("sparc_train_examples_total", 0)),
         "snapshots": int(metrics.get("sparc_snapshots_total", 0)),
-        "served_version": health.get("served_version"),
-        "cpu_s": cpu.get("total"),
-        "cpu_main_s": cpu.get("main_thread"),
-        "cpu_other_s": cpu.get("other_threads"),
-        "cpu_busiest_other_s": cpu.get("busiest_other_thread"),
+        "served_version": served[0],
+        "replica_versions": served[1:],
+        "cpu_s": sum(c.get("total", 0.0) for c in cpu.values()),
+        "cpu_main_s": sum(cpu.get(p.name, {}).get("main_thread", 0.0) for p in d.ingest),
+        "cpu_other_s": learner.get("other_threads"),
+        "cpu_busiest_other_s": learner.get("busiest_other_thread"),
+        "cpu_by_process_s": {name: c.get("total") for name, c in cpu.items()},
         "cpu_broker_s": proc_cpu(broker_pid).get("total") if broker_pid else None,
     }
 
 
-def latest_covers(w: WorkerRun, topic: str, total: int) -> int | None:
+def latest_covers(d: Deployment, topic: str, total: int) -> int | None:
     """The version of the store's latest snapshot if it has trained on `total` events of `topic`, else None."""
-    status, body = http_get(w.port, "/snapshots/latest")
+    status, body = http_get(d.learner.port, "/snapshots/latest")
     if status != 200:
         return None
     latest = json.loads(body)
@@ -591,16 +658,16 @@ def kafka_run(args, items: list[dict], feedback: list[dict], overrides: Mapping[
         out["produce_seconds"] = time.perf_counter() - t_produce
         print(f"produced {len(item_records)} items + {len(produced)} feedback events in "
               f"{out['produce_seconds']:.1f} s (backlog)", flush=True)
-    w = start_worker(args, run, topics, workdir, overrides)
+    w = deploy(args, run, topics, workdir, overrides)
     try:
         deadline = w.started + args.max_seconds
         ready = None
-        while time.time() < deadline and w.process.poll() is None:
+        while time.time() < deadline and w.alive():
             if (ready := sample(w, topics["feedback"])) is not None:
                 break
             time.sleep(0.5)
         if ready is None:
-            raise RuntimeError(f"the worker did not answer /health ({_tail(w.log)})")
+            raise RuntimeError(f"the learner did not answer /health ({w.tails()})")
         out["web_ready_after_s"] = time.time() - w.started
         if args.rate:
             produce(args.broker, topics["item"], item_records)
@@ -616,7 +683,7 @@ def kafka_run(args, items: list[dict], feedback: list[dict], overrides: Mapping[
             producer_thread.start()
         total = len(feedback_records)
         grace_until = covered = None
-        while time.time() < deadline and w.process.poll() is None:
+        while time.time() < deadline and w.alive():
             s = sample(w, topics["feedback"], args.broker_pid)
             if s is not None:
                 timeline.append(s)
@@ -634,8 +701,8 @@ def kafka_run(args, items: list[dict], feedback: list[dict], overrides: Mapping[
         if producer_thread is not None:
             producer_thread.join(timeout=120)
     finally:
-        out["worker_exit"] = stop_worker(w)
-        out["worker_log_tail"] = _tail(w.log, 15)
+        out["exit"] = w.stop()
+        out["log_tails"] = w.tails()
     announced = read_updates(args.broker, topics["updates"], topics["feedback"])
     prod = Produced.from_records(produced)
     out["events_produced"] = prod.total
@@ -694,21 +761,26 @@ def _fmt(x: Any, spec: str = ".0f") -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     base, k = result.get("baseline"), result.get("kafka")
+    who = "roles" if result.get("settings", {}).get("roles") else "worker"
     print()
+    if "deployment" in result:
+        share = result.get("e2e_share_of_learner")
+        print(f"deployment: {result['deployment']}; end to end {_fmt(result['e2e_events_per_second'])} events/s = "
+              f"{_fmt(None if share is None else 100 * share)}% of the in-process learner's")
     print(f"{'path':<40} {'events':>8} {'events/s':>9} {'ev/CPU-s':>9} {'steps':>6} {'snapshots':>9}"
-          "   (worker ev/CPU-s: whole process, whole run)")
+          "   (worker ev/CPU-s: all its processes, whole run)")
     if base:
         print(f"{'in-process OnlineLearner (no broker)':<40} {base['events']:>8} {_fmt(base['events_per_second']):>9} "
               f"{_fmt(base['events_per_cpu_second']):>9} {base['steps']:>6} {'-':>9}")
     if k:
         tr = k["trained"]
         cpu_us = k["cpu"]["worker_cpu_us_per_trained_event"]
-        print(f"{'worker, trained (steady 10-90%)':<40} {tr['reached']:>8} {_fmt(tr['steady']):>9} "
+        print(f"{who + ', trained (steady 10-90%)':<40} {tr['reached']:>8} {_fmt(tr['steady']):>9} "
               f"{_fmt(1e6 / cpu_us if cpu_us else None):>9} {_fmt(k['steps'], 'd'):>6} {k['snapshots_published']:>9}")
-        print(f"{'worker, trained (from first trained)':<40} {tr['reached']:>8} {_fmt(tr['whole']):>9}")
-        print(f"{'worker, end to end (first ingest -> all)':<40} {tr['reached']:>8} "
+        print(f"{who + ', trained (from first trained)':<40} {tr['reached']:>8} {_fmt(tr['whole']):>9}")
+        print(f"{who + ', end to end (first ingest -> all)':<40} {tr['reached']:>8} "
               f"{_fmt(k['end_to_end_events_per_second']):>9}")
-        print(f"{'worker, ingested (ingest agent)':<40} {k['ingested']['reached']:>8} "
+        print(f"{who + ', ingested (ingest agent)':<40} {k['ingested']['reached']:>8} "
               f"{_fmt(k['ingested']['steady']):>9}")
         f = k["freshness"]
         pe, ps = f["per_event_s"], f["per_snapshot_newest_event_s"]
@@ -716,7 +788,7 @@ def print_table(result: dict[str, Any]) -> None:
               f"max {_fmt(pe['max'], '.2f')} s over {pe['n']} events ({f['events_not_covered']} in no snapshot); "
               f"newest event per snapshot p50 {_fmt(ps['p50'], '.2f')} s, p99 {_fmt(ps['p99'], '.2f')} s")
         c = k["cpu"]
-        print(f"worker CPU: {_fmt(c['worker_cpu_s'], '.1f')} s total, event loop thread "
+        print(f"{who} CPU: {_fmt(c['worker_cpu_s'], '.1f')} s total, event loop thread "
               f"{_fmt(c['event_loop_thread_cpu_s'], '.1f')} s, other threads {_fmt(c['other_threads_cpu_s'], '.1f')} s "
               f"(busiest {_fmt(c['busiest_other_thread_cpu_s'], '.1f')} s)")
         ip, tp = k["cpu_us_per_event"]["ingest_phase"], k["cpu_us_per_event"]["train_phase"]
@@ -750,6 +822,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snapshot-every-seconds", type=float, default=2.0,
                    help="SPARC_SNAPSHOT_EVERY_SECONDS (default 2: p99 freshness under 10 s needs it at ~800/s here)")
     p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--roles", action="store_true", help="run the roles as separate processes (`sparc ingest` x "
+                   "--ingest, `sparc learn`, `sparc serve` x --serve) instead of the one-process `sparc worker`")
+    p.add_argument("--ingest", type=int, default=1, help="ingest replicas with --roles (default 1)")
+    p.add_argument("--serve", type=int, default=0, help="serve replicas with --roles (default 0: they do not "
+                   "take part in the measures, and on a small machine they take CPU from the others)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="another WorkerSettings field for the worker and the baseline (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -811,6 +888,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profile bs {bs}: {row['events_per_second']:.0f} ev/s", flush=True)
     if not args.profile_only:
         result["kafka"] = kafka_run(args, items, feedback, overrides)
+        result["deployment"] = (f"roles: {args.ingest} x sparc ingest, sparc learn, {args.serve} x sparc serve"
+                                if args.roles else "sparc worker (one process)")
+        result["e2e_events_per_second"] = result["kafka"]["end_to_end_events_per_second"]
+        if result.get("baseline"):
+            result["learner_events_per_second"] = result["baseline"]["events_per_second"]
+            if result["e2e_events_per_second"]:
+                result["e2e_share_of_learner"] = result["e2e_events_per_second"] / result["learner_events_per_second"]
     result["machine"]["loadavg_after"] = os.getloadavg()
     print_table(result)
     write_json(args.out, result)

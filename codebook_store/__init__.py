@@ -18,6 +18,7 @@ from codebook_store.drift import CodeRemap, IdRemap, apply_remap, code_drift, co
 from codebook_store.errors import (
     CodebookStoreError,
     CorruptSnapshotError,
+    FencedError,
     IncompatibleSnapshotError,
     InvalidSnapshotError,
     KeyFileError,
@@ -58,6 +59,7 @@ __all__ = [
     "CodebookUpdate",
     "CorruptSnapshotError",
     "CorruptUpdateError",
+    "FencedError",
     "Follower",
     "IncompatibleSnapshotError",
     "InvalidSnapshotError",

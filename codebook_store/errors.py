@@ -48,6 +48,11 @@ class VersionExistsError(CodebookStoreError):
     """A put of a version that the store already holds (versions are never overwritten)."""
 
 
+class FencedError(CodebookStoreError):
+    """A write by a writer whose epoch is no longer the model's: another writer has claimed the model since
+    (SnapshotStore.claim_writer). The message names both epochs and the current holder."""
+
+
 class SnapshotNotFoundError(CodebookStoreError):
     """No complete snapshot with that model name and version is in the store."""
 

@@ -3,6 +3,7 @@
     DIR/<model>/<version>/manifest.json     the manifest (format.py); its presence marks the version complete
     DIR/<model>/<version>/<blob>.safetensors
     DIR/<model>/latest                      the version latest points to, as decimal text
+    DIR/<model>/writer                      the writer epoch and holder (SnapshotStore.claim_writer), JSON
     DIR/<model>/.lock                       flock'ed by writers (one writer process at a time per model)
 
 Write protocol (crash safe): blobs, then the manifest, are written and fsync'ed inside a hidden staging
@@ -28,7 +29,8 @@ from codebook_store.format import MANIFEST_NAME
 from codebook_store.store import SnapshotStore
 
 LATEST_NAME = "latest"
-_DEBRIS_PREFIXES = (".staging-", ".trash-", ".latest-")
+WRITER_NAME = "writer"
+_DEBRIS_PREFIXES = (".staging-", ".trash-", ".latest-", ".writer-")
 
 
 class FileStore(SnapshotStore):
@@ -107,10 +109,21 @@ class FileStore(SnapshotStore):
             self._write_latest(model, version)
 
     def _write_latest(self, model: str, version: int) -> None:
+        self._replace(model, LATEST_NAME, f"{version}\n".encode())
+
+    def _read_writer(self, model: str) -> bytes | None:
+        return _read_or_none(self.root / model / WRITER_NAME)
+
+    def _write_writer(self, model: str, data: bytes) -> None:
+        self._replace(model, WRITER_NAME, data)
+
+    def _replace(self, model: str, name: str, data: bytes) -> None:
+        """Write DIR/<model>/<name> whole or not at all (a durable temporary file moved over it)."""
         model_dir = self.root / model
-        tmp = model_dir / f".latest-{os.getpid()}-{secrets.token_hex(4)}"
-        _write_durably(tmp, f"{version}\n".encode())
-        os.replace(tmp, model_dir / LATEST_NAME)
+        model_dir.mkdir(exist_ok=True)
+        tmp = model_dir / f".{name}-{os.getpid()}-{secrets.token_hex(4)}"
+        _write_durably(tmp, data)
+        os.replace(tmp, model_dir / name)
         _fsync_dir(model_dir)
 
     def _delete_version(self, model: str, version: int) -> None:

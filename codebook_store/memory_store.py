@@ -14,6 +14,7 @@ class MemoryStore(SnapshotStore):
         self._manifests: dict[tuple[str, int], bytes] = {}
         self._blobs: dict[tuple[str, int], dict[str, bytes]] = {}
         self._latest: dict[str, int] = {}
+        self._writers: dict[str, bytes] = {}
 
     def _list_models(self) -> list[str]:
         return sorted({model for model, _ in self._manifests} | set(self._latest))
@@ -40,6 +41,12 @@ class MemoryStore(SnapshotStore):
 
     def _write_latest(self, model: str, version: int) -> None:
         self._latest[model] = version
+
+    def _read_writer(self, model: str) -> bytes | None:
+        return self._writers.get(model)
+
+    def _write_writer(self, model: str, data: bytes) -> None:
+        self._writers[model] = data
 
     def _delete_version(self, model: str, version: int) -> None:
         del self._manifests[(model, version)]

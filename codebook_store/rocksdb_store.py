@@ -5,6 +5,7 @@ Keys (raw bytes mode: no pickle; values are the format's bytes):
     w/<model>/<version:020d>                               the write id (16 hex digits) of that manifest's blobs
     b/<model>/<version:020d>/<write id>/<blob>/<chunk:08d> the blob's bytes, in chunks of CHUNK_BYTES
     l/<model>                                              the version latest points to, as decimal text
+    e/<model>                                              the writer epoch and holder (claim_writer), JSON
 
 Crash safety by key order: (1) the blobs are written into one SST file outside the database
 (rocksdict.SstFileWriter), fsync'ed and ingested with `ingest_external_file`, which adds the whole file
@@ -73,6 +74,10 @@ def _blob_prefix(model: str, version: int, write_id: bytes = b"") -> bytes:
 
 def _latest_key(model: str) -> bytes:
     return f"l/{model}".encode()
+
+
+def _writer_key(model: str) -> bytes:
+    return f"e/{model}".encode()
 
 
 def _options(*, create: bool) -> Options:
@@ -206,6 +211,12 @@ class RocksDBStore(SnapshotStore):
 
     def _write_latest(self, model: str, version: int) -> None:
         self._db.put(_latest_key(model), str(version).encode(), self._sync)
+
+    def _read_writer(self, model: str) -> bytes | None:
+        return self._db.get(_writer_key(model))
+
+    def _write_writer(self, model: str, data: bytes) -> None:
+        self._db.put(_writer_key(model), data, self._sync)
 
     def _delete_version(self, model: str, version: int) -> None:
         batch = WriteBatch(raw_mode=True)

@@ -20,10 +20,16 @@ Rules:
   see only complete versions. Every read verifies sizes and sha256 checksums before parsing anything.
 - Processes: one writer process per model (the trainer/worker). Readers elsewhere open the store with
   `read_only=True` (for rocksdb://, see rocksdb_store.py: a fresh read-only view per read).
+- Fencing: a writer that must be the only one (a learner) claims the model first, `epoch =
+  claim_writer(model, holder)`, and passes that epoch to every `put` and `set_latest`. A claim raises the
+  model's epoch by one, so a second writer's claim fences the first: its next put raises FencedError (naming
+  the new holder) and stores nothing. The check and the write happen under the writer lock (file://: a flock
+  shared by every process on the file system; rocksdb://: one process holds the database anyway).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -35,6 +41,7 @@ from codebook_store.checks import DEFAULT_MODEL, check_model_name
 from codebook_store.drift import CodeRemap, code_drift, code_remap
 from codebook_store.errors import (
     CorruptSnapshotError,
+    FencedError,
     ReadOnlyStoreError,
     SnapshotNotFoundError,
     StoreUnavailableError,
@@ -155,23 +162,41 @@ class SnapshotStore(ABC):
         self._read_attempts = 1  # see _read
 
     # --- writes ---
-    def put(self, snapshot: Snapshot, *, move_latest: bool = True) -> bool:
+    def put(self, snapshot: Snapshot, *, move_latest: bool = True, epoch: int | None = None) -> bool:
         """Store a new version of `snapshot.model`; returns True if latest now points to it.
 
         Raises VersionExistsError if the version exists (nothing is overwritten), ReadOnlyStoreError on a
-        read-only store. Latest moves only to a version higher than the current latest (see module doc).
+        read-only store, FencedError when `epoch` (a claim_writer result) is no longer the model's. Latest
+        moves only to a version higher than the current latest (see module doc).
         """
         self._check_writable()
         manifest, blobs = encode(snapshot)  # outside the lock: the expensive part
-        return self._put_bytes(snapshot.model, snapshot.version, manifest, blobs, move_latest)
+        return self._put_bytes(snapshot.model, snapshot.version, manifest, blobs, move_latest, epoch)
 
-    def set_latest(self, version: int, *, model: str = DEFAULT_MODEL) -> None:
-        """Point latest at `version` (rollback or roll forward) after verifying every blob of it."""
+    def set_latest(self, version: int, *, model: str = DEFAULT_MODEL, epoch: int | None = None) -> None:
+        """Point latest at `version` (rollback or roll forward) after verifying every blob of it; with `epoch`,
+        only while it is the model's (FencedError otherwise)."""
         self._check_writable()
         check_model_name(model)
         with self._lock, self._writer_lock(model):
+            self._check_epoch(model, epoch)
             self._get(model, version)  # complete and verified, or raises
             self._write_latest(model, version)
+
+    def claim_writer(self, holder: str, *, model: str = DEFAULT_MODEL) -> int:
+        """Become the one writer of `model`: raise its writer epoch by one and record `holder` (who claims: a
+        line for the messages of the writers this fences). Returns the new epoch, for put and set_latest."""
+        self._check_writable()
+        check_model_name(model)
+        with self._lock, self._writer_lock(model):
+            current = self._current_writer(model)
+            epoch = (current[0] if current else 0) + 1
+            self._write_writer(model, json.dumps({"epoch": epoch, "holder": holder}).encode())
+            return epoch
+
+    def writer(self, *, model: str = DEFAULT_MODEL) -> tuple[int, str] | None:
+        """The model's writer epoch and holder (claim_writer), or None when nobody has claimed it."""
+        return self._read(lambda: self._current_writer(check_model_name(model)))
 
     def prune(self, *, keep_last: int, keep: Iterable[int] = (), model: str = DEFAULT_MODEL) -> list[int]:
         """Delete all versions except the `keep_last` highest, those in `keep`, and latest; also clears debris
@@ -321,8 +346,10 @@ class SnapshotStore(ABC):
         return f"{type(self).__name__}({self.url!r}{', read_only=True' if self.read_only else ''})"
 
     # --- helpers ---
-    def _put_bytes(self, model: str, version: int, manifest: bytes, blobs: dict[str, bytes], move_latest: bool) -> bool:
+    def _put_bytes(self, model: str, version: int, manifest: bytes, blobs: dict[str, bytes], move_latest: bool,
+                   epoch: int | None = None) -> bool:
         with self._lock, self._writer_lock(model):
+            self._check_epoch(model, epoch)
             if version in self._list_versions(model):
                 raise VersionExistsError(f"{model} v{version} already exists; versions are never overwritten")
             current = self._read_latest(model)
@@ -353,6 +380,27 @@ class SnapshotStore(ABC):
     def _check_writable(self) -> None:
         if self.read_only:
             raise ReadOnlyStoreError(f"{self.url} is open read-only")
+
+    def _current_writer(self, model: str) -> tuple[int, str] | None:
+        raw = self._read_writer(model)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            return int(data["epoch"]), str(data["holder"])
+        except (ValueError, KeyError, TypeError):
+            raise CorruptSnapshotError(f"{self.url}: the writer record of {model} is unreadable: {raw[:60]!r}",
+                                       kind="latest", model=model, blob="writer") from None
+
+    def _check_epoch(self, model: str, epoch: int | None) -> None:
+        """Under the writer lock: `epoch` (None: an unfenced writer) must still be the model's."""
+        if epoch is None:
+            return
+        current = self._current_writer(model)
+        if current is None or current[0] != epoch:
+            now = "nobody has claimed it" if current is None else f"epoch {current[0]} is {current[1]}"
+            raise FencedError(f"{model} in {self.url}: this writer holds epoch {epoch}, but {now}; it may no "
+                              "longer write snapshots")
 
     def _read_manifest_checked(self, model: str, version: int) -> tuple[Manifest, bytes]:
         check_model_name(model)
@@ -418,6 +466,14 @@ class SnapshotStore(ABC):
     @abstractmethod
     def _delete_version(self, model: str, version: int) -> None:
         """Delete a version so that it disappears atomically from listings."""
+
+    @abstractmethod
+    def _read_writer(self, model: str) -> bytes | None:
+        """The model's writer record (JSON bytes of claim_writer), or None."""
+
+    @abstractmethod
+    def _write_writer(self, model: str, data: bytes) -> None:
+        """Replace the model's writer record atomically and durably."""
 
 
 def open_store(url: str, *, read_only: bool = False) -> SnapshotStore:

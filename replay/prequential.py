@@ -838,7 +838,7 @@ class Prequential:
         start = time.perf_counter()
         try:
             self.unlearnt += len(self.online.learn(events, histories)["unlearnt"])
-        except FloatingPointError:  # the worker skips such a batch too (streams.agents.handle_train_batch)
+        except FloatingPointError:  # the learner skips such a step too (streams.learning.Learning.learn_step)
             self.train_errors += 1
         self.learn_seconds += time.perf_counter() - start
 

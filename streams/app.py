@@ -17,7 +17,9 @@ def create_app(settings: WorkerSettings, *, testing: bool = False) -> faust.App:
     (Kubernetes sets WEB_PORT=tcp://... for a Service named `web`). The web server binds web_host.
     topic_partitions is the partition count of the table changelogs; it equals the feedback topic's, since
     the history table is keyed like that topic (co-partitioned); their replication is the worker's
-    (replication_factor, resolved to the cluster's default by streams.topics.ensure_topics).
+    (replication_factor, resolved to the cluster's default by streams.topics.ensure_topics). With
+    group_instance_id the process is a static member of the group (a restart under the same id keeps its
+    partitions, no rebalance); table_standby_replicas other processes keep the table's partitions warm.
     """
     datadir = settings.data_dir / settings.app_id  # table files are named by table, not by app
     datadir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
@@ -39,6 +41,8 @@ def create_app(settings: WorkerSettings, *, testing: bool = False) -> faust.App:
         consumer_max_fetch_size=settings.fetch_bytes,
         broker_session_timeout=settings.session_timeout,
         broker_heartbeat_interval=min(3.0, settings.session_timeout / 3),
+        consumer_group_instance_id=settings.group_instance_id,
+        table_standby_replicas=settings.table_standby_replicas,
         autodiscover=False,
     )
     # Table writes wait in Faust's producer buffer until sent; above max_messages (100) every message delivery
@@ -52,27 +56,26 @@ def create_app(settings: WorkerSettings, *, testing: bool = False) -> faust.App:
 
 @dataclass(frozen=True)
 class Topics:
-    feedback: faust.TopicT
-    items: faust.TopicT
+    feedback: faust.TopicT  # the ingest agent's source: feedback-events and the repartition topic
+    repartition: faust.TopicT
     dlq: faust.TopicT
-    updates: faust.TopicT
     train: faust.TopicT
 
 
 def declare_topics(app: faust.App, settings: WorkerSettings) -> Topics:
-    """Every topic carries raw bytes (validation is ours: streams.records). streams.topics creates them.
+    """The topics Faust reads or writes; every one carries raw bytes (validation is ours: streams.records).
+    streams.topics creates them. The ingest agent reads feedback-events and the repartition topic (records
+    re-keyed by user) as one stream: both have `partitions` partitions, as the history table, so Faust assigns
+    partition p of all three to one process (co-partitioning). The train topic, item-events and codebook-updates
+    are the learner's (streams.learning), which reads them by assignment, not through Faust."""
 
-    The train topic is consumed without acks: Faust never commits its offsets. The worker commits the position
-    a snapshot has learnt once that snapshot is latest (streams.worker.StreamWorker.commit_position)."""
-
-    def raw(name: str, partitions: int, acks: bool = True) -> faust.TopicT:
-        return app.topic(name, partitions=partitions, key_serializer="raw", value_serializer="raw", acks=acks)
+    def raw(*names: str, partitions: int) -> faust.TopicT:
+        return app.topic(*names, partitions=partitions, key_serializer="raw", value_serializer="raw")
 
     p = settings.partitions
     return Topics(
-        feedback=raw(settings.feedback_topic, p),
-        items=raw(settings.item_topic, p),
-        dlq=raw(settings.dlq_topic, p),
-        updates=raw(settings.updates_topic, 1),
-        train=raw(settings.train_topic, 1, acks=False),
+        feedback=raw(settings.feedback_topic, settings.repartition_topic, partitions=p),
+        repartition=raw(settings.repartition_topic, partitions=p),
+        dlq=raw(settings.dlq_topic, partitions=p),
+        train=raw(settings.train_topic, partitions=settings.train_topic_partitions),
     )

@@ -8,7 +8,9 @@ step. Both views of a user's history agree because one user's events arrive in o
 per user, and ingest keeps the table's value of the batch's users until the batch is forwarded).
 
 A micro-batch whose message would exceed `max_bytes` (Kafka refuses large messages: about 1 MB by default) is
-split into consecutive messages, each learnt as a step of its own.
+split into consecutive messages. Ingest sends one message per train partition a micro-batch touches (a user's in
+one partition: streams.routing); the learner joins consecutive messages into steps of up to batch_size events
+(`learner_input` of several messages).
 """
 
 from __future__ import annotations
@@ -73,17 +75,24 @@ def read_train_batch(raw: bytes) -> TrainBatch:
     return TrainBatch.model_validate_json(raw)
 
 
-def learner_input(batch: TrainBatch, read_at: Sequence[Source] = ()) -> LearnerInput:
-    """What OnlineLearner.learn takes; `read_at` (where the batch was read: the train topic) joins the
-    watermark, which then names both the feedback positions the events came from and the train position."""
-    watermark = dict(batch.watermark)
+def learner_input(batches: Sequence[TrainBatch], read_at: Sequence[Source] = ()) -> LearnerInput:
+    """What OnlineLearner.learn takes for one step on train messages in the order they were read: their events
+    concatenated, each user's history from the first message that holds the user (a user's messages are in one
+    train partition, in order, so the later ones continue the earlier: the learner derives the user's later
+    inputs from the step's own events), and their watermarks merged. `read_at` (where the messages were read:
+    the train topic) joins the watermark, which then names both the feedback positions the events came from
+    and the train positions."""
+    watermark: dict[str, int] = {}
+    histories: dict[str, list[int | str]] = {}
+    events = []
+    for batch in batches:
+        merge_watermarks(watermark, batch.watermark)
+        for user, items in batch.histories.items():
+            histories.setdefault(user, list(items))
+        events.extend(event.model_dump() for event in batch.events)
     for source in read_at:
         _advance(watermark, source)
-    return LearnerInput(
-        events=[event.model_dump() for event in batch.events],
-        histories={user: list(items) for user, items in batch.histories.items()},
-        watermark=watermark,
-    )
+    return LearnerInput(events=events, histories=histories, watermark=watermark)
 
 
 def _advance(watermark: dict[str, int], source: Source) -> None:

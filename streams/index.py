@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from trainer.model import Catalogue, SparcModel
 from trainer.online import LearnerState, load_model
 from trainer.search import BruteForce, CodeIndex, CodeRetriever, IndexUpdate, SearchResult, retrieve
 from trainer.vocab import ItemId
+
+if TYPE_CHECKING:
+    from codebook_store import Snapshot
 
 MAX_POPULAR = 1000  # the longest answer for a user without history (= the web view's largest k)
 
@@ -102,14 +105,15 @@ def build_retriever(
 
 
 def build_index(
-    state: LearnerState,
+    state: LearnerState | Snapshot,
     version: int,
     created_at: float,
     top_codes: int,
     kind: Literal["faiss", "brute"] = "faiss",
     previous: ServingIndex | None = None,
 ) -> ServingIndex:
-    """A serving index from a snapshot's state (the model is rebuilt from its config and weights).
+    """A serving index from a snapshot's state (the model is rebuilt from its config and weights; a stored
+    codebook_store.Snapshot has the same config, weights and item_ids).
 
     previous: the index served now; when it is a faiss CodeIndex of the same shape, the new retriever is derived
     from it incrementally (CodeIndex.update: only changed items move) instead of being built from scratch.

@@ -84,6 +84,10 @@ class WorkerMetrics:
         self.duplicates = Counter(
             "sparc_duplicate_events", "feedback events dropped as duplicates", registry=r
         )
+        self.rekeyed = Counter(
+            "sparc_rekeyed_events", "feedback records read outside their user's partition and re-keyed through "
+            "the repartition topic (streams.routing)", registry=r,
+        )
         self.dlq = Counter(
             "sparc_dlq_messages", "messages sent to the dead-letter topic", ["topic", "reason"], registry=r
         )

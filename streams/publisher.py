@@ -15,6 +15,10 @@ manifest, a latest pointer that names nothing), on_corrupt="fallback" takes the 
 gate passed and that verifies, rolls latest back to it (so readers of the store stop meeting the bad one) and
 names every version it passed over; on_corrupt="refuse" raises, naming the bad version and the one to roll back to.
 
+Fencing: a learner claims the model in the store before it writes (`claim`: streams.learning), and every put
+and latest move then carries its epoch; once another learner has claimed the model, a put raises
+codebook_store.FencedError and stores nothing (codebook_store.store's module doc).
+
 codebook-updates: an accepted snapshot is announced as codebook_store.messages records (docs/codebook-updates.md;
 key = the model name, one or more chunks under `max_message_bytes` each): the manifest, the codebooks and the
 remap from the previously ANNOUNCED version (what subscribers hold; a rejected snapshot never reached them).
@@ -84,7 +88,9 @@ class Publisher:
         full_codes_every: int = 10,
         announce_weights: bool = False,
         signing_key: Path | None = None,
+        read_only: bool = False,
     ):
+        """read_only: only warm starts read the store (a data-parallel rank other than 0; nothing is published)."""
         if full_codes_every < 1:
             raise ValueError(f"full_codes_every must be >= 1, got {full_codes_every}")
         self.store_url, self.model, self.thresholds = store_url, model, thresholds
@@ -93,7 +99,8 @@ class Publisher:
         self.signer = None if signing_key is None else load_signer(signing_key)  # raises KeyFileError
         if self.signer is not None:
             log.info("codebook updates are signed with %s key %s", self.signer.scheme, self.signer.key_id)
-        self.store = open_store(store_url)
+        self.store = open_store(store_url, read_only=read_only)
+        self.epoch: int | None = None  # the writer epoch claimed (claim); None: unfenced
         versions = self.store.versions(model=model)
         self.next_version = versions[-1] + 1 if versions else 0
         self.parent: int | None = None
@@ -126,13 +133,22 @@ class Publisher:
             messages=messages,
         )
 
-    def warm_start(self, cfg: SparcConfig, on_corrupt: str = "fallback") -> WarmStart | None:
+    def claim(self, holder: str) -> int:
+        """Become the one writer of this model in the store (fencing the writer before, if any): every later
+        put and latest move carries the epoch returned, and fails with FencedError once another claim follows."""
+        self.epoch = self.store.claim_writer(holder, model=self.model)
+        return self.epoch
+
+    def warm_start(self, cfg: SparcConfig, on_corrupt: str = "fallback", version: int | None = None
+                   ) -> WarmStart | None:
         """The latest snapshot of this model (verified), or with a corrupt latest what `on_corrupt` says (module
-        doc); None when the store has none. This publisher then continues its lineage (the next snapshot's
+        doc); None when the store has none. `version`: that version instead (the one rank 0 of a data-parallel
+        group chose). This publisher then continues its lineage (the next snapshot's
         parent, drift and remap are relative to it). Raises CorruptSnapshotError when no version can be used (or
         on_corrupt="refuse"), IncompatibleSnapshotError when the model differs from `cfg` in anything but the
         item table's size."""
-        found = self._verified_latest(on_corrupt)
+        found = self._verified_latest(on_corrupt) if version is None else WarmStart(
+            self.store.get(version, model=self.model), [])
         if found is None:
             return None
         snapshot, version = found.snapshot, found.snapshot.version
@@ -175,7 +191,8 @@ class Publisher:
             raise CorruptSnapshotError(
                 f"no snapshot of {where} to warm-start from: {'; '.join(bad)} (start with --no-warm-start)",
                 kind="latest", model=self.model)
-        self.store.set_latest(good.version, model=self.model)
+        if not self.store.read_only:
+            self.store.set_latest(good.version, model=self.model, epoch=self.epoch)
         return WarmStart(good, bad)
 
     def latest(self) -> dict | None:
@@ -204,7 +221,7 @@ class Publisher:
                 item_ids=state.item_ids,
             )
             try:
-                self.store.put(snapshot, move_latest=accepted)
+                self.store.put(snapshot, move_latest=accepted, epoch=self.epoch)
             except VersionExistsError:
                 log.warning(
                     "%s v%d appeared in %s meanwhile; taking the next free version",

@@ -8,9 +8,11 @@ item-events (key = item id, value = JSON):
 ItemId: an integer in [1, 2**63 - 1] or a string of 1 to 256 characters (a SKU). It is an external id, never a
 row number (trainer.vocab): its value costs nothing. Ids are parsed in canonical form (trainer.vocab.canonical_id):
 "7" and 7 are the same item and both parse as 7; "07" stays a string.
-<app_id>-train-examples (internal, one partition): streams.batching.TrainBatch, a micro-batch of valid
-    feedback events with their users' histories and the feedback positions it covers (for the snapshot's
-    watermark), built from TrainExamples (one event, the user's history before it, where it was read).
+<app_id>-train-examples (internal, train_partitions partitions): streams.batching.TrainBatch, a micro-batch of
+    valid feedback events of the users of one train partition (streams.routing) with their histories and the
+    feedback positions it covers (for the snapshot's watermark), built from TrainExamples (one event, the
+    user's history before it, where it was read).
+<app_id>-feedback-by-user (internal): feedback records re-keyed by user (key = user id, the original bytes).
 
 `validate_feedback(raw)` / `validate_item(raw)` never raise: they return the parsed record or an `Invalid`
 with a short reason (the DLQ counter's label) and a one-line detail.
@@ -51,6 +53,7 @@ REASONS = (
     "not_utf8",
     "catalogue_full",  # valid, but its new item does not fit the learner's catalogue (CatalogueConfig.on_full)
     "unknown_item",  # valid feedback on an item no item event has named (item_sources "items")
+    "wrong_key",  # valid feedback read outside its user's partition, with on_wrong_key "dlq" (streams.routing)
 )
 
 Id = Annotated[StrictStr, Field(min_length=1, max_length=128)]

@@ -40,15 +40,19 @@ HISTORY_TABLE = "user-history"  # the worker's Faust table; Faust names its chan
 SECTIONS: dict[str, tuple[str, ...]] = {
     "kafka": ("broker", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
               "sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password",
-              "ssl_key_password_file", "ssl_check_hostname", "session_timeout", "fetch_bytes", "producer_linger"),
-    "topics": ("feedback_topic", "item_topic", "updates_topic", "dlq_topic", "partitions", "replication_factor",
-               "min_insync_replicas", "events_retention_ms", "train_retention_ms", "dlq_retention_ms",
-               "updates_retention_ms"),
+              "ssl_key_password_file", "ssl_check_hostname", "session_timeout", "group_instance_id", "fetch_bytes",
+              "producer_linger"),
+    "topics": ("feedback_topic", "item_topic", "updates_topic", "dlq_topic", "partitions", "train_partitions",
+               "replication_factor", "min_insync_replicas", "events_retention_ms", "train_retention_ms",
+               "dlq_retention_ms", "updates_retention_ms"),
     "worker": ("app_id", "store_url", "model_name", "data_dir", "table_store", "warm_start", "on_corrupt",
                "processed_log", "torch_threads", "device", "switch_interval"),
     "web": ("web_host", "web_port"),
     "logging": ("log_format", "log_level"),
-    "ingest": ("max_event_bytes", "dedup_window", "batch_size", "batch_seconds", "train_message_bytes"),
+    "ingest": ("max_event_bytes", "dedup_window", "batch_size", "batch_seconds", "train_message_bytes",
+               "on_wrong_key", "table_standby_replicas"),
+    "learn": ("world_size", "rank", "dist_url", "round_seconds"),
+    "serve": ("follow_seconds",),
     "catalogue": ("max_items", "on_catalogue_full", "item_sources", "initial_items"),
     "publish": ("snapshot_every_steps", "snapshot_every_seconds", "min_utilisation", "min_deep_utilisation",
                 "min_perplexity", "max_collision_rate"),
@@ -140,7 +144,11 @@ class WorkerSettings(BaseSettings):
     updates_topic: str = "codebook-updates"
     dlq_topic: str = "feedback-dlq"
     partitions: int = Field(
-        4, ge=1, description="partitions of the feedback/item/DLQ topics and of the tables"
+        4, ge=1, description="partitions of the feedback/item/DLQ topics, of the repartition topic and of the tables"
+    )
+    train_partitions: int | None = Field(
+        None, ge=1, description="partitions of the train topic (None: as many as `partitions`); a user's examples "
+        "stay in one of them, in order; learner ranks split them (a multiple of world_size keeps ranks even)",
     )
     replication_factor: int | None = Field(
         None, ge=1, description="replicas of every topic the worker creates, its table changelogs included "
@@ -173,15 +181,33 @@ class WorkerSettings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per line")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     session_timeout: float = Field(
-        60.0,
+        10.0,
         ge=6.0,
-        description="seconds a silent (crashed) worker keeps its partitions before the group moves on; "
-        "the broker's group.min.session.timeout.ms (6 s by default) is the floor",
+        description="seconds a silent (crashed) ingest process or worker keeps its feedback partitions before the "
+        "group moves them to another member; the broker's group.min.session.timeout.ms (6 s by default) is the "
+        "floor (README, Running at scale: failover)",
+    )
+    group_instance_id: str | None = Field(
+        None, min_length=1, max_length=249,
+        description="static group membership (Kafka's group.instance.id; unique per process of the app, e.g. the "
+        "pod name): a process restarted under the same id takes its partitions back at once, without a "
+        "rebalance of the group (None: dynamic membership)",
     )
 
     # --- ingest
     max_event_bytes: int = Field(16_384, ge=64, description="larger messages go to the DLQ unread")
     dedup_window: int = Field(256, ge=1, description="recent event ids remembered per user")
+    on_wrong_key: Literal["repartition", "dlq"] = Field(
+        "repartition", description="a feedback record that is not in its user's partition (its key is not the user "
+        "id, or it was partitioned otherwise than by murmur2 of the user id): re-key it through the repartition "
+        "topic (as Faust's group_by does) so that one partition holds each user's history, or dead-letter it "
+        "(reason wrong_key)",
+    )
+    table_standby_replicas: int = Field(
+        1, ge=0, description="standby copies of the history table that other ingest processes keep up to date from "
+        "its changelog (Faust's table_standby_replicas): a process that takes over partitions after a failure "
+        "has their table at hand instead of reading the changelog from its start",
+    )
 
     # --- training and publishing
     batch_size: int = Field(
@@ -257,6 +283,26 @@ class WorkerSettings(BaseSettings):
         "Python's default is 0.005). The learner thread needs the GIL between torch ops, hundreds of times per "
         "step; while the event loop is busy each of those waits lasts up to this long, so the default would "
         "stretch a step many times over and serialise the learner behind ingest",
+    )
+
+    # --- the learn role (streams.learning; README, Running at scale)
+    world_size: int = Field(
+        1, ge=1, description="learner processes that train one model together (torch.distributed, gloo on CPUs, "
+        "nccl on GPUs); rank R reads the train partitions p with p mod world_size == R",
+    )
+    rank: int = Field(0, ge=0, description="this learner's rank in [0, world_size); rank 0 publishes")
+    dist_url: str = Field(
+        "env://", description="where the learner ranks meet (torch.distributed init_method): tcp://HOST:PORT of "
+        "rank 0, or env:// (MASTER_ADDR and MASTER_PORT, as torchrun sets them)",
+    )
+    round_seconds: float = Field(
+        0.05, gt=0, le=10, description="the longest a learner waits for train messages before it trains on "
+        "what it has (and, with several ranks, before a round without examples goes by)",
+    )
+
+    # --- the serve role
+    follow_seconds: float = Field(
+        0.5, gt=0, description="how often a serve process checks the store for a new latest snapshot",
     )
 
     # --- recovery (streams.worker's module doc)
@@ -386,10 +432,31 @@ class WorkerSettings(BaseSettings):
             raise ValueError("table_store must be rocksdb:// or memory://")
         return value
 
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> WorkerSettings:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
+        return self
+
     @property
     def train_topic(self) -> str:
-        """Internal topic of training examples (one partition: one trainer), unique per app id."""
+        """Internal topic of training examples (micro-batches, one user's in one partition), unique per app id."""
         return f"{self.app_id}-train-examples"
+
+    @property
+    def train_topic_partitions(self) -> int:
+        return self.train_partitions or self.partitions
+
+    @property
+    def repartition_topic(self) -> str:
+        """Internal topic of feedback re-keyed by user (the records that arrived outside their user's partition)."""
+        return f"{self.app_id}-feedback-by-user"
+
+    @property
+    def learn_group(self) -> str:
+        """The consumer group under which learners commit the train positions their snapshots have learnt (they
+        read by assignment, not as members of a group)."""
+        return f"{self.app_id}-learn"
 
     @property
     def bootstrap_servers(self) -> list[str]:

@@ -3,17 +3,19 @@
 Faust creates only its internal topics (the table changelog, compacted, with the worker's replication factor and
 min.insync.replicas: streams.app, `changelog_configs`). The worker's own topics (`topic_specs`):
 
-  topic              partitions   cleanup.policy   retention.ms
-  feedback-events    partitions   delete           events_retention_ms
-  item-events        partitions   compact          - (the latest event of every item is kept: the catalogue)
-  feedback-dlq       partitions   delete           dlq_retention_ms
-  codebook-updates   1            delete           updates_retention_ms (a new subscriber reads it from its start)
-  <app>-train-examples 1          delete           train_retention_ms
+  topic                  partitions         cleanup.policy   retention.ms
+  feedback-events        partitions         delete           events_retention_ms
+  item-events            partitions         compact          - (the latest event of every item is kept: the catalogue)
+  feedback-dlq           partitions         delete           dlq_retention_ms
+  codebook-updates       1                  delete           updates_retention_ms (new subscribers read it all)
+  <app>-train-examples   train_partitions   delete           train_retention_ms
+  <app>-feedback-by-user partitions         delete           events_retention_ms (records re-keyed by user)
 
 each with replication_factor replicas (None: the cluster's default.replication.factor, read from a broker) and
-min.insync.replicas when set. The source topics must have exactly `settings.partitions` partitions (a table and
-the topic it is keyed by are co-partitioned), codebook-updates and the train topic one (versions and training
-examples are ordered): another count is a `TopicError` the operator must fix. Other differences (replicas,
+min.insync.replicas when set. The feedback and repartition topics must have exactly `settings.partitions`
+partitions (a table and the topics it is keyed by are co-partitioned), the train topic `train_partitions` (one
+user's examples in one partition, in order) and codebook-updates one (versions are ordered): another count is a
+`TopicError` the operator must fix. Other differences (replicas,
 cleanup, retention, min.insync.replicas) of a topic that already exists are named in one warning per topic; the
 worker runs with them.
 """
@@ -63,7 +65,8 @@ def topic_specs(settings: WorkerSettings) -> dict[str, TopicSpec]:
         settings.item_topic: TopicSpec(p, {"cleanup.policy": "compact", **common}),
         settings.dlq_topic: TopicSpec(p, deleting(settings.dlq_retention_ms)),
         settings.updates_topic: TopicSpec(1, deleting(settings.updates_retention_ms)),
-        settings.train_topic: TopicSpec(1, deleting(settings.train_retention_ms)),
+        settings.train_topic: TopicSpec(settings.train_topic_partitions, deleting(settings.train_retention_ms)),
+        settings.repartition_topic: TopicSpec(p, deleting(settings.events_retention_ms)),
     }
 
 

@@ -1,61 +1,54 @@
-"""One worker process: the Faust app, its topics and history table, the online learner, the snapshot
-publisher, the serving index and the metrics, wired together (agents.py and views.py hold the per-event and
-per-request logic).
+"""The Faust process: `sparc ingest` (the ingest agent, its history table and the probes) and `sparc worker`, the
+same process with the learner in a thread (streams.learning + streams.learn_loop) and the serving index
+(streams.serving) beside it: the three roles composed in one process.
 
-    w = StreamWorker(WorkerSettings(broker="127.0.0.1:39092"))
+    w = StreamWorker(WorkerSettings(broker="127.0.0.1:39092"))                  # sparc worker
+    w = StreamWorker(settings, learn=False, serve=False)                          # sparc ingest
     w.run()                        # blocks until SIGINT/SIGTERM; returns the exit status
 
 Recovery (at-least-once; a stop by SIGTERM and a crash by SIGKILL take the same path):
-- The user-history table lives in RocksDB with a Kafka changelog; Faust restores it on start. Its event ids
-  de-duplicate re-read feedback (streams.history, which also re-forwards a message read again at the same
-  offset, since its training example may not have reached Kafka before the crash).
-- The learner's durable state is the latest snapshot in the store. With warm_start (the default) a worker
-  starts from it: weights, step count and watermark (the input it has learnt). Train messages below that
-  watermark are skipped; the rest of the train topic is learnt again. Faust never commits the train topic;
-  the worker commits a snapshot's train position once the snapshot is latest (commit_position), so a restart
-  reads from about there. A warm start from a snapshot without a train position of this app (one from
-  `sparc train`, or none at all) reads the train topic from the committed position, or from its start.
-- Versions come from the store (one above its highest), so they keep increasing across restarts.
-- `processed_log` (optional, JSON lines) records each learnt micro-batch ({"step", "read": {"topic:partition":
-  [first, end)}, "event_ids"}) and each start ({"start": {"version", "steps", "resume", ...}}). The events a
-  snapshot has learnt are those of the batches that end at or below its train watermark, less the batches a
-  later start discarded (those at or above its resume position); tests/worker_harness.learnt_event_ids.
+- The user-history table lives in RocksDB with a Kafka changelog; Faust restores it on start (or promotes a
+  standby copy, table_standby_replicas). Its event ids de-duplicate re-read feedback (streams.history, which also
+  re-forwards a message read again at the same offset, since its training example may not have reached Kafka
+  before the crash). Ingest processes are members of one consumer group: a process that stops answering keeps
+  its partitions for session_timeout, then another takes them; with static membership (group_instance_id) a
+  process restarted under the same id takes its own back at once, without a rebalance.
+- The learner's durable state is the latest snapshot in the store (streams.learning's module doc): a warm
+  start restores it and reads every train and item-events partition from the position it has learnt; the rest
+  is learnt again. Versions come from the store (one above its highest), so they keep increasing across
+  restarts.
+- `processed_log` (optional, JSON lines): streams.learning's; streams.processed_log reads it.
 - Not recovered: Adam's moments are not in snapshots, so a restarted optimiser starts afresh; events whose
   training example was re-forwarded after a crash may be learnt twice (at least once, not exactly once).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 import faust
 import torch
 from faust.streams import _current_event  # the "current event" Faust's tables read (see set_history)
-from faust.types import TP
 
 from streams import agents, views
 from streams.app import create_app, declare_topics
-from streams.batching import LearnerInput, merge_watermarks
-from streams.history import decode_state, encode_state
-from streams.index import IndexHolder, build_index
+from streams.history import decode_state, encode_state, history_of
+from streams.learn_loop import LearnLoop
+from streams.learning import Learning, RoleFailed
 from streams.logs import setup_logging
 from streams.metrics import RecoveryMetrics, WorkerMetrics
-from streams.outputs import KafkaOutputs, Outputs
-from streams.publisher import IncompatibleSnapshotError, Publisher
-from streams.records import Source
+from streams.outputs import KafkaOutputs, LearnOutputs, Outputs
+from streams.serving import Serving
 from streams.settings import HISTORY_TABLE, WorkerSettings
 from streams.topics import changelog_configs
-from trainer.online import LearnerState, OnlineLearner
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +81,17 @@ class StreamWorker:
         self,
         settings: WorkerSettings,
         *,
+        learn: bool = True,
+        serve: bool = True,
         testing: bool = False,
         outputs: Outputs | None = None,
+        learn_outputs: LearnOutputs | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        self.settings, self.clock = settings, clock
+        """learn/serve: run the learner (a thread) and the serving index in this process too (`sparc worker`);
+        both off: `sparc ingest`. testing: memory:// tables, no web server, and the learner's loop is not
+        started (tests drive Learning directly)."""
+        self.settings, self.clock, self.testing = settings, clock, testing
         self.app = create_app(settings, testing=testing)
         self.topics = declare_topics(self.app, settings)
         self.history = self.app.Table(
@@ -103,86 +102,40 @@ class StreamWorker:
             help="per user: last items and recent event ids (streams.history)",
             extra_topic_configs=changelog_configs(settings),
         )
-        self.learner = OnlineLearner(settings.sparc_config(), settings.train_config(), settings.device,
-                                     settings.catalogue_config())
-        self.publisher = Publisher(settings.store_url, settings.model_name, settings.gate_thresholds(),
-                                   full_codes_every=settings.full_codes_every,
-                                   announce_weights=settings.announce_weights, signing_key=settings.signing_key)
-        self.index = IndexHolder()
         self.metrics = WorkerMetrics(settings.levels, clock)
         self.metrics.lag_source(self.consumer_lag)
         self.recovery = RecoveryMetrics(self.metrics.registry)
-        self.outputs = outputs or KafkaOutputs(self.topics.dlq, self.topics.train, self.topics.updates)
-        self.testing = testing
-        self.watermark: dict[str, int] = {}  # input the learner has trained on; written in the learner thread
-        self.resume: dict[str, int] = {}  # "topic:partition" -> first offset the warm-start snapshot has not learnt
-        self.warm_version: int | None = None
-        self.start_message = "warm start off: a fresh model"  # logged once the app runs (logging is set up then)
-        self.start_warnings: list[str] = []  # ... as warnings
-        self.last_gate: list[str] = []  # reasons the last snapshot was held back (empty: it passed)
-        self.publish_lock = asyncio.Lock()
-        self._published = (0, clock())  # (steps, time) of the last snapshot capture
-        self._learner_pool = ThreadPoolExecutor(1, thread_name_prefix="sparc-learner")
-        self._publisher_pool = ThreadPoolExecutor(1, thread_name_prefix="sparc-publisher")
-        self._processed = None
-        self._processed_lock = threading.Lock()
-        try:
-            if settings.warm_start:
-                self._warm_start()
-            self.recovery.warm_version.set(-1 if self.warm_version is None else self.warm_version)
-            if settings.processed_log is not None:
-                settings.processed_log.parent.mkdir(parents=True, exist_ok=True)
-                self._processed = settings.processed_log.open("a", encoding="utf-8")
-            self._log_processed({
-                "start": {"version": self.warm_version, "steps": self.learner.steps, "resume": dict(self.resume),
-                          "pid": os.getpid(), "at": clock()},
-            })
-        except BaseException:
-            self.close()
-            raise
-        self.agents = agents.register(self)
-        views.register(self)
+        self.outputs = outputs or KafkaOutputs(self.topics.dlq, self.topics.train, self.topics.repartition)
+        self.serving = Serving(settings, self.metrics) if serve else None
+        self.learning: Learning | None = None
+        self.loop: LearnLoop | None = None
+        self._learn_outputs = None
+        self._stop = threading.Event()
+        self._learner_thread: threading.Thread | None = None
+        if learn:
+            if learn_outputs is None and testing:
+                raise ValueError("a testing worker with a learner needs learn_outputs (no broker to send to)")
+            if learn_outputs is None:
+                from streams.roles import learn_outputs as kafka_learn_outputs
+
+                learn_outputs = self._learn_outputs = kafka_learn_outputs(settings)
+            try:
+                self.learning = Learning(settings, learn_outputs, metrics=self.metrics, recovery=self.recovery,
+                                         serve=self.serving.serve_state if self.serving else None, clock=clock,
+                                         role="worker")
+            except BaseException:
+                self.close()
+                raise
+            self.loop = LearnLoop(self.learning, settings)
+        self.ingest_agent = agents.register(self)
+        views.register_faust(self.app, self)
 
         @self.app.task
         async def _log_start() -> None:
-            log.info("%s", self.start_message)
-            for warning in self.start_warnings:
-                log.warning("%s", warning)
-
-    def _warm_start(self) -> None:
-        """Continue from the store's latest snapshot, if any (see the module doc); serve it at once."""
-        found = self.publisher.warm_start(self.settings.sparc_config(), self.settings.on_corrupt)
-        if found is None:
-            self.start_message = f"warm start: no snapshot of {self.settings.model_name!r} in the store; a fresh model"
-            return
-        snapshot = found.snapshot
-        steps = int(snapshot.health.get("steps", 0))
-        try:
-            bridged = self.learner.restore(snapshot.config, snapshot.weights, steps, snapshot.item_ids)
-        except ValueError as exc:  # e.g. more items than this worker's max_items
-            raise IncompatibleSnapshotError(
-                f"cannot warm-start from {snapshot.model} v{snapshot.version}: {exc} (change the worker's settings "
-                "to fit it, or start with --no-warm-start)", [str(exc)]) from None
-        kafka = {k: int(v) for k, v in snapshot.watermark.get("kafka", {}).items()}
-        self.watermark = dict(kafka)
-        self.resume = dict(kafka)
-        self.warm_version = snapshot.version
-        self._published = (steps, self.clock())
-        index = build_index(self.learner.snapshot_state(), snapshot.version, snapshot.created_at,
-                            self.settings.top_codes)
-        self.index.swap(index)
-        self.metrics.served(index.version, index.created_at, index.num_items)
-        position = kafka.get(f"{self.settings.train_topic}:0", "none of this app: the committed one")
-        self.start_message = (f"warm start from {snapshot.model} v{snapshot.version} (step {steps}, "
-                              f"{self.learner.num_items} items, train position {position})")
-        if bridged:
-            own = ", ".join(f"{k}={getattr(self.learner.model.cfg, k)!r}" for k in bridged)
-            theirs = ", ".join(f"{k}={snapshot.config.get(k)!r}" for k in bridged)
-            self.start_message += f"; learning goes on with this worker's {own} (the snapshot's: {theirs})"
-        if found.passed_over:
-            self.start_warnings.append(
-                f"the latest snapshot failed verification, so the worker fell back to v{snapshot.version} (the "
-                f"newest that verifies) and rolled latest back to it; passed over: {'; '.join(found.passed_over)}")
+            if self.learning is not None:
+                log.info("%s", self.learning.start.message)
+                for warning in self.learning.start.warnings:
+                    log.warning("%s", warning)
 
     def get_history(self, user: str, event: Any) -> dict | None:
         """A user's history-table value (None: unknown user), read for feedback `event` (a Faust event).
@@ -207,72 +160,41 @@ class StreamWorker:
         with _Processing(event):
             self.history[user] = encode_state(state)
 
-    def resume_offset(self, source: Source) -> int:
-        """The first offset of `source`'s topic-partition that the warm-start snapshot has not learnt."""
-        return self.resume.get(f"{source.topic}:{source.partition}", 0)
+    # --- what the views read (streams.views.Node)
+    def user_history(self, user_id: str) -> list:
+        return history_of(self.history_value(user_id))
 
-    # --- the learner thread: everything that reads or changes the model
-    async def in_learner(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._learner_pool, fn, *args)
+    def latest_manifest(self) -> dict | None:
+        return self.learning.publisher.latest() if self.learning is not None else None
 
-    async def in_publisher(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._publisher_pool, fn, *args)
+    def problems(self) -> list[str]:
+        reasons = [] if self.tables_recovered() else ["tables are recovering"]
+        if self.serving is not None and self.serving.index.current is None:
+            reasons.append("no snapshot is served yet")
+        return reasons
 
-    def learn(self, inp: LearnerInput, read_at: Sequence[Source] = ()) -> dict:
-        """One micro-batch (in the learner thread); `read_at`: where its messages were read, for the log."""
-        with self.metrics.step_seconds.time():
-            metrics = self.learner.learn(inp.events, inp.histories)
-        watermark = dict(self.watermark)
-        merge_watermarks(watermark, inp.watermark)
-        self.watermark = watermark  # swapped whole: readers on the event loop never see it half-updated
-        self.recovery.learnt.inc(len(inp.events))
-        if self._processed is not None:
-            read: dict[str, list[int]] = {}  # "topic:partition" -> [first offset, last offset + 1]
-            for source in read_at:
-                span = read.setdefault(f"{source.topic}:{source.partition}", [source.offset, source.offset + 1])
-                span[0], span[1] = min(span[0], source.offset), max(span[1], source.offset + 1)
-            self._log_processed({"step": self.learner.steps, "read": read,
-                                 "event_ids": [e["event_id"] for e in inp.events]})
-        return metrics
+    def failure(self) -> str | None:
+        if self.app.crashed:
+            return repr(self.app.crash_reason)
+        if self.learning is not None and self.learning.fenced:
+            return f"fenced: {self.learning.fenced}"
+        if self.loop is not None and self.loop.error is not None:
+            return f"the learner stopped: {self.loop.error!r}"
+        return None
 
-    def _log_processed(self, record: dict) -> None:
-        if self._processed is None:
-            return
-        with self._processed_lock:
-            self._processed.write(json.dumps(record) + "\n")
-            self._processed.flush()
-
-    async def commit_position(self, watermark: dict[str, int]) -> None:
-        """Commit the train-topic position of a snapshot that became latest (the group resumes there). Best
-        effort: a failed commit only makes a restart read more, and skip it (resume_offset)."""
-        key = f"{self.settings.train_topic}:0"
-        if self.testing or key not in watermark:
-            return
-        tp = TP(self.settings.train_topic, 0)
-        try:
-            # Consumer.commit() commits acked offsets only, and the train topic is not acked (streams.app): the
-            # transport-level commit takes the offsets as given, for partitions this worker is assigned.
-            await self.app.consumer._commit({tp: int(watermark[key])})
-        except Exception as exc:  # a rebalance, a broker hiccup: the next snapshot commits again
-            log.warning("could not commit the train position %d: %r", watermark[key], exc)
-
-    def capture(self) -> tuple[LearnerState, dict, dict[str, int]]:
-        state, health = self.learner.capture()
-        return state, health, dict(self.watermark)
-
-    # --- what the probes and metrics read
     def tables_recovered(self) -> bool:
         """Faust has recovered the history table from its changelog and no rebalance is under way."""
         return self.app.tables.recovery.completed.is_set() and not self.app.rebalancing
 
     def consumer_lag(self) -> dict[tuple[str, int], int]:
-        """(topic, partition) -> messages behind the partition's high watermark, for the source topics this
-        worker is assigned and has fetched from (the consumer runs in Faust's consumer thread: read only)."""
+        """(topic, partition) -> messages behind the partition's high watermark: the feedback and repartition
+        partitions this process is assigned and has fetched from (the consumer runs in Faust's consumer thread:
+        read only), and the learner's train and item partitions."""
         s = self.settings
-        sources = {s.feedback_topic, s.item_topic, s.train_topic}
+        sources = {s.feedback_topic, s.repartition_topic}
+        lag = dict(self.loop.lag) if self.loop is not None else {}
         try:
             consumer = self.app.consumer
-            lag = {}
             for tp in consumer.assignment():
                 if tp.topic not in sources:
                     continue
@@ -280,43 +202,50 @@ class StreamWorker:
                 read = consumer._read_offset.get(tp)  # the last offset handed to a stream (Faust keeps it)
                 if end is not None:
                     lag[(tp.topic, tp.partition)] = max(0, end - (read + 1 if read is not None else 0))
-            return lag
         except Exception:  # not started, between assignments: nothing to report
-            return {}
-
-    # --- publishing schedule
-    def publish_due(self) -> bool:
-        steps, at = self._published
-        new_steps = self.learner.steps - steps
-        s = self.settings
-        return new_steps >= s.snapshot_every_steps or (
-            new_steps > 0 and self.clock() - at >= s.snapshot_every_seconds
-        )
-
-    def mark_published(self, steps: int, at: float) -> None:
-        self._published = (steps, at)
+            pass
+        return lag
 
     # --- lifecycle
     def run(self) -> int:
-        """Run the Faust worker in this process until it is stopped; returns its exit status. Logging is
-        streams.logs' (format and level from the settings); in JSON mode Faust's start banner is left out."""
+        """Run the Faust worker in this process (and the learner's loop in a thread) until it is stopped;
+        returns its exit status. Logging is streams.logs' (format and level from the settings); in JSON mode
+        Faust's start banner is left out. A learner that is fenced or fails stops the process (SIGTERM to
+        itself, so Faust shuts down in order) and the failure is raised once Faust has stopped."""
         apply_process_settings(self.settings)
         setup_logging(self.settings.log_format, self.settings.log_level)
+        if self.loop is not None:
+            self._learner_thread = threading.Thread(target=self._learn, name="sparc-learner", daemon=True)
+            self._learner_thread.start()
         worker = faust.Worker(self.app, loglevel=self.settings.log_level, override_logging=False,
                               quiet=self.settings.log_format == "json")
+        status = 0
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:
-            return int(exc.code or 0)
+            status = int(exc.code or 0)
         finally:
+            self._stop.set()
+            if self._learner_thread is not None:
+                self._learner_thread.join()
             self.close()
-        return 0
+        failure = self.failure() if self.learning is not None else None
+        if failure is not None:
+            raise RoleFailed(failure)
+        return status
+
+    def _learn(self) -> None:
+        assert self.loop is not None
+        try:
+            self.loop.run(self._stop)
+        except BaseException:
+            log.exception("the learner failed")
+        if not self._stop.is_set():  # fenced or failed: stop the whole process
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def close(self) -> None:
-        self._learner_pool.shutdown(wait=True)
-        self._publisher_pool.shutdown(wait=True)
-        self.publisher.close()
-        if self._processed is not None:
-            with self._processed_lock:
-                self._processed.close()
-                self._processed = None
+        if self.learning is not None:
+            self.learning.close()
+        if self._learn_outputs is not None:
+            self._learn_outputs.close()
+            self._learn_outputs = None

@@ -13,6 +13,7 @@ import torch
 from codebook_store import (
     CodebookStoreError,
     CorruptSnapshotError,
+    FencedError,
     IncompatibleSnapshotError,
     InvalidSnapshotError,
     ReadOnlyStoreError,
@@ -660,3 +661,37 @@ def test_bad_urls(url: str) -> None:
 def test_errors_share_one_root() -> None:
     for error in (CorruptSnapshotError, IncompatibleSnapshotError, VersionExistsError, SnapshotNotFoundError):
         assert issubclass(error, CodebookStoreError)
+
+
+# --- fencing: one writer per model (claim_writer, put/set_latest with an epoch)
+def test_a_claim_fences_the_writer_before_it_on_every_backend(store):
+    first = store.claim_writer("learner a (pid 1)")
+    assert store.writer() == (first, "learner a (pid 1)")
+    assert store.put(make_snapshot(1), epoch=first)
+    second = store.claim_writer("learner b (pid 2)")
+    assert second == first + 1 and store.writer() == (second, "learner b (pid 2)")
+    with pytest.raises(FencedError, match=f"holds epoch {first}, but epoch {second} is learner b \\(pid 2\\)"):
+        store.put(make_snapshot(2, parent=1), epoch=first)
+    with pytest.raises(FencedError):
+        store.set_latest(1, epoch=first)
+    assert store.versions() == [1] and store.latest_version() == 1  # the fenced put stored nothing
+    assert store.put(make_snapshot(2, parent=1), epoch=second) and store.latest_version() == 2
+    store.set_latest(1, epoch=second)
+    assert store.put(make_snapshot(3, parent=2))  # an unfenced writer (sparc train, tools) is not checked
+    assert store.writer(model="other") is None
+    with pytest.raises(FencedError, match="nobody has claimed it"):
+        store.put(make_snapshot(1, model="other"), epoch=1)
+
+
+def test_the_file_stores_claim_is_seen_by_a_writer_in_another_handle(tmp_path):
+    """Two processes on one file system: each opens its own handle; the claim of the second fences the first."""
+    url = f"file://{tmp_path}/shared"
+    with open_store(url) as a, open_store(url) as b:
+        epoch_a = a.claim_writer("a")
+        epoch_b = b.claim_writer("b")
+        with pytest.raises(FencedError, match="epoch 2 is b"):
+            a.put(make_snapshot(1), epoch=epoch_a)
+        assert b.put(make_snapshot(1), epoch=epoch_b)
+    with open_store(url, read_only=True) as reader:
+        assert reader.writer() == (2, "b") and reader.versions() == [1]
+        assert not [p for p in (tmp_path / "shared" / "sparc").iterdir() if p.name.startswith(".writer-")]

@@ -85,7 +85,8 @@ def mounted_at(container: dict, path: str) -> dict:
 
 def test_helm_lint_passes_with_defaults_and_with_everything_on(helm):
     for sets in ([], ["serviceMonitor.enabled=true", "grafanaDashboard.enabled=true", "kafka.tlsSecret.name=t",
-                      "kafka.tlsSecret.clientCertificate=true", "kafka.saslPasswordSecret.name=s"]):
+                      "kafka.tlsSecret.clientCertificate=true", "kafka.saslPasswordSecret.name=s"],
+                 [*ROLES, "roles.learn.replicas=2", "serviceMonitor.enabled=true"]):
         done = subprocess.run([helm, "lint", str(CHART), "--strict", *[a for s in sets for a in ("--set", s)]],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -165,6 +166,107 @@ def test_the_chart_refuses_a_second_worker_replica(helm):
     assert done.returncode != 0 and "roles.worker.replicas must be 1" in done.stderr
 
 
+ROLES = ("roles.worker.enabled=false", "roles.ingest.enabled=true", "roles.learn.enabled=true",
+         "roles.serve.enabled=true")
+
+
+def role_routes(role: str) -> set[str]:
+    """The HTTP paths of a role's process, as streams.views.routes gives them for its parts (ingest: neither a
+    learner nor serving; learn: a learner; serve: serving; worker: both)."""
+    from types import SimpleNamespace
+
+    from streams.views import routes as node_routes
+
+    parts = {"worker": (True, True), "ingest": (False, False), "learn": (True, False), "serve": (False, True)}[role]
+    node = SimpleNamespace(learning=object() if parts[0] else None, serving=object() if parts[1] else None)
+    return {path for _, path, _, _ in node_routes(node)}
+
+
+def test_the_chart_runs_the_scale_out_roles_with_their_commands_probes_and_volumes(helm, tmp_path):
+    from sparc_stream.cli.worker import ROLE_FLAGS
+
+    docs = render(helm, *ROLES)
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PersistentVolumeClaim", *["Service"] * 6,
+                                               *["StatefulSet"] * 3]
+    settings = config_from(one(docs, "ConfigMap", "config")["data"]["sparc.toml"], tmp_path)
+    assert settings.store_url.startswith("file://")  # one directory that learn writes and serve reads
+    store_path = settings.store_url.split("://", 1)[1]
+    shared = one(docs, "PersistentVolumeClaim")
+    assert shared["spec"]["accessModes"] == ["ReadWriteMany"]
+    pods = {}
+    for role, replicas in (("ingest", 2), ("learn", 1), ("serve", 2)):
+        sts = one(docs, "StatefulSet", f"-{role}")
+        pod = pods[role] = sts["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        args = parse_command(container["args"])
+        assert args.command == role and args.func.__module__ == f"sparc_stream.cli.{role}"
+        assert sts["spec"]["replicas"] == replicas
+        assert mounted_at(container, str(args.config))["name"] == "config"
+        [port] = container["ports"]
+        assert port["containerPort"] == settings.web_port
+        for probe, path in (("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
+            assert container[probe]["httpGet"]["path"] == path and path in role_routes(role)
+        [service] = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith(f"-{role}")]
+        assert service["spec"]["ports"][0]["targetPort"] == "http"
+        assert service["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        claims = {c["metadata"]["name"] for c in sts["spec"].get("volumeClaimTemplates", [])}
+        tables = mounted_at(container, str(settings.data_dir))["name"]
+        if role == "ingest":  # its history table on a volume of its own; static membership under the pod's name
+            assert tables in claims and "snapshots" not in volumes
+            [member] = [e for e in container["env"] if e["name"] == "SPARC_GROUP_INSTANCE_ID"]
+            assert member["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+            assert "group_instance_id" in ROLE_FLAGS["ingest"]
+        else:  # the shared store: written by learn, read-only in serve; a serve replica's history copy: emptyDir
+            mount = mounted_at(container, store_path)
+            assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == shared["metadata"]["name"]
+            assert mount.get("readOnly", False) == (role == "serve")
+            assert "emptyDir" in volumes[tables] and not claims
+    assert settings.group_instance_id is None  # not shared: each ingest pod has its own
+
+
+def test_the_chart_refuses_roles_beside_the_worker_a_partial_set_and_uneven_learner_ranks(helm):
+    for sets, message in (((*ROLES[1:],), "roles.worker and the scale-out roles are both enabled"),
+                          ((ROLES[0], ROLES[1]), "roles.learn.enabled must be true"),
+                          ((*ROLES, "roles.learn.replicas=3"), "must divide the train partitions (4)")):
+        done = subprocess.run([helm, "template", "rel", str(CHART), *[a for s in sets for a in ("--set", s)]],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and message in done.stderr, (sets, done.stderr)
+
+
+def test_the_chart_runs_data_parallel_learner_ranks_one_pod_each(helm, tmp_path, monkeypatch):
+    docs = render(helm, *ROLES, "roles.learn.replicas=2")
+    sts = one(docs, "StatefulSet", "-learn")
+    [container] = sts["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert sts["spec"]["replicas"] == 2 and env["SPARC_WORLD_SIZE"]["value"] == "2"
+    # the rank is the pod's index in its StatefulSet (the label Kubernetes 1.28+ puts on every such pod)
+    assert env["SPARC_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    url = env["SPARC_DIST_URL"]["value"]
+    headless = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == sts["spec"]["serviceName"]]
+    assert url.startswith(f"tcp://{sts['metadata']['name']}-0.{sts['spec']['serviceName']}:")  # rank 0's pod
+    assert headless and headless[0]["spec"]["publishNotReadyAddresses"] is True  # resolvable before it is ready
+    assert {"name": "dist", "containerPort": int(url.rsplit(":", 1)[1]), "protocol": "TCP"} in container["ports"]
+    config = one(docs, "ConfigMap", "config")["data"]["sparc.toml"]
+    for rank in ("0", "1"):  # what each pod's settings come to
+        for name in ("SPARC_WORLD_SIZE", "SPARC_DIST_URL"):
+            monkeypatch.setenv(name, env[name]["value"])
+        monkeypatch.setenv("SPARC_RANK", rank)
+        settings = config_from(config, tmp_path)
+        assert (settings.world_size, settings.rank, settings.dist_url) == (2, int(rank), url)
+        assert settings.train_topic_partitions % settings.world_size == 0
+    one_learner = one(render(helm, *ROLES), "StatefulSet", "-learn")["spec"]["template"]["spec"]["containers"][0]
+    assert not {"SPARC_WORLD_SIZE", "SPARC_RANK"} & {e["name"] for e in one_learner["env"]}
+
+
+def test_the_service_monitor_scrapes_each_role_once(helm):
+    docs = render(helm, *ROLES, "serviceMonitor.enabled=true")
+    monitor = one(docs, "ServiceMonitor")
+    selected = [s["metadata"]["name"] for s in docs if s["kind"] == "Service"
+                and monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert sorted(selected) == ["rel-sparc-stream-ingest", "rel-sparc-stream-learn", "rel-sparc-stream-serve"]
+
+
 # --------------------------------------------------------------------------------------------- compose
 
 
@@ -203,6 +305,41 @@ def test_compose_runs_kafka_in_kraft_mode_and_the_worker_as_the_cli_expects(rout
     assert (DEPLOY / mounts["/var/lib/grafana/dashboards"] / DASHBOARD.name).is_file()
     datasources = yaml.safe_load((DEPLOY / mounts["/etc/grafana/provisioning/datasources/sparc.yaml"]).read_text())
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def test_compose_runs_the_scale_out_roles_on_one_store_under_a_profile(tmp_path):
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    roles = {"ingest-0": "ingest", "ingest-1": "ingest", "learn": "learn", "serve-0": "serve", "serve-1": "serve"}
+    assert "profiles" not in services["worker"]  # `up` alone runs the worker, as before
+    parsed, mounts = {}, {}
+    for name, role in roles.items():
+        service = services[name]
+        assert service["profiles"] == ["roles"] and service["image"] == services["worker"]["image"]
+        args = parsed[name] = parse_command(service["command"])
+        assert args.command == role
+        mounts[name] = {target: source for source, target, *_ in (v.split(":") for v in service["volumes"])}
+        settings = config_from((DEPLOY / mounts[name][str(args.config)]).read_text(), tmp_path, f"{name}.toml")
+        assert f"127.0.0.1:{settings.web_port}/livez" in " ".join(service["healthcheck"]["test"])
+        assert "/livez" in role_routes(role)
+        for published in service.get("ports", []):
+            host, _, container_port = published.split(":")
+            assert host == "127.0.0.1" and int(container_port) == settings.web_port
+    assert {parsed[n].group_instance_id for n in ("ingest-0", "ingest-1")} == {"ingest-0", "ingest-1"}
+
+    def volume_and_path(name: str) -> tuple[str, str, bool]:
+        """The named volume that holds the service's --store directory, the path inside it, read-only?"""
+        path = parsed[name].store.removeprefix("file://")
+        target = max((t for t in mounts[name] if path.startswith(t + "/")), key=len)
+        ro = any(v.endswith(":ro") and v.split(":")[1] == target for v in services[name]["volumes"])
+        return mounts[name][target], path[len(target):], ro
+
+    assert volume_and_path("learn")[2] is False
+    for serve in ("serve-0", "serve-1"):  # the learner's store, read-only
+        assert volume_and_path(serve) == (*volume_and_path("learn")[:2], True)
+    prometheus = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())
+    targets = {t for c in prometheus["scrape_configs"][0]["static_configs"] for t in c["targets"]}
+    assert {f"{name}:{settings.web_port}" for name in roles} <= targets
 
 
 # ------------------------------------------------------------------------------------------ Dockerfile
@@ -261,17 +398,17 @@ def test_the_image_leaves_out_exactly_what_only_the_test_extra_and_the_cuda_torc
 
 
 def test_every_metric_on_the_dashboard_is_one_the_worker_exposes(tmp_path):
+    from test_streams_agents import learn, publish
     from test_streams_probes import one_train_message
 
-    from streams.agents import handle_train_message, publish
     from streams.records import Source
 
     w = make_worker(tmp_path, min_utilisation=0.0)
 
     async def scenario():
         w.app.finalize()
-        await handle_train_message(w, one_train_message(), Source(topic="train", partition=0, offset=0))
-        await publish(w)
+        learn(w, one_train_message(), Source(topic="train", partition=0, offset=0))
+        publish(w)
 
     try:
         asyncio.run(scenario())

@@ -1,11 +1,13 @@
-"""The worker's agents and views without a broker: Faust's agent.test_context() with memory:// tables, and an
-Outputs object that records what would have been sent. Also the recovery path without a broker: re-delivery
-(streams.history), warm start from a file:// store, resume positions and the processed log (streams.worker).
+"""The worker's parts without a broker: the ingest agent through Faust's agent.test_context() with memory://
+tables, the learner (streams.learning) fed train-topic records directly, and Outputs objects that record what
+would have been sent. Also the recovery path without a broker: re-delivery (streams.history), warm start from a
+file:// store, resume positions and the processed log (streams.learning).
 
 Inside test_context a put returns once its event is in the agent's stream, and the ingest agent's micro-batches
 are handled when full, after batch_seconds, or when the context ends; what reaches the train topic is checked
-through the messages it would have sent, and the train agent's handler (handle_train_message) is called
-directly. Both agents run against the real broker in test_worker_kafka.py.
+through the messages it would have sent, and the learner is given them as a consumer would (`learn`: one step per
+message, then a snapshot when one is due, as streams.learn_loop does). Everything runs against the real broker in
+test_worker_kafka.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import json
 import sys
 import uuid
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,7 +24,6 @@ from faust.utils import json as faust_json
 
 from codebook_store import CorruptSnapshotError, IncompatibleSnapshotError, Reassembler, Snapshot, open_store
 from replay.synthetic import SyntheticConfig, generate
-from streams.agents import handle_items, handle_train_message, publish
 from streams.batching import encode_train_batches, read_train_batch
 from streams.history import apply_feedback, decode_state, encode_state
 from streams.records import Invalid, Source, TrainExample
@@ -31,17 +33,26 @@ from streams.worker import StreamWorker, apply_process_settings
 
 
 class RecordingOutputs:
+    """What ingest (async) and the learner (sync: `.learn`) would have sent, in one place."""
+
     def __init__(self) -> None:
         self.dead: list[tuple[bytes, bytes | None, Invalid, Source]] = []
         self.messages: list[bytes] = []  # train-topic messages (encoded TrainBatch)
+        self.partitions: list[int] = []  # ... and the train partition of each
+        self.rekeyed: list[tuple[bytes, bytes, int]] = []  # (raw, key, partition) to the repartition topic
         self.announced: list = []  # codebook_store.CodebookUpdate, verified
         self._reassembler = Reassembler()
+        self.learn = _LearnRecorder(self)
 
     async def dead_letter(self, raw, key, invalid, source) -> None:
         self.dead.append((raw, key, invalid, source))
 
-    async def train(self, message) -> None:
+    async def train(self, message, partition) -> None:
         self.messages.append(message)
+        self.partitions.append(partition)
+
+    async def repartition(self, raw, key, partition) -> None:
+        self.rekeyed.append((raw, key, partition))
 
     def forwarded(self) -> list[tuple[str, list[int]]]:
         """(event id, the user's history before it) of every event sent to the train topic, in order: what the
@@ -55,10 +66,60 @@ class RecordingOutputs:
                 running[event.user_id].append(event.item_id)
         return out
 
-    async def announce(self, version, records) -> None:
+    def announce(self, version, records) -> None:
         updates = [u for rec in records if (u := self._reassembler.accept(*rec)) is not None]
         assert [u.version for u in updates] == [version]
         self.announced.append(updates[0])
+
+
+class _LearnRecorder:
+    """The learner's (sync) outputs, recorded in the RecordingOutputs they belong to."""
+
+    def __init__(self, into: RecordingOutputs):
+        self.into = into
+
+    def dead_letter(self, raw, key, invalid, source) -> None:
+        self.into.dead.append((raw, key, invalid, source))
+
+    def announce(self, version, records) -> None:
+        self.into.announce(version, records)
+
+
+@dataclass
+class Record:
+    """A consumed record, as kafka-python's consumer yields one."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+    key: bytes | None = None
+
+
+def learn(w: StreamWorker, raw: bytes, source: Source) -> dict | None:
+    """A train-topic record through the learner as streams.learn_loop takes it (one message a step), then a
+    snapshot if one is due. Returns the step's metrics (None: skipped)."""
+    messages = w.learning.parse([Record(source.topic, source.partition, source.offset, raw)])
+    metrics = w.learning.learn_step(messages) if messages else None
+    if w.learning.publish_due():
+        publish(w)
+    return metrics
+
+
+def publish(w: StreamWorker):
+    return w.learning.publish(w.learning.capture())
+
+
+def items(w: StreamWorker, messages: list[tuple[bytes, bytes | None, Source]]) -> int:
+    return w.learning.observe_items([Record(s.topic, s.partition, s.offset, raw, key) for raw, key, s in messages])
+
+
+def ingest_context(w: StreamWorker, topic: str | None = None):
+    """The ingest agent's test_context, its events read from `topic` (default the feedback topic: the agent's
+    channel has two topics, and test_context would name the source "<internal>")."""
+    context = w.ingest_agent.test_context()
+    context.original_channel = w.app.topic(topic or w.settings.feedback_topic)
+    return context
 
 
 def make_worker(tmp_path, **over) -> StreamWorker:
@@ -77,7 +138,9 @@ def make_worker(tmp_path, **over) -> StreamWorker:
         snapshot_every_seconds=3600,
         dedup_window=4,
     )
-    return StreamWorker(WorkerSettings(**{**settings, **over}), testing=True, outputs=RecordingOutputs())
+    outputs = RecordingOutputs()
+    return StreamWorker(WorkerSettings(**{**settings, **over}), testing=True, outputs=outputs,
+                        learn_outputs=outputs.learn)
 
 
 def run(w: StreamWorker, scenario):
@@ -108,7 +171,7 @@ def test_ingest_routes_invalid_to_the_dlq_dedups_and_updates_history(tmp_path):
     out = w.outputs
 
     async def scenario():
-        async with w.agents.ingest.test_context() as agent:
+        async with ingest_context(w) as agent:
             await agent.put(b"{not json", key=b"7")
             await agent.put(fb("a", 7, 3), key=b"7")
             await agent.put(fb("b", 7, 4), key=b"7")
@@ -137,7 +200,7 @@ def test_history_keeps_max_len_items_and_a_window_of_event_ids(tmp_path):
     w = make_worker(tmp_path)
 
     async def scenario():
-        async with w.agents.ingest.test_context() as agent:
+        async with ingest_context(w) as agent:
             for n in range(8):
                 await agent.put(fb(f"e{n}", 1, n + 1), key=b"1")
             await agent.put(fb("e0", 1, 1), key=b"1")  # outside the window of 4 ids: accepted again
@@ -150,16 +213,14 @@ def test_history_keeps_max_len_items_and_a_window_of_event_ids(tmp_path):
 
 def test_catalog_adds_a_row_per_item_and_rejects_bad_items(tmp_path):
     w = make_worker(tmp_path)
-
-    async def scenario():
-        async with w.agents.catalog.test_context() as agent:
-            await agent.put(b'{"item_id": 5, "attributes": [2, 9], "timestamp": 1700000000}', key=b"5")
-            await agent.put(b'{"item_id": 1.5, "timestamp": 1700000000}', key=b"x")
-            await agent.put(b'{"item_id": "B00-x", "attributes": [4], "timestamp": 1700000000}', key=b"2")
-
-    run(w, scenario)
-    assert w.learner.num_items == 2 and w.learner.vocab.ids() == [None, 5, "B00-x"]
-    assert w.learner.model.items.attributes[1].tolist()[:2] == [2, 9]
+    where = [Source(topic=w.settings.item_topic, partition=0, offset=n) for n in range(3)]
+    applied = items(w, [(b'{"item_id": 5, "attributes": [2, 9], "timestamp": 1700000000}', b"5", where[0]),
+                        (b'{"item_id": 1.5, "timestamp": 1700000000}', b"x", where[1]),
+                        (b'{"item_id": "B00-x", "attributes": [4], "timestamp": 1700000000}', b"2", where[2])])
+    w.close()
+    assert applied == 2 and w.learning.watermark == {f"{w.settings.item_topic}:0": 3}
+    assert w.learning.learner.num_items == 2 and w.learning.learner.vocab.ids() == [None, 5, "B00-x"]
+    assert w.learning.learner.model.items.attributes[1].tolist()[:2] == [2, 9]
     assert [d[2].reason for d in w.outputs.dead] == ["wrong_type"]
     assert w.outputs.dead[0][3].topic == w.settings.item_topic
 
@@ -175,16 +236,14 @@ def test_a_full_catalogue_dead_letters_new_items_and_their_feedback(tmp_path):
         "history": [], "source": {"topic": "fb", "partition": 0, "offset": i}}) for i, n in enumerate((1, 9, 2))]
     [message] = encode_train_batches(examples, w.settings.train_message_bytes)
 
-    def items(n: int) -> list:
+    def item_records(n: int) -> list:
         return [(item % i, str(i).encode(), Source(topic=w.settings.item_topic, partition=0, offset=i))
                 for i in range(1, n + 1)]
 
-    async def scenario():
-        await handle_items(w, items(3))
-        await handle_train_message(w, message, Source(topic="train", partition=0, offset=0))
-
-    run(w, scenario)
-    assert w.learner.vocab.ids() == [None, 1, 2]
+    items(w, item_records(3))
+    learn(w, message, Source(topic="train", partition=0, offset=0))
+    w.close()
+    assert w.learning.learner.vocab.ids() == [None, 1, 2]
     assert [(d[0], d[2].reason) for d in w.outputs.dead] == [
         (item % 3, "catalogue_full"),
         (examples[1].event.model_dump_json().encode(), "catalogue_full")]
@@ -195,11 +254,9 @@ def test_a_full_catalogue_dead_letters_new_items_and_their_feedback(tmp_path):
 
     evicting = make_worker(tmp_path, max_items=2, on_catalogue_full="evict")
 
-    async def evict():
-        await handle_items(evicting, items(3))
-
-    run(evicting, evict)
-    assert evicting.learner.vocab.ids() == [None, 3, 2] and evicting.outputs.dead == []
+    items(evicting, item_records(3))
+    evicting.close()
+    assert evicting.learning.learner.vocab.ids() == [None, 3, 2] and evicting.outputs.dead == []
     assert "sparc_catalogue_evictions_total 1.0" in evicting.metrics.render().decode()
 
 
@@ -210,18 +267,19 @@ def test_train_publish_serve(tmp_path, stream):
     events = list(stream.iter_events())
 
     async def scenario():
-        async with w.agents.catalog.test_context() as catalog, w.agents.ingest.test_context() as ingest:
+        async with ingest_context(w) as ingest:
             for e in events:
                 if "event_id" in e:
                     await ingest.put(json.dumps(e).encode(), key=str(e["user_id"]).encode())
-                else:
-                    await catalog.put(json.dumps(e).encode(), key=str(e["item_id"]).encode())
+        catalogue = [e for e in events if "event_id" not in e]
+        items(w, [(json.dumps(e).encode(), str(e["item_id"]).encode(),
+                   Source(topic=w.settings.item_topic, partition=0, offset=n)) for n, e in enumerate(catalogue)])
         assert await retrieve_payload(w, "1", {}) == (
             503,
             {"error": "no snapshot is served yet", "last_gate": []},
         )
         for offset, message in enumerate(out.messages):
-            await handle_train_message(w, message, Source(topic="train", partition=0, offset=offset))
+            learn(w, message, Source(topic="train", partition=0, offset=offset))
         return (
             await retrieve_payload(w, "1", {"k": "20"}),
             await retrieve_payload(w, "1", {"k": "20", "explore": "0.5"}),
@@ -234,16 +292,17 @@ def test_train_publish_serve(tmp_path, stream):
 
     (status, body), (x_status, x_body), (bad, _), (l_status, latest), health, slots = run(w, scenario)
     assert len(out.forwarded()) == stream.num_events  # first events too: the learner skips them (no history)
-    sizes = [len(read_train_batch(m).events) for m in out.messages]  # one message per micro-batch
+    sizes = [len(read_train_batch(m).events) for m in out.messages]  # one message per micro-batch (1 partition)
+    assert set(out.partitions) == {0}
     assert max(sizes) == w.settings.batch_size and len(sizes) >= -(-stream.num_events // w.settings.batch_size)
-    steps = w.learner.steps
+    steps = w.learning.learner.steps
     assert len(sizes) - 2 <= steps <= len(sizes)  # a batch of first events only takes no step
     assert [m.version for m in out.announced] == list(range(steps // 5))  # every 5 steps
     last = out.announced[-1]
     assert last.parent == last.version - 1 and last.remap_from == last.version - 1
     assert last.health["gate"] == {"passed": True, "reasons": [], "refused": []}
     watermark = last.watermark["kafka"]
-    assert sorted(watermark) == [f"{w.settings.feedback_topic}:0", "train:0"]
+    assert sorted(watermark) == [f"{w.settings.feedback_topic}:0", f"{w.settings.item_topic}:0", "train:0"]
     assert 0 < watermark["train:0"] <= len(out.messages)
     assert status == 200 and body["version"] == last.version and len(body["items"]) == 20
     assert body["history_length"] == 5 and body["scores"] == sorted(body["scores"], reverse=True)
@@ -277,16 +336,16 @@ def test_items_named_by_skus_and_huge_ids_end_to_end(tmp_path):
     feedback = [fb(f"e{n}", n % 6, items[(n * 7 + n // 6) % len(items)]) for n in range(240)]
 
     async def scenario():
-        async with w.agents.ingest.test_context() as ingest:
+        async with ingest_context(w) as ingest:
             for n, raw in enumerate(feedback):
                 await ingest.put(raw, key=str(n % 6).encode())
         for offset, message in enumerate(w.outputs.messages):
-            await handle_train_message(w, message, Source(topic="train", partition=0, offset=offset))
-        await publish(w)
+            learn(w, message, Source(topic="train", partition=0, offset=offset))
+        publish(w)
         return await retrieve_payload(w, "1", {"k": "10"}), w.history_value("1")
 
     (status, body), history = run(w, scenario)
-    assert w.learner.num_items == 24 and set(w.learner.vocab.ids()[1:]) == set(items)
+    assert w.learning.learner.num_items == 24 and set(w.learning.learner.vocab.ids()[1:]) == set(items)
     assert history["items"][-1] in items and any(isinstance(i, str) for i in history["items"])
     assert status == 200 and len(body["items"]) == 10 and set(body["items"]) <= set(items)
     assert w.outputs.dead == []
@@ -315,11 +374,11 @@ def test_a_snapshot_the_gate_rejects_is_not_served(tmp_path):
     [message] = encode_train_batches(examples, w.settings.train_message_bytes)
 
     async def scenario():
-        await handle_train_message(w, message, Source(topic="train", partition=0, offset=0))
+        learn(w, message, Source(topic="train", partition=0, offset=0))
         with torch.no_grad():
-            for level in w.learner.model.rq.levels:
+            for level in w.learning.learner.model.rq.levels:
                 level.codebook.copy_(level.codebook[:1].expand_as(level.codebook))
-        await publish(w)
+        publish(w)
         return await retrieve_payload(w, "0", {}), health_payload(w)
 
     (status, body), health = run(w, scenario)
@@ -332,7 +391,7 @@ def test_a_snapshot_the_gate_rejects_is_not_served(tmp_path):
     assert 'sparc_gate_refusals_total{reason="collisions"} 1.0' in text
 
 
-# --- recovery: re-delivery (streams.history), warm start and the processed log (streams.worker)
+# --- recovery: re-delivery (streams.history), warm start and the processed log (streams.learning)
 
 
 def test_a_message_read_again_at_its_offset_is_forwarded_again_without_touching_the_history():
@@ -378,23 +437,23 @@ def test_warm_start_continues_weights_steps_versions_and_position(tmp_path, stre
 
     async def train(w, chosen):
         for raw, source in chosen:
-            await handle_train_message(w, raw, source)
-        return w.learner.steps
+            learn(w, raw, source)
+        return w.learning.learner.steps
 
     steps = run(first, lambda: train(first, batches[:12]))
-    assert first.warm_version is None and steps >= 10
+    assert first.learning.warm_version is None and steps >= 10
     with open_store(url, read_only=True) as store:
         latest = store.latest_version()
         snap = store.get(latest)
     assert latest == 1 and snap.health["steps"] == 10 and snap.watermark["kafka"]["train:0"] == 10  # 10 messages
 
     second = make_worker(tmp_path, store_url=url, processed_log=log)  # warm start is the default
-    assert second.warm_version == latest and second.learner.steps == 10
-    state = second.learner.snapshot_state()
+    assert second.learning.warm_version == latest and second.learning.learner.steps == 10
+    state = second.learning.learner.snapshot_state()
     assert all(torch.equal(state.weights[k], snap.weights[k]) for k in snap.weights)
     assert torch.equal(state.item_codes, snap.item_codes)
-    assert second.resume["train:0"] == 10 and second.watermark == snap.watermark["kafka"]
-    assert second.index.current.version == latest  # served at once
+    assert second.learning.resume["train:0"] == 10 and second.learning.watermark == snap.watermark["kafka"]
+    assert second.serving.index.current.version == latest  # served at once
     assert health_payload(second)["served_version"] == latest
     assert "sparc_warm_start_version 1.0" in second.metrics.render().decode()
 
@@ -416,7 +475,8 @@ def test_warm_start_continues_weights_steps_versions_and_position(tmp_path, stre
     assert all(len(line["event_ids"]) == 16 for line in lines if "read" in line)
 
     fresh = make_worker(tmp_path, store_url=url, warm_start=False)  # explicit: a fresh model
-    assert fresh.warm_version is None and fresh.learner.steps == 0 and fresh.index.current is None
+    assert fresh.learning.warm_version is None and fresh.learning.learner.steps == 0
+    assert fresh.serving.index.current is None
     steps = run(fresh, lambda: train(fresh, batches[:5]))
     with open_store(url, read_only=True) as store:
         assert store.versions() == [0, 1, 2, 3] and store.manifest(3).parent is None  # never a repeated version
@@ -425,18 +485,18 @@ def test_warm_start_continues_weights_steps_versions_and_position(tmp_path, stre
 def test_warm_start_refuses_a_snapshot_of_another_shape_and_starts_fresh_on_an_empty_store(tmp_path, stream):
     url = f"file://{tmp_path}/store"
     empty = make_worker(tmp_path, store_url=url)
-    assert empty.warm_version is None and empty.index.current is None
+    assert empty.learning.warm_version is None and empty.serving.index.current is None
     batches = train_messages(empty, list(stream.iter_events()))[:7]
 
     async def train():
         for raw, source in batches:
-            await handle_train_message(empty, raw, source)
+            learn(empty, raw, source)
 
     run(empty, train)
     assert empty.outputs.announced  # a snapshot is latest
     with pytest.raises(IncompatibleSnapshotError, match=r"encoder\.dim"):
         make_worker(tmp_path, store_url=url, dim=8)
-    assert make_worker(tmp_path, store_url=url, dim=8, warm_start=False).warm_version is None
+    assert make_worker(tmp_path, store_url=url, dim=8, warm_start=False).learning.warm_version is None
 
 
 def test_a_worker_warm_starts_from_a_store_trained_with_other_training_options(tmp_path, stream):
@@ -445,20 +505,22 @@ def test_a_worker_warm_starts_from_a_store_trained_with_other_training_options(t
     its next snapshots record them."""
     url = f"file://{tmp_path}/store"
     old = make_worker(tmp_path, store_url=url, attribute_dropout=0.3, conditioned_detach=True)
-    assert old.learner.model.cfg.conditioned_detach is True and old.learner.model.cfg.attribute_dropout == 0.3
+    cfg = old.learning.learner.model.cfg
+    assert cfg.conditioned_detach is True and cfg.attribute_dropout == 0.3
     batches = train_messages(old, list(stream.iter_events()))
 
     async def train(w, chosen):
         for raw, source in chosen:
-            await handle_train_message(w, raw, source)
+            learn(w, raw, source)
 
     run(old, lambda: train(old, batches[:7]))
     version = old.outputs.announced[-1].version
     resumed = make_worker(tmp_path, store_url=url)  # the worker's defaults: no dropout, no stop-gradient
-    cfg = resumed.learner.model.cfg
-    assert resumed.warm_version == version and (cfg.attribute_dropout, cfg.conditioned_detach) == (0.0, False)
-    assert "attribute_dropout=0.0, conditioned_detach=False" in resumed.start_message
-    assert "(the snapshot's: attribute_dropout=0.3, conditioned_detach=True)" in resumed.start_message
+    cfg = resumed.learning.learner.model.cfg
+    assert resumed.learning.warm_version == version
+    assert (cfg.attribute_dropout, cfg.conditioned_detach) == (0.0, False)
+    assert "attribute_dropout=0.0, conditioned_detach=False" in resumed.learning.start.message
+    assert "(the snapshot's: attribute_dropout=0.3, conditioned_detach=True)" in resumed.learning.start.message
     run(resumed, lambda: train(resumed, batches[7:14]))
     with open_store(url, read_only=True) as store:
         latest = store.get(store.latest_version())
@@ -476,7 +538,7 @@ def test_a_worker_with_a_corrupt_latest_falls_back_or_refuses_as_told(tmp_path, 
 
     async def train():
         for raw, source in batches[:16]:
-            await handle_train_message(first, raw, source)
+            learn(first, raw, source)
 
     run(first, train)
     with open_store(url, read_only=True) as store:
@@ -487,8 +549,8 @@ def test_a_worker_with_a_corrupt_latest_falls_back_or_refuses_as_told(tmp_path, 
     with pytest.raises(CorruptSnapshotError, match=f"v{latest}.*truncated.*rollback {good} "):
         make_worker(tmp_path, store_url=url, on_corrupt="refuse")
     w = make_worker(tmp_path, store_url=url)
-    assert w.warm_version == good and w.index.current.version == good
-    [warning] = w.start_warnings
+    assert w.learning.warm_version == good and w.serving.index.current.version == good
+    [warning] = w.learning.start.warnings
     assert f"fell back to v{good}" in warning and f"snapshot sparc v{latest}: blob 'weights.safetensors'" in warning
     with open_store(url, read_only=True) as store:
         assert store.latest_version() == good
@@ -499,8 +561,8 @@ def test_warm_start_from_an_offline_snapshot_reads_the_train_topic_from_its_star
     """`sparc train` stores a snapshot with watermark {"offline": name}: nothing is skipped after it."""
     url = f"file://{tmp_path}/store"
     w = make_worker(tmp_path, store_url=url)
-    w.learner.observe_items([{"item_id": i} for i in range(1, 31)])
-    state = w.learner.snapshot_state()
+    w.learning.learner.observe_items([{"item_id": i} for i in range(1, 31)])
+    state = w.learning.learner.snapshot_state()
     assert state.item_ids is None  # row i is item i: the table of an offline model
     w.close()
     with open_store(url) as store:
@@ -508,8 +570,9 @@ def test_warm_start_from_an_offline_snapshot_reads_the_train_topic_from_its_star
                            config=state.config, codebooks=state.codebooks, item_codes=state.item_codes,
                            weights=state.weights, health={"finite": True}))
     warm = make_worker(tmp_path, store_url=url)
-    assert warm.warm_version == 4 and warm.learner.steps == 0 and warm.learner.num_items == 30
-    assert warm.resume == {} and warm.resume_offset(Source(topic="train", partition=0, offset=0)) == 0
+    assert warm.learning.warm_version == 4 and warm.learning.learner.steps == 0
+    assert warm.learning.learner.num_items == 30
+    assert warm.learning.resume == {} and warm.learning.resume_offset("train:0") is None
     warm.close()
 
 
@@ -539,7 +602,7 @@ def test_the_history_table_holds_json_bytes_that_faust_json_reads_and_writes(tmp
     w = make_worker(tmp_path)
 
     async def scenario():
-        async with w.agents.ingest.test_context() as agent:
+        async with ingest_context(w) as agent:
             await agent.put(fb("a", 7, 3), key=b"7")
         return w.history.get("7")
 
@@ -548,3 +611,50 @@ def test_the_history_table_holds_json_bytes_that_faust_json_reads_and_writes(tmp
     assert isinstance(stored, bytes) and faust_json.loads(stored) == value == w.history_value("7")
     assert decode_state(faust_json.dumps(value).encode()) == value and decode_state(None) is None
     assert decode_state(encode_state(value)) == value
+
+
+def test_a_record_outside_its_users_partition_is_rekeyed_to_it_and_examples_go_to_the_users_train_partition(
+        tmp_path):
+    """The issue's measured defect: events whose key is not their user id landed in other partitions and split the
+    user's history (40 events: 12 and 13 in the history). Now a valid record read outside its user's home
+    partition (streams.routing) is sent, unchanged and keyed by the user, to that partition of the repartition
+    topic, and counted; its history is written only there. Examples leave for the train partition of the user's
+    home, one message per train partition of a micro-batch."""
+    from streams.routing import home_partition, train_partition
+
+    w = make_worker(tmp_path, partitions=4, train_partitions=2)
+    users = ["u1", "u2", "u3", "u4", "u5", "u6"]
+    home = {u: home_partition(u, 4) for u in users}
+    assert len(set(home.values())) > 1
+
+    async def scenario():
+        async with ingest_context(w) as agent:
+            for n, user in enumerate(users):
+                await agent.put(fb(f"a{n}", user, 3), key=None, partition=(home[user] + 1) % 4)  # off home
+                await agent.put(fb(f"b{n}", user, 4), key=user.encode(), partition=home[user])
+        async with ingest_context(w, w.settings.repartition_topic) as agent:
+            for raw, key, partition in list(w.outputs.rekeyed):  # what the repartition topic delivers
+                await agent.put(raw, key=key, partition=partition)
+        return {u: w.history_value(u) for u in users}
+
+    histories = run(w, scenario)
+    assert [(raw, key, p) for raw, key, p in w.outputs.rekeyed] == [
+        (fb(f"a{n}", u, 3), u.encode(), home[u]) for n, u in enumerate(users)]
+    assert {u: h["items"] for u, h in histories.items()} == {u: [4, 3] for u in users}  # one history, both events
+    assert all(h["partition"] == home[u] for u, h in histories.items())
+    assert "sparc_rekeyed_events_total 6.0" in w.metrics.render().decode()
+    for message, partition in zip(w.outputs.messages, w.outputs.partitions, strict=True):
+        assert {train_partition(home[e.user_id], 2) for e in read_train_batch(message).events} == {partition}
+    assert sorted(e for e, _ in w.outputs.forwarded()) == sorted([f"a{n}" for n in range(6)] +
+                                                                [f"b{n}" for n in range(6)])
+
+    dlq = make_worker(tmp_path, partitions=4, on_wrong_key="dlq")
+
+    async def refused():
+        async with ingest_context(dlq) as agent:
+            await agent.put(fb("x", "u1", 3), key=b"u9", partition=(home["u1"] + 1) % 4)
+
+    run(dlq, refused)
+    [(raw, key, invalid, source)] = dlq.outputs.dead
+    assert (raw, key, invalid.reason) == (fb("x", "u1", 3), b"u9", "wrong_key")
+    assert f"user 'u1' belongs in partition {home['u1']}" in invalid.detail and dlq.outputs.rekeyed == []

@@ -3,9 +3,8 @@ status; there was no liveness/readiness pair), and the metrics an operator scrap
 
 from __future__ import annotations
 
-from test_streams_agents import make_worker, run
+from test_streams_agents import learn, make_worker, publish, run
 
-from streams.agents import handle_train_message, publish
 from streams.batching import encode_train_batches
 from streams.records import Source, TrainExample
 from streams.views import health_response, liveness, readiness
@@ -31,8 +30,8 @@ def test_readyz_is_503_until_tables_are_recovered_and_a_snapshot_serves(tmp_path
 
     async def scenario():
         seen["start"] = readiness(w), health_response(w), liveness(w)
-        await handle_train_message(w, one_train_message(), Source(topic="train", partition=0, offset=0))
-        await publish(w)
+        learn(w, one_train_message(), Source(topic="train", partition=0, offset=0))
+        publish(w)
         seen["served, tables recovering"] = readiness(w), health_response(w)
         w.app.tables.recovery.completed.set()  # what Faust does once the changelog is read (no broker here)
         seen["ready"] = readiness(w), health_response(w)
@@ -58,8 +57,8 @@ def test_metrics_have_the_latency_histograms_build_info_process_and_gc(tmp_path)
     w = make_worker(tmp_path, min_utilisation=0.0)
 
     async def scenario():
-        await handle_train_message(w, one_train_message(), Source(topic="train", partition=0, offset=0))
-        await publish(w)
+        learn(w, one_train_message(), Source(topic="train", partition=0, offset=0))
+        publish(w)
 
     run(w, scenario)
     w.metrics.retrieve_seconds.labels("200").observe(0.002)

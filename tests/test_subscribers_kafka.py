@@ -106,6 +106,11 @@ def published(kafka_bootstrap, tmp_path_factory):
         delete_topics_of(kafka_bootstrap, run)
 
 
+def has_vocabulary(update) -> bool:
+    """Whether the update's snapshot has a vocabulary (format 2), sent or not."""
+    return "item_ids" in update.manifest.tensors
+
+
 def test_the_stream_has_new_items_remaps_and_full_tables(published):
     _, store, _, updates = published
     versions = [u.version for u in updates]
@@ -116,12 +121,17 @@ def test_the_stream_has_new_items_remaps_and_full_tables(published):
     assert any(u.remap.added_items.size for u in remaps), "no version added items"
     assert any(0 in u.remap.changed_items for u in remaps), "the padding row never changed"  # what broke v2
     assert [u.version for u in updates if u.item_codes is not None] == versions[::5]  # v0 and every 5th whole
-    assert all(u.vocabulary_sent == "whole" for u in updates[::5])  # with the whole table
+    # versions before the first eviction map row i to item i (format 1: no vocabulary to send); the rest carry one
+    with_ids = [has_vocabulary(u) for u in updates]
+    assert with_ids[-1] and with_ids == sorted(with_ids), "the vocabulary appears with the first eviction and stays"
+    assert any(with_ids[::5]), "no whole table carried a vocabulary"
+    whole_tables = zip(updates[::5], with_ids[::5], strict=True)
+    assert all(u.vocabulary_sent == ("whole" if has else None) for u, has in whole_tables)
     deltas = [u for u in updates if u.vocabulary_sent == "delta"]  # whole where most rows churned (fewer bytes)
-    assert deltas and all(u.vocabulary_sent in ("whole", "delta") for u in updates)
+    assert deltas and all((u.vocabulary_sent is not None) == has for u, has in zip(updates, with_ids, strict=True))
     follower = Follower(start=0)
     resolved = [follower.offer(u) for u in updates]  # each rebuilt from the one before, checked by sha256
-    assert all(u.item_ids is not None and u.num_items <= MAX_ITEMS for u in resolved)
+    assert all(u.item_ids is not None and u.num_items <= MAX_ITEMS for u in resolved)  # format 1: ids 1..N
     evicted = [u for u in resolved[1:] if u.item_remap.reused_rows.size]
     assert any(u.ids_delta is not None for u in evicted), "no eviction travelled as a delta"
     for before, u in zip(resolved, resolved[1:], strict=False):
@@ -173,7 +183,8 @@ def test_every_subscriber_ends_with_the_publishers_state(kafka_bootstrap, publis
         assert all(r["signed_by"] and r["complete"] and r["stored"] for r in rows)
         final = {name: sha for name, sha in expected.items() if name != "version"}
         assert rows[-1]["tensor_sha256"] == final and state(f"file://{tmp_path}/cli-{start}") == expected
-        assert all(r["vocabulary"]["known"] for r in rows) and rows[-1]["vocabulary"]["sha256"] == final["item_ids"]
+        assert all(r["vocabulary"] is None or r["vocabulary"]["known"] for r in rows)  # None: row i is item i
+        assert rows[-1]["vocabulary"]["sha256"] == final["item_ids"]
         assert "0 rejected, 0 refused" in err
 
     with open_store(store, read_only=True) as worker, open_store(f"file://{tmp_path}/cli-earliest") as mirror:

@@ -34,6 +34,7 @@ from worker_harness import (
     learnt_event_ids,
     log_tail,
     read_processed_log,
+    train_positions,
 )
 
 from codebook_store import open_store
@@ -90,7 +91,6 @@ def test_worker_recovers_from_sigterm_and_sigkill(kafka_bootstrap, tmp_path):
     flags = (f"--broker {kafka_bootstrap} --store rocksdb://{tmp_path}/store --data-dir {tmp_path}/faust "
              f"--batch-size 32 --app-id {app_id} --partitions 2 --snapshot-every-steps 5 "
              f"--snapshot-every-seconds 2 --processed-log {processed}")
-    train_key = f"{app_id}-train-examples:0"
     events = feedback_events()
     w = WorkerProcess(tmp_path, flags.split(), env)
     producer = PacedProducer(kafka_bootstrap, topics["FEEDBACK"], events)
@@ -125,10 +125,10 @@ def test_worker_recovers_from_sigterm_and_sigkill(kafka_bootstrap, tmp_path):
 
         def missing() -> set[str] | None:
             status, latest = get_json(w.port, "/snapshots/latest")
-            if status != 200 or train_key not in latest["watermark"]["kafka"]:
+            if status != 200:
                 return None
-            upto = latest["watermark"]["kafka"][train_key]
-            return wanted - set(learnt_event_ids(read_processed_log(processed), train_key, upto))
+            upto = train_positions(latest["watermark"]["kafka"], app_id)
+            return wanted - set(learnt_event_ids(read_processed_log(processed), upto)) if upto else None
 
         w.wait_for("a latest snapshot that has learnt every event", lambda: missing() == set(), 300)
 
@@ -161,8 +161,9 @@ def test_worker_recovers_from_sigterm_and_sigkill(kafka_bootstrap, tmp_path):
     # the processed log: a cold start, then two warm starts from stored versions
     starts = [line["start"] for line in read_processed_log(processed) if "start" in line]
     assert [s["version"] is None for s in starts] == [True, False, False], starts
-    assert all(s["version"] in stored and train_key in s["resume"] for s in starts[1:]), starts
-    learnt = Counter(learnt_event_ids(read_processed_log(processed), train_key, 10**12))
+    assert all(s["version"] in stored and train_positions(s["resume"], app_id) for s in starts[1:]), starts
+    everything = {f"{app_id}-train-examples:{p}": 10**12 for p in range(2)}
+    learnt = Counter(learnt_event_ids(read_processed_log(processed), everything))
     print(f"producer at SIGTERM {at_sigterm}, at SIGKILL {at_sigkill} of {len(events)}; versions {versions}; "
           f"starts {starts}; re-delivered {redelivered}, skipped on resume {skipped}, "
           f"learnt twice {sum(1 for n in learnt.values() if n > 1)}")

@@ -22,6 +22,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer
 
 from codebook_store import CodebookUpdate, Reassembler
+from streams.processed_log import learnt_event_ids, read_processed_log, train_positions  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"SPARC_CODES": "16", "SPARC_DIM": "32", "SPARC_LAYERS": "1", "SPARC_MAX_LEN": "20"}
@@ -128,30 +129,46 @@ def delete_topics_of(bootstrap: str, run: str) -> None:
 
 
 class WorkerProcess:
-    """`sparc worker` in a subprocess; every start writes its own log (worker-1.log, worker-2.log, ...).
+    """`sparc worker` (or another role's command) in a subprocess; every start writes its own log (worker-1.log,
+    worker-2.log, ...; `name` replaces "worker").
 
     flags: the command-line flags (a --web-port is added); env: SPARC_* settings on top of the environment."""
 
-    def __init__(self, tmp_path: Path, flags: Iterable[str], env: dict[str, str]):
+    def __init__(self, tmp_path: Path, flags: Iterable[str], env: dict[str, str], command: str = "worker",
+                 name: str | None = None):
         self.tmp_path, self.flags, self.env = tmp_path, list(flags), {**os.environ, **env}
+        self.command, self.name = command, name or command
         self.port = free_port()
         self.starts = 0
         self.process: subprocess.Popen | None = None
-        self.log = tmp_path / "worker-0.log"
+        self.log = tmp_path / f"{self.name}-0.log"
 
-    def start(self, ready_timeout_s: float = 180) -> WorkerProcess:
-        """Start the worker and wait until its web server answers /livez."""
+    def start(self, ready_timeout_s: float = 180, wait: bool = True) -> WorkerProcess:
+        """Start the process and (wait) wait until its web server answers /livez."""
         self.starts += 1
-        self.log = self.tmp_path / f"worker-{self.starts}.log"
-        command = [sys.executable, "-m", "sparc_stream.cli.main", "worker", *self.flags, "--web-port", str(self.port)]
+        self.log = self.tmp_path / f"{self.name}-{self.starts}.log"
+        command = [sys.executable, "-m", "sparc_stream.cli.main", self.command, *self.flags, "--web-port",
+                   str(self.port)]
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        self.wait_for("the worker's web server", lambda: get(self.port, "/livez")[0] == 200, ready_timeout_s)
+        if wait:
+            self.wait_until_live(ready_timeout_s)
         return self
+
+    def wait_until_live(self, timeout_s: float = 180) -> None:
+        self.wait_for(f"{self.name}'s web server", lambda: get(self.port, "/livez")[0] == 200, timeout_s)
 
     def wait_for(self, what: str, probe: Callable[[], Any], timeout_s: float) -> Any:
         assert self.process is not None
         return wait_for(what, probe, timeout_s, self.process, self.log)
+
+    def wait_for_exit(self, timeout_s: float = 90) -> int:
+        """The exit status once the process has ended by itself; fail (with its log) if it is still running."""
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.name} still runs after {timeout_s} s; its log:\n{log_tail(self.log)}")
 
     def metric(self, name: str) -> float:
         return metric(get(self.port, "/metrics")[1].decode(), name)
@@ -178,32 +195,3 @@ class WorkerProcess:
         """For `finally` blocks: make sure the process is gone."""
         if self.process is not None and self.process.poll() is None:
             self.terminate(30)
-
-
-def read_processed_log(path: Path) -> list[dict]:
-    """The worker's processed log (streams.worker): one dict per complete line (a crash may cut the last one)."""
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def learnt_event_ids(lines: list[dict], train_key: str, upto: int) -> list[str]:
-    """The event ids a snapshot whose watermark for `train_key` ("<train topic>:0") is `upto` has learnt.
-
-    A start line resumes from a snapshot that has learnt the train messages below its resume position: the
-    batches logged at or above it before that start were learnt by a model that no snapshot kept, and are
-    learnt again after it. So the lineage is: every batch, minus those a later start discarded, below `upto`.
-    The list keeps repeats (an event trained twice, at least once is the contract)."""
-    kept: list[tuple[int, int, list[str]]] = []
-    for line in lines:
-        if "start" in line:
-            resume = line["start"]["resume"].get(train_key, 0)
-            kept = [entry for entry in kept if entry[0] < resume]
-        elif train_key in line.get("read", {}):
-            first, end = line["read"][train_key]
-            kept.append((first, end, line["event_ids"]))
-    return [event_id for first, end, ids in kept if end <= upto for event_id in ids]

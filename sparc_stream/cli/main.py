@@ -9,14 +9,29 @@ from sparc_stream.cli import allocator, errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sparc_stream.cli import config, demo, evaluate, kafka, produce, replay, snapshots, subscribe, train, worker
+    from sparc_stream.cli import (
+        config,
+        demo,
+        evaluate,
+        ingest,
+        kafka,
+        learn,
+        produce,
+        replay,
+        serve,
+        snapshots,
+        subscribe,
+        train,
+        worker,
+    )
 
     parser = argparse.ArgumentParser(
         prog="sparc",
         description="SPARC streaming retrieval: train, evaluate, replay and serve multi-interest codebooks.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (demo, evaluate, train, kafka, snapshots, worker, produce, replay, subscribe, config):
+    for module in (demo, evaluate, train, kafka, snapshots, worker, ingest, learn, serve, produce, replay, subscribe,
+                   config):
         module.register(sub)
     return parser
 

@@ -26,6 +26,17 @@ app.kubernetes.io/component: {{ .role }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{/* "true" when any scale-out role (ingest, learn, serve) is enabled, else "". */}}
+{{- define "sparc.scaleOut" -}}
+{{- range $role := list "ingest" "learn" "serve" -}}
+{{- if (get $.Values.roles $role | default dict).enabled -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "sparc.sharedStoreClaim" -}}
+{{- .Values.sharedStore.existingClaim | default (printf "%s-snapshots" (include "sparc.fullname" .)) -}}
+{{- end -}}
+
 {{- define "sparc.configPath" -}}/etc/sparc/sparc.toml{{- end -}}
 {{- define "sparc.tlsDir" -}}/etc/sparc/kafka-tls{{- end -}}
 
@@ -34,6 +45,10 @@ app.kubernetes.io/component: {{ .role }}
 {{- $config := deepCopy .Values.config -}}
 {{- $worker := dict "data_dir" "/var/lib/sparc/tables" "store_url" "rocksdb:///var/lib/sparc/snapshots" -}}
 {{- $_ := set $worker "torch_threads" (int .Values.roles.worker.torchThreads) -}}
+{{- if include "sparc.scaleOut" . -}}
+{{- $_ := set $worker "store_url" "file:///var/lib/sparc/snapshots" -}}{{/* the shared ReadWriteMany volume */}}
+{{- $_ := set $worker "torch_threads" (int .Values.roles.learn.torchThreads) -}}
+{{- end -}}
 {{- $chart := dict "web" (dict "web_host" "0.0.0.0") "worker" $worker -}}
 {{- with .Values.kafka.tlsSecret -}}
 {{- if .name -}}
