@@ -82,13 +82,25 @@ def read_kafka_config(path: Path | None) -> dict[str, Any]:
 
 
 def describe(update: Any, stored: bool | None) -> dict[str, Any]:
-    """One version as the JSON line `--jsonl` prints: identity, lineage, what was sent or rebuilt, and the sha256
-    of every tensor known (the raw little-endian bytes), so two subscribers can compare their state."""
-    arrays = {"codebooks": update.codebooks}
+    """One version as the JSON line `--jsonl` prints: identity, lineage, what was sent or rebuilt, the remap's
+    counts by row and by item, the vocabulary, and the sha256 of every tensor known (the raw little-endian bytes;
+    "item_ids" is the vocabulary's JSON), so two subscribers can compare their state."""
+    from codebook_store.format import item_ids_json
+
+    arrays: dict[str, Any] = {"codebooks": update.codebooks}
     if update.item_codes is not None:
         arrays["item_codes"] = update.item_codes
+    vocabulary = None  # the snapshot has none: row i is item i
+    if "item_ids" in update.manifest.tensors:
+        vocabulary = {"known": update.item_ids is not None, "sent": update.vocabulary_sent,
+                      "delta_rows": None if update.ids_delta is None else int(update.ids_delta.rows.size)}
+        if update.item_ids is not None:
+            text = item_ids_json(update.item_ids)
+            arrays["item_ids"] = text
+            vocabulary.update(sha256=hashlib.sha256(text).hexdigest(), bytes=len(text),
+                              strings=sum(isinstance(item, str) for item in update.item_ids))
     arrays.update(update.weights or {})
-    remap = update.remap
+    remap, by_id = update.remap, update.item_remap
     return {
         "model": update.model,
         "version": update.version,
@@ -98,21 +110,39 @@ def describe(update: Any, stored: bool | None) -> dict[str, Any]:
         "changed_items": None if remap is None else int(remap.changed_items.size),
         "added_items": None if remap is None else int(remap.added_items.size),
         "removed_items": None if remap is None else int(remap.removed_items.size),
+        "ids_changed": None if by_id is None else len(by_id.changed),
+        "ids_added": None if by_id is None else len(by_id.added),
+        "ids_removed": None if by_id is None else len(by_id.removed),
+        "rows_reused": None if by_id is None else int(by_id.reused_rows.size),
         "num_items": update.num_items,
+        "vocabulary": vocabulary,
         "item_codes_known": update.item_codes is not None,
         "weights_sent": update.weights is not None,
         "complete": update.complete,
         "stored": stored,
         "update_sha256": update.sha256,
         "signed_by": update.signed_by,
-        "tensor_sha256": {name: hashlib.sha256(a.tobytes()).hexdigest() for name, a in sorted(arrays.items())},
+        "tensor_sha256": {name: hashlib.sha256(_bytes(a)).hexdigest() for name, a in sorted(arrays.items())},
     }
+
+
+def _bytes(array: Any) -> bytes:
+    return array if isinstance(array, bytes) else array.tobytes()
 
 
 def text_line(row: dict[str, Any]) -> str:
     lineage = "whole table" if row["remap_from"] is None else (
         f"remap from v{row['remap_from']}: {row['changed_items']} changed, {row['added_items']} added, "
         f"{row['removed_items']} removed")
+    if row["ids_changed"] is not None:
+        lineage += (f"; by item: {row['ids_changed']} changed, {row['ids_added']} added, {row['ids_removed']} "
+                    f"removed, {row['rows_reused']} rows reused")
+    vocab = row["vocabulary"]
+    if vocab is not None:
+        lineage += f", vocabulary {vocab['sent'] or 'not sent'}"
+        if vocab["delta_rows"] is not None:
+            lineage += f" ({vocab['delta_rows']} rows)"
+        lineage += f" sha256 {vocab['sha256'][:12]}" if vocab["known"] else " unknown"
     codes = "" if row["item_codes_known"] else ", item codes unknown (no base held)"
     signed = f", signed by {row['signed_by']}" if row["signed_by"] else ""
     stored = {None: "", True: ", stored", False: ", not stored"}[row["stored"]]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from codebook_store.checks import DEFAULT_MODEL
-from codebook_store.drift import CodeRemap, apply_remap, code_drift, code_remap, drift
+from codebook_store.drift import CodeRemap, IdRemap, apply_remap, code_drift, code_remap, drift, id_remap
 from codebook_store.errors import (
     CodebookStoreError,
     CorruptSnapshotError,
@@ -52,6 +52,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DEFAULT_MODEL",
     "FORMAT_VERSION",
+    "IdRemap",
     "CodeRemap",
     "CodebookStoreError",
     "CodebookUpdate",
@@ -83,6 +84,7 @@ __all__ = [
     "decode",
     "drift",
     "encode",
+    "id_remap",
     "load_signer",
     "load_verifier",
     "open_store",

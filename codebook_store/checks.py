@@ -76,11 +76,12 @@ def describe(value: Any) -> str:
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_ID_CHARS = 256  # the longest string id; the learner admits no longer one (trainer.vocab.MAX_ID_CHARS)
 
 
 def check_item_ids(item_ids: Any, num_items: int) -> tuple[int | str, ...] | None:
-    """A snapshot's vocabulary: None, or one external id per item row 1..N, each an int64 or a non-empty
-    string, all distinct. Returns it as a tuple, or None when it is the identity (row i is item i)."""
+    """A snapshot's vocabulary: None, or one external id per item row 1..N, each an int64 or a string of 1 to
+    MAX_ID_CHARS characters, all distinct. Returns it as a tuple, or None when it is the identity (row i is item i)."""
     if item_ids is None:
         return None
     if isinstance(item_ids, str | bytes) or not hasattr(item_ids, "__iter__"):
@@ -90,9 +91,12 @@ def check_item_ids(item_ids: Any, num_items: int) -> tuple[int | str, ...] | Non
         raise InvalidSnapshotError(f"item_ids names {len(ids)} items, item_codes has {num_items}")
     for item in ids:
         if isinstance(item, bool) or not (
-            (isinstance(item, int) and INT64_MIN <= item <= INT64_MAX) or (isinstance(item, str) and item)
+            (isinstance(item, int) and INT64_MIN <= item <= INT64_MAX)
+            or (isinstance(item, str) and 0 < len(item) <= MAX_ID_CHARS)
         ):
-            raise InvalidSnapshotError(f"an item id is an int64 or a non-empty string, got {item!r}")
+            raise InvalidSnapshotError(
+                f"an item id is an int64 or a string of 1 to {MAX_ID_CHARS} characters, got {item!r}"[:200]
+            )
     if len(set(ids)) != len(ids):
         raise InvalidSnapshotError("item_ids holds an id twice")
     if all(type(item) is int and item == row for row, item in enumerate(ids, start=1)):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -200,12 +200,24 @@ def decode(
         raise _corrupt("content", parsed.model, parsed.version, None, f"fails validation: {exc}") from exc
 
 
+def item_ids_json(item_ids: Sequence[int | str]) -> bytes:
+    """A vocabulary's bytes: the ids as a JSON array, UTF-8, no spaces, non-ASCII characters as themselves
+    (Python's `json.dumps(ids, ensure_ascii=False, separators=(",", ":"))`; ints and strings round-trip exactly)."""
+    return json.dumps(list(item_ids), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def item_ids_tensor(item_ids: tuple[int | str, ...]) -> torch.Tensor:
-    """The "item_ids" tensor: a JSON array's UTF-8 bytes as uint8 (ints and strings round-trip exactly)."""
+    """The "item_ids" tensor: `item_ids_json`'s bytes as uint8."""
     import torch
 
-    text = json.dumps(list(item_ids), ensure_ascii=False, separators=(",", ":"))
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(item_ids_json(item_ids)), dtype=torch.uint8)
+
+
+def item_ids_blob(item_ids: Sequence[int | str]) -> bytes:
+    """The "item_ids.safetensors" blob of a vocabulary without torch: the bytes `encode` stores for it."""
+    import numpy as np
+
+    return safetensors.numpy.save({"item_ids": np.frombuffer(item_ids_json(item_ids), dtype=np.uint8)})
 
 
 def read_item_ids(data: bytes, manifest: Manifest) -> tuple[int | str, ...]:

@@ -18,12 +18,18 @@ compatibility rules) is docs/codebook-updates.md; this module is its reference i
   every part named like a blob of the manifest is that blob, verified against the manifest's sha256 (so a blob a
   later minor adds travels without this reader knowing it).
 - The remap is a diff of the whole item -> code table against the version `remap_from`, padding row included.
+- 3.1: a snapshot with a vocabulary (format 2) sends it, either whole (the blob item_ids.safetensors: with the
+  whole item codes, and whenever that is smaller) or as item_ids_delta.safetensors, the rows whose external id
+  differs from the base `remap_from`'s (rows added included). A subscriber rebuilds the vocabulary from its base
+  as it rebuilds the item codes, each checked against the manifest's sha256 (`CodebookUpdate.with_base`), and
+  then reads the remap by ids (`CodebookUpdate.item_remap`): which items changed code, arrived, or left.
 
 Verification, in order: headers parse and the schema's major is 3; the chunk's sha256; the header chunk against
 the update sha256, its fields, and (with a verifier) the signature; every other chunk against the header chunk's
 list; once complete, each part's size and sha256; the manifest's own checksum, model, version and parent; the
 blobs against the manifest's sha256s, dtypes and shapes; code ranges; every float tensor finite; the remap's
-shapes and agreement with the item codes when both are sent. A failure raises CorruptUpdateError naming the
+shapes and agreement with the item codes when both are sent; the vocabulary (sent whole: one distinct valid id
+per item; as a delta: ascending rows in 1..N, one valid id each). A failure raises CorruptUpdateError naming the
 reason; nothing of that update is returned. Pickle is never involved, and neither is torch: tensors are numpy.
 """
 
@@ -34,22 +40,38 @@ import json
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors.numpy
 
-from codebook_store.checks import MODEL_NAME_RE, check_code_range, check_codebooks, check_tables
-from codebook_store.drift import CodeRemap, apply_remap, code_remap
+from codebook_store.checks import MODEL_NAME_RE, check_code_range, check_codebooks, check_item_ids, check_tables
+from codebook_store.drift import (
+    CodeRemap,
+    IdRemap,
+    IdsDelta,
+    ItemId,
+    apply_ids_delta,
+    apply_remap,
+    code_remap,
+    id_remap,
+    ids_delta,
+    vocabulary,
+)
 from codebook_store.errors import CorruptSnapshotError, IncompatibleSnapshotError, InvalidSnapshotError
 from codebook_store.format import (
     CODEBOOKS_BLOB,
     ITEM_CODES_BLOB,
+    ITEM_IDS_BLOB,
     MANIFEST_NAME,
     WEIGHTS_BLOB,
     Manifest,
+    item_ids_blob,
+    item_ids_json,
     load_arrays,
     parse_manifest,
+    read_item_ids,
 )
 from codebook_store.format import encode as encode_snapshot
 from codebook_store.signing import Signer, Verifier, signed_text
@@ -57,9 +79,10 @@ from codebook_store.signing import Signer, Verifier, signed_text
 if TYPE_CHECKING:
     from codebook_store.snapshot import Snapshot
 
-SCHEMA_MAJOR, SCHEMA_MINOR = 3, 0
+SCHEMA_MAJOR, SCHEMA_MINOR = 3, 1
 SCHEMA = f"sparc.codebook-update/{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 REMAP_PART = "remap.safetensors"
+IDS_DELTA_PART = "item_ids_delta.safetensors"  # 3.1: the vocabulary's rows that differ from the remap's base
 DEFAULT_MAX_BYTES = 900_000  # per record; the broker's default message.max.bytes is 1_048_588
 MAX_CHUNKS = 100_000  # a header claiming more is malformed
 DEFAULT_MAX_PENDING_BYTES = 256 * 1024 * 1024  # chunk bytes held for incomplete updates, all of them together
@@ -71,6 +94,7 @@ _SIGNATURE_HEADER = "signature"
 _SCHEMA_RE = re.compile(r"^sparc\.codebook-update/(\d{1,6})(?:\.(\d{1,6}))?$")
 _PART_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _REMAP_FIELDS = ("changed_items", "old_codes", "new_codes", "added_items", "added_codes", "removed_items")
+_DELTA_FIELDS = ("rows", "ids")  # int64 (K,), uint8 (B,): the new ids of those rows as format.item_ids_json
 # A record's bytes besides key and value: header names, fixed-width values, a signature, room for the decimals.
 _FIXED_HEADER_BYTES = sum(map(len, _HEADER_NAMES)) + len(SCHEMA) + 2 * 64 + 3 * 20 + len(_SIGNATURE_HEADER) + 128
 _ENTRY_BYTES = 64  # what one held chunk costs besides its value, for the pending-bytes bound
@@ -100,8 +124,13 @@ class CodebookUpdate:
     manifest      : the publisher's parsed manifest (config, health, watermark, tensor shapes, blob sha256s)
     codebooks     : float32 (L, C, D)
     remap_from    : the version `remap` is relative to, or None
-    remap         : rows whose code changed since `remap_from`, items added and removed; None without a base
+    remap         : ROWS whose code changed since `remap_from`, rows added and removed; None without a base
     item_codes    : int64 (N+1, L), when sent whole or rebuilt with `with_base`; None until then
+    item_ids      : the external id of rows 1..N (ints and strings), when sent whole or rebuilt with `with_base`
+                    ((1, ..., N) for a snapshot without a vocabulary: row i is item i); None until then
+    ids_delta     : the vocabulary as sent against `remap_from` (rows whose id changed), else None
+    item_remap    : the remap by external ids (drift.IdRemap: ids whose code changed, ids added, ids removed or
+                    evicted, rows handed to another item), once `with_base` knew the base's table and vocabulary
     weights       : the serving weights when sent, else None (not sent; not "empty")
     blobs         : the verified stored bytes received or rebuilt, by blob name (codebooks, item_codes, ...)
     manifest_raw  : the manifest's bytes, exactly as stored by the publisher
@@ -121,6 +150,9 @@ class CodebookUpdate:
     sha256: str
     signed_by: str | None = None
     header: dict[str, Any] = field(default_factory=dict)
+    item_ids: tuple[ItemId, ...] | None = None
+    ids_delta: IdsDelta | None = None
+    item_remap: IdRemap | None = None
 
     @property
     def model(self) -> str:
@@ -156,28 +188,78 @@ class CodebookUpdate:
         return self.manifest.tensors["item_codes"].shape[0] - 1
 
     @property
+    def vocabulary_sent(self) -> str | None:
+        """How the update carried its vocabulary: "whole", "delta", or None (not sent; or no vocabulary)."""
+        return "whole" if ITEM_IDS_BLOB in self.parts_sent else "delta" if self.ids_delta is not None else None
+
+    @property
+    def parts_sent(self) -> list[str]:
+        """The names of the parts the update carried (the header chunk's list, in order)."""
+        return [part["name"] for part in self.header.get("parts", ())]
+
+    def ids_of(self, rows: Any) -> list[ItemId]:
+        """The external ids of item rows (each in 1..N; row 0 is padding, no item). Raises ValueError when the
+        vocabulary is unknown (a remap whose base was not held) or a row is out of range."""
+        if self.item_ids is None:
+            raise ValueError(f"{self.model} v{self.version}: the vocabulary is unknown (no base held)")
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (int(rows.min()) < 1 or int(rows.max()) > self.num_items):
+            raise ValueError(f"item rows lie in 1..{self.num_items}")
+        return [self.item_ids[row - 1] for row in rows.tolist()]
+
+    def row_of(self, item: ItemId) -> int | None:
+        """The row of an external id (as the publisher names it: 7, not "7"), or None when it is not an item of
+        this version. Raises ValueError when the vocabulary is unknown."""
+        if self.item_ids is None:
+            raise ValueError(f"{self.model} v{self.version}: the vocabulary is unknown (no base held)")
+        return self._rows.get(item)
+
+    @cached_property
+    def _rows(self) -> dict[ItemId, int]:
+        return {item: row for row, item in enumerate(self.item_ids or (), start=1)}
+
+    @property
     def complete(self) -> bool:
         """True when every blob of the publisher's snapshot is here (item codes and weights included): the
         update can be stored byte for byte as the publisher stored it (`SnapshotStore.put_raw`)."""
         return set(self.manifest.blobs) <= set(self.blobs)
 
-    def with_base(self, base_codes: Any) -> CodebookUpdate:
-        """This update with `item_codes` rebuilt by applying `remap` to the base version's codes (N_base+1, L),
-        and checked against the manifest's item_codes sha256. Raises IncompatibleSnapshotError when the base is
-        not the table the publisher diffed against (the update itself stays valid)."""
+    def with_base(self, base_codes: Any, base_ids: Any = None) -> CodebookUpdate:
+        """This update resolved against the base version `remap_from`, whose item codes (N_base+1, L) and
+        vocabulary (the ids of rows 1..N_base; None: row i is item i) the caller holds: item_codes rebuilt by
+        applying `remap` and item_ids by applying `ids_delta` (each unless sent whole), each checked against the
+        manifest's sha256, and `item_remap` read by ids. Raises IncompatibleSnapshotError when the base is not the
+        one the publisher diffed against (the update itself stays valid)."""
         if self.remap is None:
             raise ValueError(f"{self.model} v{self.version} carries no remap to apply")
+        base_codes = np.asarray(base_codes)
+        base_items = base_codes.shape[0] - 1 if base_codes.ndim == 2 else 0
         codes = apply_remap(base_codes, self.remap)
-        data = safetensors.numpy.save({"item_codes": codes})
+        blobs = dict(self.blobs)
+        if self.item_codes is None:
+            blobs[ITEM_CODES_BLOB] = self._rebuilt(ITEM_CODES_BLOB, safetensors.numpy.save({"item_codes": codes}))
+        elif not np.array_equal(codes, self.item_codes):
+            raise IncompatibleSnapshotError(
+                f"{self.model} v{self.version}: the remap from v{self.remap_from} applied to the base held differs "
+                "from the item codes sent; the base held is not the publisher's", ["item_codes: base differs"])
+        ids = self.item_ids
+        if ids is None and self.ids_delta is not None:
+            ids = apply_ids_delta(base_ids, base_items, self.ids_delta, self.num_items)
+            blobs[ITEM_IDS_BLOB] = self._rebuilt(ITEM_IDS_BLOB, item_ids_blob(ids))
+        item_remap = None if ids is None else id_remap(base_codes, base_ids, codes, ids)
+        return replace(self, item_codes=codes, item_ids=ids, item_remap=item_remap, blobs=blobs)
+
+    def _rebuilt(self, blob: str, data: bytes) -> bytes:
+        """`data`, a blob rebuilt from the base, once it matches the manifest's sha256."""
         try:
-            load_arrays(self.manifest, ITEM_CODES_BLOB, data)
+            load_arrays(self.manifest, blob, data)
         except CorruptSnapshotError as exc:
             raise IncompatibleSnapshotError(
-                f"{self.model} v{self.version}: item codes rebuilt from v{self.remap_from} do not match the "
+                f"{self.model} v{self.version}: {blob} rebuilt from v{self.remap_from} does not match the "
                 f"manifest ({exc}); the base held is not the publisher's",
-                [f"item_codes rebuilt from v{self.remap_from}: {exc.kind}"],
+                [f"{blob} rebuilt from v{self.remap_from}: {exc.kind}"],
             ) from exc
-        return replace(self, item_codes=codes, blobs={**self.blobs, ITEM_CODES_BLOB: data})
+        return data
 
     def to_snapshot(self) -> Snapshot:
         """The (torch) Snapshot this update describes. Needs item_codes; weights not sent become an empty dict."""
@@ -185,13 +267,14 @@ class CodebookUpdate:
 
         from codebook_store.snapshot import Snapshot
 
-        if self.item_codes is None:
-            raise ValueError(f"{self.model} v{self.version}: item codes unknown (remap without a base)")
+        if self.item_codes is None or self.item_ids is None:
+            raise ValueError(f"{self.model} v{self.version}: item codes or ids unknown (remap without a base)")
         m = self.manifest
         weights = {name: torch.from_numpy(a.copy()) for name, a in (self.weights or {}).items()}
         return Snapshot(model=m.model, version=m.version, parent=m.parent, created_at=m.created_at,
                         watermark=m.watermark, config=m.config, codebooks=torch.from_numpy(self.codebooks.copy()),
-                        item_codes=torch.from_numpy(self.item_codes.copy()), weights=weights, health=m.health)
+                        item_codes=torch.from_numpy(self.item_codes.copy()), weights=weights, health=m.health,
+                        item_ids=self.item_ids)
 
 
 def encode(
@@ -213,6 +296,8 @@ def encode(
                    periodic full table lets subscribers that missed a version catch up
     with_weights : send the serving weights too, so a subscriber can store the exact snapshot
     signer       : sign the update (chunk 0's `signature` header); None: unsigned
+    The vocabulary (a snapshot with item_ids) goes whole with the whole table, else as a delta against
+    `parent`'s, or whole when that is fewer bytes (a vocabulary mostly replaced).
     """
     if parent is not None and (parent.model != snapshot.model or parent.version >= snapshot.version):
         raise ValueError(f"the remap's base must be an earlier version of {snapshot.model!r} than "
@@ -223,6 +308,8 @@ def encode(
         parts[REMAP_PART] = _remap_bytes(code_remap(parent.item_codes, snapshot.item_codes))
     if full_codes or parent is None:
         parts[ITEM_CODES_BLOB] = blobs[ITEM_CODES_BLOB]
+    if ITEM_IDS_BLOB in blobs:
+        parts.update(_vocabulary_part(snapshot, blobs[ITEM_IDS_BLOB], None if full_codes else parent))
     if with_weights:
         parts[WEIGHTS_BLOB] = blobs[WEIGHTS_BLOB]
     return frame(snapshot.model, snapshot.version, parts, parent=snapshot.parent,
@@ -416,6 +503,16 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _vocabulary_part(snapshot: Snapshot, whole: bytes, base: Snapshot | None) -> dict[str, bytes]:
+    """The vocabulary's part: the delta against `base` when there is one and it is fewer bytes, else whole."""
+    if base is not None:
+        delta = ids_delta(base.item_ids, base.num_items, snapshot.item_ids, snapshot.num_items)
+        data = safetensors.numpy.save({"rows": delta.rows, "ids": np.frombuffer(item_ids_json(delta.ids), np.uint8)})
+        if len(data) < len(whole):
+            return {IDS_DELTA_PART: data}
+    return {ITEM_IDS_BLOB: whole}
+
+
 def _remap_bytes(remap: CodeRemap) -> bytes:
     return safetensors.numpy.save({name: np.ascontiguousarray(getattr(remap, name)) for name in _REMAP_FIELDS})
 
@@ -504,6 +601,8 @@ def _parse_header_chunk(value: bytes, h: dict[str, Any]) -> dict[str, Any]:
         raise bad(f"has {REMAP_PART} iff remap_from is set")
     if REMAP_PART not in names and ITEM_CODES_BLOB not in names:
         raise bad(f"sends neither {ITEM_CODES_BLOB} nor {REMAP_PART}")
+    if IDS_DELTA_PART in names and (REMAP_PART not in names or ITEM_IDS_BLOB in names):
+        raise bad(f"sends {IDS_DELTA_PART} without {REMAP_PART} (its base) or beside {ITEM_IDS_BLOB}")
     return header
 
 
@@ -533,6 +632,8 @@ def _assemble(h: dict[str, Any], p: _Pending) -> CodebookUpdate:
         blobs = {name: part for name, part in parts.items() if name in manifest.blobs}
         arrays = {name: load_arrays(manifest, name, part) for name, part in blobs.items()}
         remap = _load_remap(parts[REMAP_PART], manifest) if REMAP_PART in parts else None
+        item_ids = _vocabulary(manifest, arrays)
+        delta = _load_ids_delta(parts[IDS_DELTA_PART], manifest) if IDS_DELTA_PART in parts else None
     except CorruptUpdateError:
         raise
     except CorruptSnapshotError as exc:
@@ -573,7 +674,55 @@ def _assemble(h: dict[str, Any], p: _Pending) -> CodebookUpdate:
         sha256=h["update-sha256"],
         signed_by=p.signed_by,
         header=header,
+        item_ids=item_ids,
+        ids_delta=delta,
     )
+
+
+def _vocabulary(manifest: Manifest, arrays: dict[str, dict[str, np.ndarray]]) -> tuple[ItemId, ...] | None:
+    """The ids of rows 1..N: the vocabulary blob's when sent, (1..N) when the snapshot has none, else None."""
+    items = manifest.tensors["item_codes"].shape[0] - 1
+    if "item_ids" not in manifest.tensors:
+        return vocabulary(None, items)
+    if ITEM_IDS_BLOB not in arrays:
+        return None
+    ids = read_item_ids(arrays[ITEM_IDS_BLOB]["item_ids"].tobytes(), manifest)
+    try:
+        check_item_ids(ids, items)
+    except InvalidSnapshotError as exc:
+        raise CorruptUpdateError(f"{manifest.model} v{manifest.version}: {ITEM_IDS_BLOB} {exc}", kind="content",
+                                 model=manifest.model, version=manifest.version, blob=ITEM_IDS_BLOB) from None
+    return ids
+
+
+def _load_ids_delta(data: bytes, manifest: Manifest) -> IdsDelta:
+    def bad(reason: str) -> CorruptUpdateError:
+        return CorruptUpdateError(f"{manifest.model} v{manifest.version}: the vocabulary delta {reason}",
+                                  kind="content", model=manifest.model, version=manifest.version,
+                                  blob=IDS_DELTA_PART)
+
+    if "item_ids" not in manifest.tensors:
+        raise bad("is sent for a snapshot without a vocabulary")
+    try:
+        tensors = safetensors.numpy.load(data)
+    except Exception as exc:  # any parser failure on bytes that passed their sha256: a bad writer
+        raise bad(f"is not valid safetensors: {exc}") from None
+    if set(tensors) != set(_DELTA_FIELDS) or tensors["rows"].dtype != np.int64 or tensors["ids"].dtype != np.uint8:
+        raise bad(f"holds {sorted(tensors)}, expected rows int64 and ids uint8")
+    rows, items = tensors["rows"], manifest.tensors["item_codes"].shape[0] - 1
+    if rows.ndim != 1 or tensors["ids"].ndim != 1 or (
+            rows.size and (int(rows[0]) < 1 or int(rows[-1]) > items or not (np.diff(rows) > 0).all())):
+        raise bad(f"rows are not ascending in 1..{items}")
+    try:
+        ids = read_item_ids(tensors["ids"].tobytes(), manifest)
+        if len(ids) != rows.size:
+            raise InvalidSnapshotError(f"names {len(ids)} ids for {rows.size} rows")
+        check_item_ids(ids, rows.size)
+    except CorruptSnapshotError as exc:
+        raise bad(f"ids are not a JSON array: {exc}") from None
+    except InvalidSnapshotError as exc:
+        raise bad(str(exc)) from None
+    return IdsDelta(rows=rows, ids=ids)
 
 
 def _load_remap(data: bytes, manifest: Manifest) -> CodeRemap:

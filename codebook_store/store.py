@@ -43,12 +43,14 @@ from codebook_store.errors import (
 from codebook_store.format import (
     CODEBOOKS_BLOB,
     ITEM_CODES_BLOB,
+    ITEM_IDS_BLOB,
     Manifest,
     check_raw,
     decode,
     encode,
     load_arrays,
     parse_manifest,
+    read_item_ids,
     verify_blob,
 )
 
@@ -99,8 +101,9 @@ class VersionInfo:
 class SnapshotDiff:
     """What changed from version `from_version` to `to_version` of one model.
 
-    remap : the items whose full code changed (ids, old (K, L), new (K, L)), items added and removed
-    drift : drift.code_drift numbers (changed shares overall and per level, codeword movement per level)
+    remap : the rows whose full code changed (rows, old (K, L), new (K, L)), rows added and removed
+    drift : drift.code_drift numbers, by item (external id): changed shares overall and per level, codeword
+            movement per level, items added and removed, rows handed to another item
     """
 
     model: str
@@ -268,9 +271,9 @@ class SnapshotStore(ABC):
         return self._read(read)
 
     def diff(self, a: int, b: int, *, model: str = DEFAULT_MODEL) -> SnapshotDiff:
-        """The remap and drift from version `a` to version `b` (reads and verifies only the codebooks and
-        item-code blobs of each)."""
-        (old_codes, old_books), (new_codes, new_books) = self._read(
+        """The remap (rows) and drift (items, by their external ids) from version `a` to version `b` (reads and
+        verifies only the codebooks, item-code and vocabulary blobs of each)."""
+        (old_codes, old_books, old_ids), (new_codes, new_books, new_ids) = self._read(
             lambda: (self._read_codes(model, a), self._read_codes(model, b))
         )
         return SnapshotDiff(
@@ -278,7 +281,7 @@ class SnapshotStore(ABC):
             from_version=a,
             to_version=b,
             remap=code_remap(old_codes, new_codes),
-            drift=code_drift(old_codes, new_codes, old_books, new_books),
+            drift=code_drift(old_codes, new_codes, old_books, new_books, old_ids, new_ids),
         )
 
     def read_raw(self, version: int, *, model: str = DEFAULT_MODEL) -> tuple[bytes, dict[str, bytes]]:
@@ -358,11 +361,16 @@ class SnapshotStore(ABC):
             raise SnapshotNotFoundError(f"{model} v{version} is not in {self.url}")
         return parse_manifest(raw, model=model, version=version), raw
 
-    def _read_codes(self, model: str, version: int) -> tuple[Any, Any]:
+    def _read_codes(self, model: str, version: int) -> tuple[Any, Any, tuple[Any, ...] | None]:
+        """(item codes, codebooks, vocabulary; None: row i is item i) of a version, verified."""
         manifest, _ = self._read_manifest_checked(model, version)
         codes = load_arrays(manifest, ITEM_CODES_BLOB, self._read_blob(model, version, ITEM_CODES_BLOB))
         books = load_arrays(manifest, CODEBOOKS_BLOB, self._read_blob(model, version, CODEBOOKS_BLOB))
-        return codes["item_codes"], books["codebooks"]
+        ids = None
+        if ITEM_IDS_BLOB in manifest.blobs:
+            data = load_arrays(manifest, ITEM_IDS_BLOB, self._read_blob(model, version, ITEM_IDS_BLOB))
+            ids = read_item_ids(data["item_ids"].tobytes(), manifest)
+        return codes["item_codes"], books["codebooks"], ids
 
     # --- backend primitives ---
     def _refresh(self) -> None:

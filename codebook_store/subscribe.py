@@ -5,7 +5,8 @@ into a local store. Needs no torch (numpy arrays throughout).
     with subscribe("127.0.0.1:39092", "codebook-updates", start="latest", store_url="file:///var/sparc/mirror",
                    verifier=verifier, kafka_config={"security_protocol": "SSL", ...}) as updates:
         for update in updates:                  # messages.CodebookUpdate: version, parent, codebooks, manifest,
-            cache.migrate(update.remap)         # remap, item_codes (None while unknown), weights (None unless sent)
+            cache.migrate(update.item_remap)    # remap (rows), item_remap (external ids), item_codes and item_ids
+                                                # (None while unknown), weights (None unless sent)
         updates.stats                           # what was read, yielded, rejected, refused, skipped
 
 What it yields: every update of `model` whose version is higher than the last one yielded. A version seen
@@ -22,21 +23,25 @@ before it; the topic's retention bounds that read, docs/codebook-updates.md "Ret
   start="latest"         read up to the end of the topic as it is when subscribing, yield the highest version
                          found there, then every higher one as it arrives
 
-Item codes: an update sends either the whole item -> code table or a remap from a base version (or both). The
-subscriber keeps the tables of the last few versions it saw (and looks in `store_url` for others) and rebuilds
-the table by applying the remap (messages.CodebookUpdate.with_base), checked against the publisher's manifest
-sha256. An update whose base it does not hold is still yielded (codebooks, manifest and remap are verified) with
-item_codes None, counted in `stats.unresolved`; the next update that sends the whole table resolves again.
+Item codes and ids: an update sends either the whole item -> code table or a remap from a base version (or
+both), and a snapshot's vocabulary (the external id of each row) whole or as a delta against the same base. The
+subscriber keeps the tables and vocabularies of the last few versions it saw (and looks in `store_url` for
+others) and rebuilds both from the base (messages.CodebookUpdate.with_base), each checked against the publisher's
+manifest sha256; with the base held it also reads the remap by ids (`update.item_remap`: ids whose code changed,
+ids added, ids removed or evicted). An update whose base it does not hold is still yielded (codebooks, manifest
+and remap are verified) with item_codes or item_ids None, counted in `stats.unresolved`; the next update that
+sends the whole table resolves again. A base whose vocabulary is unknown (a format-2 snapshot stored without its
+item_ids blob) is no base: rows would be taken for ids.
 
 Materialising (`store_url`): each yielded update is put into the store, so the store mirrors the publisher's:
-  - every blob known (item codes and weights): the publisher's exact bytes (`put_raw`; the store verifies them
-    again), so the mirror holds the very snapshot the worker stored and can warm-start or serve a model;
-  - item codes known, weights not sent: a codes-only snapshot with the same version, parent, created_at,
-    watermark, config, health, codebooks and (verified) item codes, weights empty, and
+  - every blob known (item codes, vocabulary and weights): the publisher's exact bytes (`put_raw`; the store
+    verifies them again), so the mirror holds the very snapshot the worker stored and can warm-start or serve;
+  - item codes and ids known, weights not sent: a codes-only snapshot with the same version, parent, created_at,
+    watermark, config, health, codebooks and (verified) item codes and vocabulary, weights empty, and
     health["materialised"] = {"source": "codebook-updates", "publisher_manifest_sha256", "weights": false,
     "omitted": [blobs not sent]} saying so. Enough for code -> item lookups and cache migration; a model cannot
     load it (its weights are missing, so trainer.online.load_model / check_compatible refuse it);
-  - item codes unknown: nothing is stored (`stats.unmaterialised`).
+  - item codes or ids unknown: nothing is stored (`stats.unmaterialised`).
 A version the store already holds is left as it is. Latest moves as `SnapshotStore.put_raw` moves it.
 """
 
@@ -53,6 +58,7 @@ import numpy as np
 import safetensors.numpy
 
 from codebook_store.checks import DEFAULT_MODEL, check_model_name
+from codebook_store.drift import ItemId
 from codebook_store.errors import (
     CodebookStoreError,
     CorruptSnapshotError,
@@ -60,7 +66,16 @@ from codebook_store.errors import (
     SnapshotNotFoundError,
     VersionExistsError,
 )
-from codebook_store.format import ITEM_CODES_BLOB, WEIGHTS_BLOB, BlobInfo, load_arrays, manifest_bytes, parse_manifest
+from codebook_store.format import (
+    ITEM_CODES_BLOB,
+    ITEM_IDS_BLOB,
+    WEIGHTS_BLOB,
+    BlobInfo,
+    load_arrays,
+    manifest_bytes,
+    parse_manifest,
+    read_item_ids,
+)
 from codebook_store.messages import DEFAULT_MAX_PENDING_BYTES, CodebookUpdate, Reassembler
 from codebook_store.signing import Verifier
 from codebook_store.store import SnapshotStore, open_store
@@ -86,18 +101,18 @@ class SubscribeStats:
     duplicates: int = 0  # updates of the version yielded last (or any already yielded)
     stale: int = 0  # updates below one already yielded
     skipped: int = 0  # other models' updates, and ours below `start` or before latest
-    unresolved: int = 0  # remaps whose base was not held: yielded with item_codes None
+    unresolved: int = 0  # remaps whose base was not held: yielded with item_codes or item_ids None
     materialised: int = 0  # updates put into the store
-    unmaterialised: int = 0  # yielded updates the store could not take (item codes unknown)
+    unmaterialised: int = 0  # yielded updates the store could not take (item codes or ids unknown)
 
 
 class Follower:
-    """The subscriber's decisions, without Kafka: bound version jumps, resolve item codes, de-duplicate, filter
-    by start, store.
+    """The subscriber's decisions, without Kafka: bound version jumps, resolve item codes and ids, de-duplicate,
+    filter by start, store.
 
-    `offer(update)` returns the update to yield (item codes resolved when possible) or None.
-    `track(update)` only checks the jump and learns the update's item codes as a base (for updates read but not
-    yielded); it returns the update, resolved when possible, or None when refused.
+    `offer(update)` returns the update to yield (resolved against its base when possible) or None.
+    `track(update)` only checks the jump and learns the update's item codes and ids as a base (for updates read
+    but not yielded); it returns the update, resolved when possible, or None when refused.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, start: Start = "latest", store: SnapshotStore | None = None,
@@ -115,7 +130,7 @@ class Follower:
         self.last: int | None = None  # the last version yielded
         # the highest version accepted so far (read and verified, or the mirror's latest): what jumps are bound to
         self.reference: int | None = None if store is None else store.latest_version(model=self.model)
-        self._bases: dict[int, np.ndarray] = {}  # version -> item codes, the highest few
+        self._bases: dict[int, tuple[np.ndarray, tuple[ItemId, ...]]] = {}  # version -> (codes, ids), highest few
 
     def track(self, update: CodebookUpdate) -> CodebookUpdate | None:
         if self.reference is not None and update.version > self.reference + self.max_version_jump:
@@ -125,17 +140,17 @@ class Follower:
                       self.reference)
             return None
         self.reference = max(update.version, -1 if self.reference is None else self.reference)
-        if update.item_codes is None and update.remap_from is not None:
+        if update.remap_from is not None:
             base = self._bases.get(update.remap_from)
             if base is None:
-                base = self._stored_codes(update.remap_from)
+                base = self._stored_base(update.remap_from)
             if base is not None:
                 try:
-                    update = update.with_base(base)
+                    update = update.with_base(*base)
                 except IncompatibleSnapshotError as exc:
                     log.warning("%s v%d: %s", update.model, update.version, exc)
-        if update.item_codes is not None:
-            self._bases[update.version] = update.item_codes
+        if _resolved(update):
+            self._bases[update.version] = (update.item_codes, update.item_ids)
             for version in sorted(self._bases)[: -self.keep_bases]:
                 del self._bases[version]
         return update
@@ -158,38 +173,54 @@ class Follower:
             self.stats.skipped += 1
             return None
         self.last = update.version
-        if update.item_codes is None:
+        if not _resolved(update):
             self.stats.unresolved += 1
-            log.warning("%s v%d: no base v%s held; yielded without item codes", update.model, update.version,
+            log.warning("%s v%d: no base v%s held; yielded without item codes or ids", update.model, update.version,
                         update.remap_from)
         if self.store is not None:
             self._materialise(update)
         self.stats.updates += 1
         return update
 
-    def _stored_codes(self, version: int) -> np.ndarray | None:
+    def _stored_base(self, version: int) -> tuple[np.ndarray, tuple[ItemId, ...] | None] | None:
+        """(item codes, ids; None: row i is item i) of a version in the store, or None when it cannot serve."""
         if self.store is None:
             return None
         try:
-            manifest, blobs = self.store.read_raw(version, model=self.model)
-            return load_arrays(parse_manifest(manifest), ITEM_CODES_BLOB, blobs.get(ITEM_CODES_BLOB))["item_codes"]
+            raw, blobs = self.store.read_raw(version, model=self.model)
+            manifest = parse_manifest(raw)
+            codes = load_arrays(manifest, ITEM_CODES_BLOB, blobs.get(ITEM_CODES_BLOB))["item_codes"]
+            if ITEM_IDS_BLOB in manifest.blobs:
+                data = load_arrays(manifest, ITEM_IDS_BLOB, blobs[ITEM_IDS_BLOB])["item_ids"].tobytes()
+                return codes, read_item_ids(data, manifest)
         except SnapshotNotFoundError:
             return None
         except CorruptSnapshotError as exc:
             log.warning("%s v%d in %s cannot serve as a base: %s", self.model, version, self.store.url, exc)
             return None
+        if manifest.format_version >= 2:  # a vocabulary stored without its blob: its rows are not its ids
+            log.warning("%s v%d in %s cannot serve as a base: its vocabulary is not stored", self.model, version,
+                        self.store.url)
+            return None
+        return codes, None
 
     def _materialise(self, update: CodebookUpdate) -> None:
         assert self.store is not None
-        if update.item_codes is None:
+        if not _resolved(update):
             self.stats.unmaterialised += 1
-            log.warning("%s v%d not stored in %s: item codes unknown", update.model, update.version, self.store.url)
+            log.warning("%s v%d not stored in %s: item codes or ids unknown", update.model, update.version,
+                        self.store.url)
             return
         try:
             self.store.put_raw(*(update_bytes(update) if update.complete else codes_only_bytes(update)))
         except VersionExistsError:
             return  # stored earlier (a restarted subscriber); versions are never overwritten
         self.stats.materialised += 1
+
+
+def _resolved(update: CodebookUpdate) -> bool:
+    """Item codes and ids known: the update names every item's codes."""
+    return update.item_codes is not None and update.item_ids is not None
 
 
 def update_bytes(update: CodebookUpdate) -> tuple[bytes, dict[str, bytes]]:

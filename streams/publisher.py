@@ -97,7 +97,8 @@ class Publisher:
         versions = self.store.versions(model=model)
         self.next_version = versions[-1] + 1 if versions else 0
         self.parent: int | None = None
-        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (item codes, codebooks) of parent
+        # (item codes, codebooks, item ids) of parent: drift compares items, not rows
+        self._previous: tuple[torch.Tensor, torch.Tensor, tuple | None] | None = None
         self._announced: Snapshot | None = None  # the last announced snapshot (no weights): the remap's base
         self._announcements = 0
 
@@ -105,14 +106,14 @@ class Publisher:
         refusals = gate(health, self.thresholds, int(state.config["codes"]))
         health = {**health, "gate": verdict(refusals)}
         if self._previous is not None:
-            codes, books = self._previous
+            codes, books, ids = self._previous
             health["drift"] = {
                 "parent_version": self.parent,
-                **code_drift(codes, state.item_codes, books, state.codebooks),
+                **code_drift(codes, state.item_codes, books, state.codebooks, ids, state.item_ids),
             }
         snapshot = self._put(state, health, watermark, created_at, accepted=not refusals)
         self.parent = snapshot.version
-        self._previous = (state.item_codes, state.codebooks)
+        self._previous = (state.item_codes, state.codebooks, state.item_ids)
         messages = []
         if not refusals:
             messages = self._messages(snapshot)
@@ -147,7 +148,7 @@ class Publisher:
                 differences,
             )
         self.parent = version
-        self._previous = (snapshot.item_codes, snapshot.codebooks)
+        self._previous = (snapshot.item_codes, snapshot.codebooks, snapshot.item_ids)
         self._announced = replace(snapshot, weights={})
         return found
 

@@ -138,7 +138,7 @@ def test_round_trip_of_a_remap_rebuilds_the_codes_padding_row_included(parent, c
         update.with_base(make_snapshot(4, seed=9).item_codes)  # not the base the publisher diffed against
     shifted = parent.item_codes.clone()
     shifted[30] = (shifted[30] + 1) % 8  # an unchanged item differs: only the manifest's sha256 catches it
-    with pytest.raises(IncompatibleSnapshotError, match="do not match the manifest"):
+    with pytest.raises(IncompatibleSnapshotError, match="item_codes.safetensors rebuilt from v4 does not match"):
         update.with_base(shifted)
 
 
@@ -294,27 +294,27 @@ def test_out_of_range_codes_in_a_remap_are_refused(parent, child, monkeypatch):
 
 # --- compatibility
 def test_a_compatible_minor_is_read_and_what_it_adds_is_ignored_or_kept(parent):
-    """A 3.1 publisher adds a header-chunk field, a record header, a part this reader does not know, and a blob
-    its manifest lists: the update is read, the unknown part ignored, the listed blob kept (and stored)."""
+    """A later minor (3.2) adds a header-chunk field, a record header, a part this reader does not know, and a
+    blob its manifest lists: the update is read, the unknown part ignored, the listed blob kept (and stored)."""
     manifest, blobs = encode_snapshot(parent)
     parsed = parse_manifest(manifest)
-    extra = safetensors.numpy.save({"item_ids": np.arange(61, dtype=np.int64)})
+    extra = safetensors.numpy.save({"popularity": np.arange(61, dtype=np.int64)})
     grown = dataclasses.replace(
         parsed,
-        tensors={**parsed.tensors, "item_ids": TensorInfo("item_ids.safetensors", "int64", (61,))},
-        blobs={**parsed.blobs, "item_ids.safetensors": BlobInfo(hashlib.sha256(extra).hexdigest(), len(extra))},
+        tensors={**parsed.tensors, "popularity": TensorInfo("popularity.safetensors", "int64", (61,))},
+        blobs={**parsed.blobs, "popularity.safetensors": BlobInfo(hashlib.sha256(extra).hexdigest(), len(extra))},
     )
     manifest = manifest_bytes(grown)
-    parts = {"manifest.json": manifest, **blobs, "item_ids.safetensors": extra, "future.bin": b"\x00" * 10}
+    parts = {"manifest.json": manifest, **blobs, "popularity.safetensors": extra, "future.bin": b"\x00" * 10}
     records = frame("sparc", 4, parts, parent=None, remap_from=None, max_bytes=4096,
-                    schema="sparc.codebook-update/3.1", fields={"vocabulary": {"size": 61}})
+                    schema="sparc.codebook-update/3.2", fields={"popularity": {"size": 61}})
     records = [(k, v, [*h, ("trace-id", b"abc")]) for k, v, h in records]
     (update,) = feed(Reassembler(), records)
-    assert update.complete and update.header["vocabulary"] == {"size": 61}
-    assert "future.bin" not in update.blobs and update.blobs["item_ids.safetensors"] == extra
+    assert update.complete and update.header["popularity"] == {"size": 61}
+    assert "future.bin" not in update.blobs and update.blobs["popularity.safetensors"] == extra
     store = open_store("memory://")
     store.put_raw(update.manifest_raw, update.blobs)
-    assert store.read_raw(4)[1]["item_ids.safetensors"] == extra
+    assert store.read_raw(4)[1]["popularity.safetensors"] == extra
 
 
 @pytest.mark.parametrize("schema, message", [

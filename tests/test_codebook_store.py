@@ -324,6 +324,7 @@ EXPECTED_DRIFT = {
     "codeword_movement": [1.25, 1.0],
     "new_items": 1,
     "removed_items": 0,
+    "reused_rows": 0,
 }
 
 
@@ -333,6 +334,20 @@ def test_drift_on_a_hand_computed_case() -> None:
     assert drift(child, child)["changed_share"] == 0.0
     back = drift(child, parent)
     assert (back["new_items"], back["removed_items"], back["changed_items"]) == (0, 1, 3)
+
+
+def test_drift_follows_items_not_rows() -> None:
+    """Row 2 is handed from item "b" to item "x" (an eviction): "b" left, "x" arrived, and the drift of the items
+    present in both (a, c, d) is their own codes' (c: level 1 2 -> 0; d: level 1 3 -> 2)."""
+    parent, child = two_versions()
+    parent = Snapshot(**{**parent.__dict__, "item_ids": ("a", "b", "c", "d")})
+    child = Snapshot(**{**child.__dict__, "item_ids": ("a", "x", "c", "d", "e")})
+    d = drift(parent, child)
+    assert (d["common_items"], d["changed_items"], d["new_items"], d["removed_items"], d["reused_rows"]) == (
+        3, 2, 2, 1, 1)
+    assert d["level_changed_share"] == [2 / 3, 0.0]
+    moved = Snapshot(**{**child.__dict__, "item_ids": ("c", "x", "a", "d", "e")})  # items a and c swap rows
+    assert drift(parent, moved)["changed_items"] == 3  # a: [0, 1] -> [0, 0]; c: [2, 0] -> [0, 1]; d
 
 
 def test_drift_refuses_different_codebook_shapes() -> None:
@@ -484,6 +499,11 @@ def test_diff_on_a_hand_made_case(store: SnapshotStore) -> None:
     assert summary["changed"][0] == {"item": 2, "old": [1, 1], "new": [1, 2]}
     assert summary["added"] == [{"item": 5, "new": [1, 1]}] and summary["removed"] == []
     json.dumps(summary)
+    named = [Snapshot(**{**s.__dict__, "version": s.version + 2, "parent": None, "item_ids": ids})
+             for s, ids in ((parent, ("a", "b", "c", "d")), (child, ("a", "x", "c", "d", "e")))]
+    for snapshot in named:
+        store.put(snapshot)
+    assert {"parent_version": 3, **store.diff(3, 4).drift} == drift(*named)  # by item: vocabularies read too
 
 
 def test_missing_blob_and_damaged_manifest(store: SnapshotStore) -> None:

@@ -13,11 +13,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 from test_codebook_messages import feed, make_snapshot
+from test_codebook_update_vocabulary import named
 
 from cli import errors
 from cli.main import main
 from cli.subscribe import describe, text_line
 from codebook_store import Reassembler
+from codebook_store.format import item_ids_json
 from codebook_store.messages import SCHEMA, encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +94,27 @@ def test_one_line_per_version_says_what_a_subscriber_holds():
     rebuilt = describe(updates[1].with_base(parent.item_codes), stored=None)
     expected = hashlib.sha256(child.item_codes.numpy().tobytes()).hexdigest()
     assert rebuilt["tensor_sha256"]["item_codes"] == expected
+    assert rows[0]["vocabulary"] is None and rebuilt["ids_changed"] == 3 and rebuilt["rows_reused"] == 0
+
+
+def test_the_line_of_a_version_with_a_vocabulary_names_its_sha256_and_counts():
+    parent = named(make_snapshot(4), [f"sku-{i}" for i in range(1, 61)])
+    ids = [*parent.item_ids, *(f"new-{i}" for i in range(7))]
+    ids[2] = "took-row-3"
+    child = named(make_snapshot(5, 4, base=make_snapshot(4)), ids)
+    first, second = feed(Reassembler(), [*encode(parent, None), *encode(child, parent)])
+    whole, unknown = describe(first, stored=True), describe(second, stored=None)
+    text = item_ids_json(parent.item_ids)
+    assert whole["vocabulary"] == {"known": True, "sent": "whole", "delta_rows": None, "bytes": len(text),
+                                   "sha256": hashlib.sha256(text).hexdigest(), "strings": 60}
+    assert whole["tensor_sha256"]["item_ids"] == whole["vocabulary"]["sha256"]
+    assert unknown["vocabulary"] == {"known": False, "sent": "delta", "delta_rows": 8} and unknown["ids_added"] is None
+    row = describe(second.with_base(parent.item_codes, parent.item_ids), stored=None)
+    assert (row["ids_changed"], row["ids_added"], row["ids_removed"], row["rows_reused"]) == (3, 8, 1, 1)
+    assert row["vocabulary"]["sha256"] == hashlib.sha256(item_ids_json(child.item_ids)).hexdigest()
+    assert text_line(row) == (
+        "sparc v5: 67 items, remap from v4: 4 changed, 7 added, 0 removed; by item: 3 changed, 8 added, 1 removed, "
+        f"1 rows reused, vocabulary delta (8 rows) sha256 {row['vocabulary']['sha256'][:12]}")
 
 
 def schema(name: str) -> jsonschema.Draft202012Validator:
@@ -104,10 +127,17 @@ def test_the_json_schemas_describe_what_the_code_writes():
     parent = make_snapshot(4)
     child = make_snapshot(5, 4, base=parent)
     manifest, header = schema("snapshot-manifest.schema.json"), schema("update-header.schema.json")
-    for records in (encode(parent, None, with_weights=True), encode(child, parent, 2048)):
+    vocab = [named(parent, [f"sku-{i}" for i in range(1, 61)]), named(child, [f"sku-{i}" for i in range(1, 68)])]
+    for records in (encode(parent, None, with_weights=True), encode(child, parent, 2048),
+                    encode(vocab[0], None), encode(vocab[1], vocab[0])):
         (update,) = feed(Reassembler(), records)
         header.validate(json.loads(records[0][1]))
         manifest.validate(json.loads(update.manifest_raw))
+    second = json.loads(update.manifest_raw)
+    assert second["format_version"] == 2 and "item_ids_delta.safetensors" in update.parts_sent
+    assert not manifest.is_valid({**second, "tensors": {k: v for k, v in second["tensors"].items() if k != "item_ids"}})
+    assert not manifest.is_valid({**second, "format_version": 1}) and not manifest.is_valid(
+        {**second, "format_version": 3})
     broken = json.loads(encode(parent, None)[0][1])
     del broken["remap_from"]
     assert not header.is_valid(broken)

@@ -1,14 +1,16 @@
 """Subscribers of a real worker's codebook-updates on a real broker (issue 14).
 
 `sparc worker` publishes at least 12 versions, signed with an Ed25519 key, weights included, a whole item table
-every 5th, while the synthetic stream brings new items in three phases. Then:
+every 5th, while the synthetic stream brings new items in three phases into a catalogue of MAX_ITEMS that evicts
+its least recently seen item for each new one (rows are handed to other items: the vocabulary travels as deltas,
+contract 3.1). Then:
 - subscribers that join at every announced version (the Python API, in threads) and at earliest and latest
   (`sparc subscribe` in subprocesses where torch cannot be imported) all end with the publisher's latest state:
-  the sha256 of every tensor; every version the earliest one mirrors is the worker's stored snapshot, byte for
-  byte;
+  the sha256 of every tensor, the vocabulary included; every version the earliest one mirrors is the worker's
+  stored snapshot, byte for byte;
 - a Java program (tests/java, kafka-clients from Maven) reassembles an update from the broker, verifies its
-  checksums and signature and prints its manifest: the contract (docs/codebook-updates.md) suffices without
-  Python. It refuses the same update under another key.
+  checksums and signature, the format-2 manifest and the vocabulary, and prints the manifest: the contract
+  (docs/codebook-updates.md) suffices without Python. It refuses the same update under another key.
 No timing is asserted; every wait is bounded and names what it waited for.
 """
 
@@ -27,13 +29,14 @@ from test_subscribe_cli import schema
 from worker_harness import ROOT, TINY_MODEL, Reader, WorkerProcess, delete_topics_of, log_tail
 
 from cli.main import main as sparc
-from codebook_store import Reassembler, load_verifier, open_store, subscribe
+from codebook_store import Follower, Reassembler, load_verifier, open_store, subscribe
 from codebook_store.format import load_arrays, parse_manifest
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(900)]
 
 VERSIONS = 12
 PHASES = (640, 1280, 1920)  # feedback events produced so far after each phase; new items arrive in each
+MAX_ITEMS = 264  # the phases bring 258, 270 and 288 items: the first grows the table, the others fill it and evict
 JAVA_BUILD = ROOT / "tests" / "java" / "build.sh"
 
 
@@ -58,7 +61,8 @@ def published(kafka_bootstrap, tmp_path_factory):
     topics = {name: f"subs-{name.lower()}-{run}" for name in ("FEEDBACK", "ITEM", "UPDATES", "DLQ")}
     private, public = write_ed25519(tmp, "updates")
     env = {**{f"SPARC_{name}_TOPIC": topic for name, topic in topics.items()}, **TINY_MODEL,
-           "SPARC_ANNOUNCE_WEIGHTS": "true", "SPARC_FULL_CODES_EVERY": "5"}
+           "SPARC_ANNOUNCE_WEIGHTS": "true", "SPARC_FULL_CODES_EVERY": "5", "SPARC_MAX_ITEMS": str(MAX_ITEMS),
+           "SPARC_ON_CATALOGUE_FULL": "evict"}
     store = f"file://{tmp}/store"
     flags = (f"--broker {kafka_bootstrap} --store {store} --data-dir {tmp}/faust --batch-size 32 "
              f"--app-id subs-{run} --partitions 1 --snapshot-every-steps 4 --snapshot-every-seconds 600 "
@@ -73,6 +77,15 @@ def published(kafka_bootstrap, tmp_path_factory):
         announced[:] = [u for rec in records or updates.poll() if (u := r.accept(rec.key, rec.value, rec.headers))]
         return len(announced)
 
+    seen: list[tuple] = []
+
+    def settled() -> bool:
+        """Nothing learnt, stored or announced for three probes, and the stored latest announced: a SIGTERM now
+        cuts no snapshot between the store and the topic (the worker stores a snapshot before announcing it)."""
+        with open_store(store, read_only=True) as s:
+            seen.append((w.metric("sparc_learnt_events_total"), s.latest_version(), poll()))
+        return len(set(seen[-3:])) == 1 and len(seen) >= 3 and announced[-1].version == seen[-1][1]
+
     try:
         w.start()
         for phase, limit in enumerate(PHASES, 1):
@@ -82,6 +95,7 @@ def published(kafka_bootstrap, tmp_path_factory):
             assert sparc(produce) == 0
             wanted = VERSIONS * phase // len(PHASES)
             w.wait_for(f"{wanted} signed codebook updates", lambda wanted=wanted: poll() >= wanted, 240)
+        w.wait_for("the worker to learn every event and announce its latest snapshot", settled, 180)
         code = w.terminate(90)
         assert code == 0, f"worker exit status {code}; log tail:\n{log_tail(w.log, 30)}"
         poll(updates.drain())  # the worker may have announced more since the last wait: read them all
@@ -102,6 +116,20 @@ def test_the_stream_has_new_items_remaps_and_full_tables(published):
     assert any(u.remap.added_items.size for u in remaps), "no version added items"
     assert any(0 in u.remap.changed_items for u in remaps), "the padding row never changed"  # what broke v2
     assert [u.version for u in updates if u.item_codes is not None] == versions[::5]  # v0 and every 5th whole
+    assert all(u.vocabulary_sent == "whole" for u in updates[::5])  # with the whole table
+    deltas = [u for u in updates if u.vocabulary_sent == "delta"]  # whole where most rows churned (fewer bytes)
+    assert deltas and all(u.vocabulary_sent in ("whole", "delta") for u in updates)
+    follower = Follower(start=0)
+    resolved = [follower.offer(u) for u in updates]  # each rebuilt from the one before, checked by sha256
+    assert all(u.item_ids is not None and u.num_items <= MAX_ITEMS for u in resolved)
+    evicted = [u for u in resolved[1:] if u.item_remap.reused_rows.size]
+    assert any(u.ids_delta is not None for u in evicted), "no eviction travelled as a delta"
+    for before, u in zip(resolved, resolved[1:], strict=False):
+        by_id = u.item_remap  # a row whose id changed: its old id removed, its new one added (or moved rows)
+        assert len(by_id.added) - len(by_id.removed) == u.num_items - before.num_items
+        assert not set(by_id.removed) & set(u.item_ids) and not set(by_id.added) & set(before.item_ids)
+        if u.ids_delta is not None:  # the delta names the rows whose id changed and the rows added
+            assert u.ids_delta.rows.size == by_id.reused_rows.size + u.remap.added_items.size
     header, manifest = schema("update-header.schema.json"), schema("snapshot-manifest.schema.json")
     for u in updates:  # the contract's JSON Schemas hold for a real worker's updates
         header.validate(u.header)
@@ -144,6 +172,7 @@ def test_every_subscriber_ends_with_the_publishers_state(kafka_bootstrap, publis
         assert all(r["signed_by"] and r["complete"] and r["stored"] for r in rows)
         final = {name: sha for name, sha in expected.items() if name != "version"}
         assert rows[-1]["tensor_sha256"] == final and state(f"file://{tmp_path}/cli-{start}") == expected
+        assert all(r["vocabulary"]["known"] for r in rows) and rows[-1]["vocabulary"]["sha256"] == final["item_ids"]
         assert "0 rejected, 0 refused" in err
 
     with open_store(store, read_only=True) as worker, open_store(f"file://{tmp_path}/cli-earliest") as mirror:
@@ -170,8 +199,16 @@ def test_a_java_reader_verifies_an_update_and_prints_its_manifest(kafka_bootstra
     with open_store(store, read_only=True) as s:
         manifest, _ = s.read_raw(last.version)
     assert done.stdout == manifest  # the verified manifest, byte for byte as the worker stored it
-    assert f"verified sparc v{last.version}" in report and f"ed25519 key {last.signed_by}" in report
+    assert f"verified sparc v{last.version}: manifest format 2" in report
+    assert f"ed25519 key {last.signed_by}" in report
     assert "remap.safetensors" in report and "weights.safetensors" in report
+    final = state(store)["item_ids"]  # the sha256 of the stored vocabulary's JSON
+    assert f"vocabulary of sparc v{last.version}: " in report and f"sha256 {final}, the blob matches" in report
+    delta = [u for u in updates if u.vocabulary_sent == "delta"][-1]
+    if delta is not last:  # the Java reader rebuilds a vocabulary from its base on the topic and a delta
+        report = java(kafka_bootstrap, topic, "sparc", str(delta.version), str(public)).stderr.decode()
+    rows = delta.ids_delta.rows.size
+    assert f"sparc v{delta.version}: rebuilt from v{delta.remap_from} and a delta of {rows} rows" in report
 
     _, stranger = write_ed25519(tmp_path, "stranger")
     refused = java(kafka_bootstrap, topic, "sparc", str(last.version), str(stranger))

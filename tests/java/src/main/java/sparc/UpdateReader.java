@@ -2,7 +2,10 @@ package sparc;
 
 import com.fasterxml.jackson.databind.JsonNode;
 import com.fasterxml.jackson.databind.ObjectMapper;
+import com.fasterxml.jackson.databind.node.JsonNodeFactory;
 import java.io.ByteArrayOutputStream;
+import java.nio.ByteBuffer;
+import java.nio.ByteOrder;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -37,7 +40,10 @@ import org.apache.kafka.common.serialization.ByteArrayDeserializer;
  * Reads one codebook update from Kafka without Python, following docs/codebook-updates.md only: collects the
  * records of a model, verifies each chunk's sha256, the header chunk against the update sha256, the signature
  * (Ed25519 public key in PEM, or an HMAC-SHA256 key file), every other chunk against the header chunk's list,
- * each part's size and sha256, and each blob part against the manifest's sha256; then prints the manifest.
+ * each part's size and sha256, each blob part against the manifest's sha256, and the manifest's format (1, or 2
+ * with a vocabulary). The vocabulary (format 2) is checked whole, or rebuilt from the base's (found on the topic,
+ * verified the same way, recursively) and the delta, and its sha256 compared with the manifest's; then it prints
+ * the manifest.
  *
  * <p>Usage: UpdateReader BOOTSTRAP TOPIC MODEL VERSION|latest KEYFILE|- ; exit status 0 when the update was
  * found and verified, 1 otherwise (the reason on stderr).
@@ -45,6 +51,12 @@ import org.apache.kafka.common.serialization.ByteArrayDeserializer;
 public final class UpdateReader {
   static final int MAJOR = 3;
   static final ObjectMapper JSON = new ObjectMapper();
+  static final String IDS_BLOB = "item_ids.safetensors";
+  static final String IDS_DELTA = "item_ids_delta.safetensors";
+  static final int MAX_ID_CHARS = 256;
+
+  /** One verified update: its header chunk, its parts by name, and a line saying what was checked. */
+  record Verified(JsonNode header, Map<String, byte[]> parts, JsonNode manifest, String report) {}
 
   /** One update as its records arrived: chunk index to the copies seen (a bad copy may sit beside a good one). */
   static final class Collected {
@@ -61,9 +73,7 @@ public final class UpdateReader {
     String bootstrap = args[0], topic = args[1], model = args[2], wanted = args[3];
     byte[] key = args[4].equals("-") ? null : Files.readAllBytes(Path.of(args[4]));
     Map<String, Collected> updates = read(bootstrap, topic, model);
-    JsonNode best = null;
-    byte[] bestManifest = null;
-    String bestReport = null;
+    Verified best = null;
     List<String> problems = new ArrayList<>();
     for (Map.Entry<String, Collected> e : updates.entrySet()) {
       Collected c = e.getValue();
@@ -71,12 +81,9 @@ public final class UpdateReader {
         continue;
       }
       try {
-        Object[] verified = verify(model, e.getKey(), c, key);
-        JsonNode header = (JsonNode) verified[0];
-        if (best == null || header.get("version").asLong() > best.get("version").asLong()) {
-          best = header;
-          bestManifest = (byte[]) verified[1];
-          bestReport = (String) verified[2];
+        Verified verified = verify(model, e.getKey(), c, key);
+        if (best == null || verified.header().get("version").asLong() > best.header().get("version").asLong()) {
+          best = verified;
         }
       } catch (IllegalStateException ex) {
         problems.add(model + " v" + c.version + " (" + e.getKey().substring(0, 12) + "): " + ex.getMessage());
@@ -87,8 +94,17 @@ public final class UpdateReader {
       System.err.println("no verified update of " + model + " v" + wanted + " on " + topic);
       System.exit(1);
     }
-    System.err.println(bestReport);
-    System.out.write(bestManifest);
+    String vocabulary;
+    try {
+      vocabulary = vocabularyReport(model, best, updates, key);
+    } catch (IllegalStateException ex) {
+      System.err.println("refused: " + model + " v" + best.header().get("version").asLong() + ": " + ex.getMessage());
+      System.exit(1);
+      return;
+    }
+    System.err.println(best.report());
+    System.err.println(vocabulary);
+    System.out.write(best.parts().get("manifest.json"));
     System.out.flush();
   }
 
@@ -146,8 +162,8 @@ public final class UpdateReader {
     }
   }
 
-  /** {header chunk JSON, manifest bytes, report line}; throws IllegalStateException naming what failed. */
-  static Object[] verify(String model, String updateSha, Collected c, byte[] key) throws Exception {
+  /** The update verified; throws IllegalStateException naming what failed. */
+  static Verified verify(String model, String updateSha, Collected c, byte[] key) throws Exception {
     byte[] head = pick(c, 0, updateSha, "the header chunk (hashing to the update sha256)");
     String signedBy = "unchecked (no key given)";
     if (key != null) {
@@ -199,6 +215,7 @@ public final class UpdateReader {
     if (!m.path("model").asText().equals(model) || m.path("version").asLong() != c.version) {
       throw new IllegalStateException("the manifest describes another snapshot");
     }
+    checkFormat(m);
     Set<String> blobs = new HashSet<>();
     for (Map.Entry<String, byte[]> part : parts.entrySet()) {
       JsonNode blob = m.path("blobs").get(part.getKey());
@@ -211,9 +228,209 @@ public final class UpdateReader {
       }
       blobs.add(part.getKey());
     }
-    String report = "verified " + model + " v" + c.version + ": " + (chunks.size() + 1) + " chunks, parts "
-        + new TreeMap<>(parts).keySet() + ", blobs checked against the manifest " + blobs.stream().sorted().toList() + ", signature " + signedBy;
-    return new Object[] {header, manifest, report};
+    String report = "verified " + model + " v" + c.version + ": manifest format " + m.get("format_version")
+        + ", " + (chunks.size() + 1) + " chunks, parts " + new TreeMap<>(parts).keySet()
+        + ", blobs checked against the manifest " + blobs.stream().sorted().toList() + ", signature " + signedBy;
+    return new Verified(header, parts, m, report);
+  }
+
+  /** Format 1 (no vocabulary) or 2 (the vocabulary blob: one uint8 tensor item_ids); anything else is refused. */
+  static void checkFormat(JsonNode m) {
+    int format = m.path("format_version").asInt(-1);
+    JsonNode ids = m.path("tensors").path("item_ids");
+    if (format == 1 && ids.isMissingNode()) {
+      return;
+    }
+    boolean vocabulary = ids.path("blob").asText().equals(IDS_BLOB) && ids.path("dtype").asText().equals("uint8")
+        && ids.path("shape").size() == 1 && m.path("blobs").has(IDS_BLOB);
+    if (format != 2 || !vocabulary) {
+      throw new IllegalStateException("manifest format_version " + m.get("format_version")
+          + " is not 1, or not 2 with the item_ids.safetensors vocabulary");
+    }
+  }
+
+  /** What the update says of its vocabulary, once checked (section 6 of the contract). */
+  static String vocabularyReport(String model, Verified v, Map<String, Collected> updates, byte[] key)
+      throws Exception {
+    long version = v.header().get("version").asLong();
+    if (!v.manifest().path("tensors").has("item_ids")) {
+      return "vocabulary of " + model + " v" + version + ": none (format 1: row i is item i)";
+    }
+    List<JsonNode> ids = vocabulary(model, v, updates, key, 0);
+    String how = v.parts().containsKey(IDS_BLOB) ? "sent whole"
+        : "rebuilt from v" + v.header().get("remap_from").asLong() + " and a delta of "
+          + deltaRows(v.parts().get(IDS_DELTA)).length + " rows";
+    return "vocabulary of " + model + " v" + version + ": " + how + ", " + ids.size() + " ids, sha256 "
+        + sha256(idsJson(ids)) + ", the blob matches the manifest";
+  }
+
+  /** The ids of rows 1..N of a verified update: sent whole, or the base's (recursively) with the delta applied;
+   * either way serialised as the contract writes them and checked against the manifest's blob sha256. */
+  static List<JsonNode> vocabulary(String model, Verified v, Map<String, Collected> updates, byte[] key, int depth)
+      throws Exception {
+    JsonNode m = v.manifest();
+    int n = m.path("tensors").path("item_codes").path("shape").get(0).asInt() - 1;
+    if (!m.path("tensors").has("item_ids")) {
+      List<JsonNode> identity = new ArrayList<>();
+      for (int i = 1; i <= n; i++) {
+        identity.add(JsonNodeFactory.instance.numberNode(i));
+      }
+      return identity;
+    }
+    List<JsonNode> ids;
+    if (v.parts().containsKey(IDS_BLOB)) {
+      ids = parseIds(tensor(v.parts().get(IDS_BLOB), "item_ids"));
+    } else if (v.parts().containsKey(IDS_DELTA) && !v.header().path("remap_from").isNull() && depth < 64) {
+      long base = v.header().get("remap_from").asLong();
+      ids = new ArrayList<>(vocabulary(model, find(model, base, updates, key), updates, key, depth + 1));
+      long[] rows = deltaRows(v.parts().get(IDS_DELTA));
+      List<JsonNode> values = parseIds(tensor(v.parts().get(IDS_DELTA), "ids"));
+      if (values.size() != rows.length) {
+        throw new IllegalStateException("the vocabulary delta names " + values.size() + " ids for " + rows.length
+            + " rows");
+      }
+      while (ids.size() > n) {
+        ids.remove(ids.size() - 1);
+      }
+      int held = ids.size();
+      for (int i = 0; i < rows.length; i++) {
+        if (rows[i] < 1 || rows[i] > n || (i > 0 && rows[i] <= rows[i - 1])) {
+          throw new IllegalStateException("the vocabulary delta's rows are not ascending in 1.." + n);
+        }
+        if (rows[i] > ids.size() + 1) {
+          throw new IllegalStateException("the vocabulary delta skips row " + (ids.size() + 1));
+        }
+        if (rows[i] == ids.size() + 1) {
+          ids.add(values.get(i));
+        } else {
+          ids.set((int) rows[i] - 1, values.get(i));
+        }
+      }
+      if (ids.size() != n) {
+        throw new IllegalStateException("the vocabulary delta leaves rows " + (held + 1) + ".." + n + " without ids");
+      }
+    } else {
+      throw new IllegalStateException("the vocabulary is neither sent whole nor as a delta against a base");
+    }
+    checkIds(ids, n);
+    byte[] text = idsJson(ids);
+    JsonNode blob = m.path("blobs").path(IDS_BLOB);
+    byte[] rebuilt = safetensorsU8("item_ids", text);
+    if (blob.path("size").asLong() != rebuilt.length || !blob.path("sha256").asText().equals(sha256(rebuilt))) {
+      throw new IllegalStateException("the vocabulary rebuilt differs from the manifest's item_ids.safetensors");
+    }
+    return ids;
+  }
+
+  /** The verified update of `version` on the topic (the base of a delta). */
+  static Verified find(String model, long version, Map<String, Collected> updates, byte[] key) throws Exception {
+    for (Map.Entry<String, Collected> e : updates.entrySet()) {
+      if (e.getValue().version == version) {
+        try {
+          return verify(model, e.getKey(), e.getValue(), key);
+        } catch (IllegalStateException ex) {
+          System.err.println("refused base: " + model + " v" + version + ": " + ex.getMessage());
+        }
+      }
+    }
+    throw new IllegalStateException("the base v" + version + " of the vocabulary delta is not on the topic");
+  }
+
+  /** Each id an integer within int64 or a string of 1 to 256 characters; all distinct; n of them. */
+  static void checkIds(List<JsonNode> ids, int n) {
+    Set<String> seen = new HashSet<>();
+    for (JsonNode id : ids) {
+      boolean ok = id.isIntegralNumber() ? id.canConvertToLong()
+          : id.isTextual() && id.textValue().codePointCount(0, id.textValue().length()) >= 1
+            && id.textValue().codePointCount(0, id.textValue().length()) <= MAX_ID_CHARS;
+      if (!ok || !seen.add((id.isTextual() ? "s:" : "i:") + id.asText())) {
+        throw new IllegalStateException("the vocabulary holds an invalid or repeated id " + id);
+      }
+    }
+    if (ids.size() != n) {
+      throw new IllegalStateException("the vocabulary names " + ids.size() + " ids for " + n + " items");
+    }
+  }
+
+  static List<JsonNode> parseIds(byte[] text) throws Exception {
+    JsonNode array = JSON.readTree(text);
+    if (array == null || !array.isArray()) {
+      throw new IllegalStateException("the vocabulary is not a JSON array");
+    }
+    List<JsonNode> out = new ArrayList<>();
+    array.forEach(out::add);
+    return out;
+  }
+
+  /** The ids as the contract writes them: Python's json.dumps(ids, ensure_ascii=False, separators=(",", ":")). */
+  static byte[] idsJson(List<JsonNode> ids) {
+    StringBuilder b = new StringBuilder("[");
+    for (int i = 0; i < ids.size(); i++) {
+      b.append(i == 0 ? "" : ",");
+      JsonNode id = ids.get(i);
+      if (id.isIntegralNumber()) {
+        b.append(id.bigIntegerValue());
+        continue;
+      }
+      b.append('"');
+      id.textValue().codePoints().forEach(c -> {
+        switch (c) {
+          case '"' -> b.append("\\\"");
+          case '\\' -> b.append("\\\\");
+          case '\b' -> b.append("\\b");
+          case '\t' -> b.append("\\t");
+          case '\n' -> b.append("\\n");
+          case '\f' -> b.append("\\f");
+          case '\r' -> b.append("\\r");
+          default -> {
+            if (c < 0x20) {
+              b.append(String.format("\\u%04x", c));
+            } else {
+              b.appendCodePoint(c);
+            }
+          }
+        }
+      });
+      b.append('"');
+    }
+    return b.append(']').toString().getBytes(StandardCharsets.UTF_8);
+  }
+
+  /** A safetensors file holding one uint8 tensor, as the Python writer lays it out (header padded with spaces). */
+  static byte[] safetensorsU8(String name, byte[] data) {
+    String header = "{\"" + name + "\":{\"dtype\":\"U8\",\"shape\":[" + data.length + "],\"data_offsets\":[0,"
+        + data.length + "]}}";
+    header = header + " ".repeat((8 - header.length() % 8) % 8);
+    byte[] h = header.getBytes(StandardCharsets.US_ASCII);
+    ByteBuffer out = ByteBuffer.allocate(8 + h.length + data.length).order(ByteOrder.LITTLE_ENDIAN);
+    return out.putLong(h.length).put(h).put(data).array();
+  }
+
+  /** The bytes of tensor `name` of a safetensors file (its header's data_offsets). */
+  static byte[] tensor(byte[] file, String name) throws Exception {
+    ByteBuffer in = ByteBuffer.wrap(file).order(ByteOrder.LITTLE_ENDIAN);
+    long length = in.getLong();
+    if (length < 2 || length > file.length - 8) {
+      throw new IllegalStateException("not a safetensors file");
+    }
+    JsonNode info = JSON.readTree(Arrays.copyOfRange(file, 8, 8 + (int) length)).path(name);
+    JsonNode offsets = info.path("data_offsets");
+    long begin = 8 + length + offsets.path(0).asLong(-1), end = 8 + length + offsets.path(1).asLong(-1);
+    if (offsets.size() != 2 || begin < 8 + length || end < begin || end > file.length) {
+      throw new IllegalStateException("safetensors tensor " + name + " is missing or out of bounds");
+    }
+    return Arrays.copyOfRange(file, (int) begin, (int) end);
+  }
+
+  /** The int64 little-endian `rows` of a vocabulary delta. */
+  static long[] deltaRows(byte[] delta) throws Exception {
+    byte[] raw = tensor(delta, "rows");
+    if (raw.length % 8 != 0) {
+      throw new IllegalStateException("the vocabulary delta's rows are not int64");
+    }
+    long[] rows = new long[raw.length / 8];
+    ByteBuffer.wrap(raw).order(ByteOrder.LITTLE_ENDIAN).asLongBuffer().get(rows);
+    return rows;
   }
 
   /** The copy of chunk `index` whose sha256 is `sha`. */
