@@ -146,9 +146,12 @@ async def handle_train_message(w: StreamWorker, raw: bytes, source: Source) -> d
         return None
     try:
         metrics = await w.in_learner(w.learn, learner_input(batch, [source]), [source])
-    except FloatingPointError as exc:
+    except FloatingPointError as exc:  # a non-finite loss or gradient: the step changed nothing
         w.metrics.train_errors.inc()
-        log.error("skipped a micro-batch of %d events: %s", len(batch.events), exc)
+        log.error("skipped a micro-batch of %d events (dead-lettered, reason train_error): %s", len(batch.events), exc)
+        refused = Invalid("train_error", f"the micro-batch it was learnt in was refused: {exc}")
+        for event in batch.events:
+            await dead_letter(w, event.model_dump_json().encode(), event.user_id.encode(), refused, source)
         return None
     w.metrics.trained(metrics)
     for index, reason in metrics["unlearnt"]:

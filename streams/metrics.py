@@ -100,7 +100,8 @@ class WorkerMetrics:
             "sparc_train_examples", "training examples (events with a history)", registry=r
         )
         self.train_errors = Counter(
-            "sparc_train_errors", "micro-batches skipped (non-finite loss)", registry=r
+            "sparc_train_errors", "micro-batches skipped (a non-finite loss or gradient; their events dead-lettered)",
+            registry=r,
         )
         self.snapshots = Counter("sparc_snapshots", "snapshots stored", ["outcome"], registry=r)
         self.gate_refusals = Counter(

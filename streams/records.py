@@ -52,6 +52,7 @@ REASONS = (
     "not_utf8",
     "catalogue_full",  # valid, but its new item does not fit the learner's catalogue (CatalogueConfig.on_full)
     "unknown_item",  # valid feedback on an item no item event has named (item_sources "items")
+    "train_error",  # valid, but the training step refused its micro-batch (a non-finite loss or gradient)
 )
 
 Id = Annotated[StrictStr, Field(min_length=1, max_length=128)]

@@ -541,3 +541,35 @@ def test_the_history_table_holds_json_bytes_that_faust_json_reads_and_writes(tmp
     assert isinstance(stored, bytes) and faust_json.loads(stored) == value == w.history_value("7")
     assert decode_state(faust_json.dumps(value).encode()) == value and decode_state(None) is None
     assert decode_state(encode_state(value)) == value
+
+
+def test_a_micro_batch_the_step_refuses_is_dead_lettered_event_by_event(tmp_path, stream, monkeypatch):
+    """A non-finite loss or gradient (trainer.step refuses the batch): every event of that micro-batch goes to the
+    DLQ with reason train_error and its bytes, the error is counted, and the next batch trains (found by the fault
+    suite: before, the batch's events were dropped without a trace)."""
+    w = make_worker(tmp_path)
+    batches = train_messages(w, list(stream.iter_events()))
+    learn = w.learner.learn
+    calls = {"n": 0}
+
+    def poisoned(events, histories):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise FloatingPointError("non-finite gradient at step 1 under a finite loss")
+        return learn(events, histories)
+
+    monkeypatch.setattr(w.learner, "learn", poisoned)
+
+    async def scenario():
+        return [await handle_train_message(w, raw, source) for raw, source in batches[:3]]
+
+    results = run(w, scenario)
+    assert results[0] is not None and results[1] is None and results[2] is not None
+    refused = read_train_batch(batches[1][0]).events
+    dead = w.outputs.dead
+    assert [json.loads(raw)["event_id"] for raw, *_ in dead] == [e.event_id for e in refused]
+    assert {invalid.reason for _, _, invalid, _ in dead} == {"train_error"}
+    assert all("non-finite gradient" in invalid.detail for _, _, invalid, _ in dead)
+    assert [source for *_, source in dead] == [batches[1][1]] * len(refused)
+    text = w.metrics.render().decode()
+    assert "sparc_train_errors_total 1.0" in text and w.learner.steps == 2
