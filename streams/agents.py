@@ -194,7 +194,11 @@ async def publish(w: StreamWorker, *, only_if_due: bool = False) -> None:
             await _store_serve_announce(w, state, health, watermark, now)
         except Exception:  # a store or index failure must not stop training; the next interval tries again
             w.metrics.snapshots.labels("failed").inc()
-            log.exception("publishing the snapshot of step %d failed", state.steps)
+            w.metrics.publish_failing.set(1)
+            log.exception("publishing the snapshot of step %d failed; v%s stays served", state.steps,
+                          w.index.current.version if w.index.current is not None else None)
+        else:
+            w.metrics.publish_failing.set(0)
         w.metrics.publish_seconds.observe(time.perf_counter() - started)
 
 

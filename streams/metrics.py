@@ -104,6 +104,10 @@ class WorkerMetrics:
             registry=r,
         )
         self.snapshots = Counter("sparc_snapshots", "snapshots stored", ["outcome"], registry=r)
+        self.publish_failing = Gauge(
+            "sparc_publish_failing", "1 while the last publish failed (the store full or unwritable, the index): "
+            "the version served before stays served and ages; 0 once a publish succeeds (alert on it)", registry=r,
+        )
         self.gate_refusals = Counter(
             "sparc_gate_refusals", "health-gate refusals of snapshots, by reason (one snapshot may have several)",
             ["reason"], registry=r,
