@@ -192,13 +192,17 @@ async def publish(w: StreamWorker, *, only_if_due: bool = False) -> None:
         w.metrics.health(health)
         try:
             await _store_serve_announce(w, state, health, watermark, now)
-        except Exception:  # a store or index failure must not stop training; the next interval tries again
+        except Exception as exc:  # a store or index failure must not stop training; the next interval tries again
             w.metrics.snapshots.labels("failed").inc()
-            w.metrics.publish_failing.set(1)
-            log.exception("publishing the snapshot of step %d failed; v%s stays served", state.steps,
-                          w.index.current.version if w.index.current is not None else None)
+            again = w.metrics.publish_failed()  # the traceback once per run of failures
+            served = w.index.current.version if w.index.current is not None else None
+            if again:
+                log.error("publishing the snapshot of step %d failed again; v%s stays served: %s", state.steps,
+                          served, exc)
+            else:
+                log.exception("publishing the snapshot of step %d failed; v%s stays served", state.steps, served)
         else:
-            w.metrics.publish_failing.set(0)
+            w.metrics.publish_succeeded()
         w.metrics.publish_seconds.observe(time.perf_counter() - started)
 
 
