@@ -412,7 +412,10 @@ class Deployment:
         self.run = f"{name}-{uuid.uuid4().hex[:8]}"
         self.topics = {kind: f"{self.run}-{kind}" for kind in self.KINDS}
         self.app_id = self.run
-        self.store_url = f"{store}://{workdir / 'store'}" if store != "memory" else "memory://"
+        if "://" in store:  # a whole URL (a store somewhere else than under workdir)
+            self.store_url = store
+        else:
+            self.store_url = f"{store}://{workdir / 'store'}" if store != "memory" else "memory://"
         self.processed = workdir / "processed.jsonl"
         self.env = {**{f"SPARC_{kind.upper()}_TOPIC": topic for kind, topic in self.topics.items()},
                     "SPARC_SESSION_TIMEOUT": "10", **(settings or {})}

@@ -92,10 +92,10 @@ def outage_run(bootstrap: str, stop_broker: Callable[[], None], start_broker: Ca
                              max_block_ms=1000, reconnect_backoff_max_ms=1000)
     w = d.worker()
     alive = lambda: w.process.poll() is None  # noqa: E731
-    out: dict = {"rate": rate, "outage_s": outage, "after_s": after, "worker_flags": list(worker_flags),
-                 "log": str(w.log)}
+    out: dict = {"rate": rate, "outage_s": outage, "after_s": after, "worker_flags": list(worker_flags)}
     try:
         w.start()
+        out["log"] = str(w.log)
         producer.start()
         trained = poll_until(lambda: w.metric("sparc_train_steps_total") >= 1, 240, alive)
         if trained is None:
