@@ -48,14 +48,11 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -66,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import write_json
+from benchmarks.harness import free_port, get
 from cli.allocator import tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,22 +389,6 @@ def _instrument(acc: Counter) -> Callable[[], None]:
 
 
 # ---------------------------------------------------------------------------------------------- Kafka side
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
-
-
 def produce(broker: str, topic: str, records: Sequence[tuple[str, dict]], rate: float = 0.0,
             stop: threading.Event | None = None) -> list[tuple[int, int, float]]:
     """Send (key, value) records as JSON to `topic` (rate 0: as fast as possible); returns (partition, offset,
@@ -519,11 +501,11 @@ def start_worker(args, run: str, topics: Mapping[str, str], workdir: Path, overr
 
 def sample(w: WorkerRun, topic: str, broker_pid: int | None = None) -> dict[str, Any] | None:
     """The worker's counters and CPU now (and the broker's CPU, when its process id is given)."""
-    status, body = http_get(w.port, "/health")
+    status, body = get(w.port, "/health")
     if status not in (200, 503):  # 503: starting (no snapshot served yet), the counters are there all the same
         return None
     health = json.loads(body)
-    metrics = parse_metrics(http_get(w.port, "/metrics")[1].decode(errors="replace"))
+    metrics = parse_metrics(get(w.port, "/metrics")[1].decode(errors="replace"))
     cpu = proc_cpu(w.process.pid)
     return {
         "t": time.time() - w.started,
@@ -544,7 +526,7 @@ def sample(w: WorkerRun, topic: str, broker_pid: int | None = None) -> dict[str,
 
 def latest_covers(w: WorkerRun, topic: str, total: int) -> int | None:
     """The version of the store's latest snapshot if it has trained on `total` events of `topic`, else None."""
-    status, body = http_get(w.port, "/snapshots/latest")
+    status, body = get(w.port, "/snapshots/latest")
     if status != 200:
         return None
     latest = json.loads(body)
