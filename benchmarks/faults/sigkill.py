@@ -4,10 +4,10 @@ until training again.
 A Deployment of its own (topics, consumer group, store, tables) with the worker's defaults and a snapshot every
 2 s; the catalogue is produced, then feedback at --rate events/s from a thread for the whole scenario. The worker is
 SIGKILLed --kills times and started again at once each time (a warm start from the store; the history table from
-RocksDB and its changelog). The moments are drawn from a seeded generator: one kill in four while the worker
-starts (U(0.5, 8) s after its launch: loading, recovering the table, joining the group), the others while it
-trains (U(0.5, 12) s after its first training step). After the last kill the worker runs on, the producer stops,
-and the latest snapshot must come to hold every event Kafka acknowledged (a bounded wait). Figures:
+RocksDB and its changelog). The moments are drawn from a seeded generator: one kill in four (in a shuffled order)
+while the worker starts (U(0.5, 8) s after its launch: loading, recovering the table, joining the group), the
+others while it trains (U(0.5, 12) s after its first training step). After the last kill the worker runs on, the
+producer stops, and the latest snapshot must come to hold every event Kafka acknowledged (a bounded wait). Figures:
   lost, learnt_twice    acknowledged events the latest snapshot has not learnt / has learnt more than once
                         (its lineage in the processed log: harness.Deployment.audit; at least once is the contract)
   repeated_versions     versions announced on codebook-updates more than once; versions_out_of_order: announced
@@ -43,7 +43,7 @@ from benchmarks.harness import (
     synthetic,
 )
 
-START_SHARE = 0.25  # of the kills land while the process starts
+START_SHARE = 0.25  # of the kills land while the process starts (exactly, in a seeded order)
 
 
 @dataclass
@@ -78,11 +78,14 @@ def kill_loop(ctx: Context, target: Target, kills: int, rng: random.Random) -> d
             r["seconds_to_training"] = None if at is None else round(at - r["at"], 2)
         waiting.clear()
 
+    starting = round(kills * START_SHARE)
+    phases = ["starting"] * starting + ["training"] * (kills - starting)
+    rng.shuffle(phases)
     for n in range(1, kills + 1):
         if ctx.left() < 120:
             ctx.say(f"stopping after {n - 1} kills: the scenario's time is nearly up")
             break
-        phase = "starting" if rng.random() < START_SHARE else "training"
+        phase = phases[n - 1]
         if phase == "training":
             first = poll_until(lambda: target.working(w), ctx.bound(240), running)
             if first is None and not running():
