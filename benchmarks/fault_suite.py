@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         return child(args)
     from benchmarks.faults.report import plot, table
 
+    # SIGTERM (a timeout, a kill from a shell) ends the run as Ctrl-C does: the running scenario's process group
+    # killed, the broker stopped, tmpfs mounts undone
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     options = options_of(args)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sparc-faults-"))
     workdir.mkdir(parents=True, exist_ok=True)
