@@ -446,6 +446,24 @@ class Deployment:
         upto = self.latest_train_position(port)
         return None if upto is None else wanted - set(self.learnt(upto))
 
+    def wait_learnt(self, wanted: set[str], port: int, timeout_s: float, alive: Callable[[], bool],
+                    stalled_s: float = 90.0) -> float | None:
+        """Wait until the latest snapshot has learnt every id in `wanted`: the time (unix s) it had, or None when
+        `timeout_s` passed, the worker stopped, or the latest's train position did not move for `stalled_s` (a
+        worker still catching up on a backlog is waited for; one that has stopped learning is not)."""
+        deadline = time.monotonic() + timeout_s
+        position, moved = None, time.monotonic()
+        while time.monotonic() < deadline and alive():
+            if self.missing(wanted, port) == set():
+                return time.time()
+            now = self.latest_train_position(port)
+            if now != position:
+                position, moved = now, time.monotonic()
+            elif time.monotonic() - moved > stalled_s:
+                return None
+            time.sleep(2.0)
+        return None
+
     def audit(self, wanted: Iterable[str], port: int) -> dict[str, int]:
         """What the latest snapshot holds of `wanted` (the ids Kafka acknowledged): "lost" (never learnt),
         "learnt_twice" (learnt more than once: at least once is the contract), "learnt" (distinct)."""

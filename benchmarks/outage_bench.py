@@ -127,7 +127,7 @@ def outage_run(bootstrap: str, stop_broker: Callable[[], None], start_broker: Ca
         producer.finish()
         wanted = {ident for ident, *_ in producer.acked}
         out["sent"], out["producer_failed"] = producer.sent, producer.failed
-        caught = poll_until(lambda: d.missing(wanted, w.port) == set(), catch_up_s, alive, every=2.0)
+        caught = d.wait_learnt(wanted, w.port, catch_up_s, alive)
         out["caught_up"] = caught is not None
         out.update(d.audit(wanted, w.port))
     finally:

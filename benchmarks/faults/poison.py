@@ -94,7 +94,7 @@ def run(ctx: Context) -> dict:
         time.sleep(ctx.bound(3))  # the last micro-batch in and out
         reasons, refused = _dead_letters(ctx, d)
         wanted = {ident for ident, *_ in producer.acked} - refused
-        poll_until(lambda: d.missing(wanted, w.port) == set(), ctx.bound(120), alive, every=2.0)
+        d.wait_learnt(wanted, w.port, ctx.bound(ctx.left() - 90), alive)
         audit = d.audit(wanted, w.port)
         versions = sorted({m.version for m in announced(updates.drain(ctx.bound(60)))})
         exit_status = w.terminate()

@@ -7,7 +7,8 @@ SIGKILLed --kills times and started again at once each time (a warm start from t
 RocksDB and its changelog). The moments are drawn from a seeded generator: one kill in four (in a shuffled order)
 while the worker starts (U(0.5, 8) s after its launch: loading, recovering the table, joining the group), the
 others while it trains (U(0.5, 12) s after its first training step). After the last kill the worker runs on, the
-producer stops, and the latest snapshot must come to hold every event Kafka acknowledged (a bounded wait). Figures:
+producer stops, and the latest snapshot must come to hold every event Kafka acknowledged (Deployment.wait_learnt:
+waited for while the worker learns on, within the scenario's bound). Figures:
   lost, learnt_twice    acknowledged events the latest snapshot has not learnt / has learnt more than once
                         (its lineage in the processed log: harness.Deployment.audit; at least once is the contract)
   repeated_versions     versions announced on codebook-updates more than once; versions_out_of_order: announced
@@ -148,10 +149,9 @@ def run(ctx: Context) -> dict:
         producer.finish()
         wanted = {ident for ident, *_ in producer.acked}
         ctx.say(f"producer stopped: {len(wanted)} events acknowledged, {producer.failed} failed; waiting for a "
-                "latest snapshot that has learnt them all")
+                "latest snapshot that has learnt them all (while it learns on)")
         started = time.time()
-        caught_up = poll_until(lambda: d.missing(wanted, w.port) == set(), ctx.bound(600),
-                               lambda: w.process.poll() is None, every=2.0)
+        caught_up = d.wait_learnt(wanted, w.port, ctx.bound(ctx.left() - 120), lambda: w.process.poll() is None)
         audit = d.audit(wanted, w.port)
         messages = announced(updates.drain(ctx.bound(120)))
         versions = [m.version for m in messages]
