@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV = $(shell bash deploy/venv.sh)
 export PYTHONHASHSEED = 0
 
-.PHONY: run test lint venv
+.PHONY: run test lint venv lock
 
 venv:
 	@bash deploy/venv.sh
@@ -14,6 +14,11 @@ run:
 
 lint:
 	@$(VENV)/bin/ruff check .
+
+# requirements.lock from pyproject.toml's ranges: every package pinned with its hashes (deploy/lock.sh; uv in a
+# throwaway virtualenv). LOCK_ARGS=--upgrade moves to the newest versions within the ranges.
+lock:
+	@bash deploy/lock.sh $(LOCK_ARGS)
 
 # Unit tests, then the Kafka-marked tests against a broker this target starts (and always stops).
 # The broker is deploy/kafka/broker.sh's (Java + Maven; see deploy/kafka/README.md) in its secured mode: the

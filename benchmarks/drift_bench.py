@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli.allocator import tune_allocator
 from replay.plots import plot_recovery
 from replay.prequential import Prequential, ReplaySettings, Scored, recovery, windowed_recall, worker_model_config
 from replay.synthetic import SyntheticConfig, SyntheticStream, generate
+from sparc_stream.cli.allocator import tune_allocator
 from trainer.config import EncoderConfig, TrainConfig
 
 # The benchmark's stream (replay.synthetic.SyntheticConfig fields; every other field keeps its default): 60,000
@@ -173,7 +173,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.drift_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="write the JSON result here")

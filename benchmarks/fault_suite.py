@@ -48,7 +48,7 @@ from pathlib import Path
 from benchmarks.common import write_json
 from benchmarks.faults.context import QUICK, Context, Options
 from benchmarks.harness import ROOT, PrivateBroker
-from cli.allocator import tune_allocator
+from sparc_stream.cli.allocator import tune_allocator
 
 # name -> (module, its time bound in minutes for the given options)
 SCENARIOS = {
@@ -195,7 +195,7 @@ def run_scenario(name: str, args: argparse.Namespace, options: Options, broker: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     args = parse_args(argv)
     if args.child:
         return child(args)

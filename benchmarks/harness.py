@@ -172,7 +172,7 @@ class WorkerProcess:
     this process's environment); module: what `python -m` runs (its main takes `worker` and the flags)."""
 
     def __init__(self, tmp_path: Path, flags: Iterable[str], env: Mapping[str, str], *,
-                 base_env: Mapping[str, str] | None = None, module: str = "cli.main"):
+                 base_env: Mapping[str, str] | None = None, module: str = "sparc_stream.cli.main"):
         self.tmp_path, self.flags = tmp_path, list(flags)
         self.env = {**(os.environ if base_env is None else base_env), **env}
         self.module = module
@@ -292,7 +292,7 @@ class PacedProducer(threading.Thread):
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
-        from cli.produce import Pacer
+        from sparc_stream.cli.produce import Pacer
 
         try:
             producer = KafkaProducer(bootstrap_servers=self.bootstrap, **self.config)
@@ -426,7 +426,7 @@ class Deployment:
     def train_key(self) -> str:
         return f"{self.app_id}-train-examples:0"
 
-    def worker(self, module: str = "cli.main") -> WorkerProcess:
+    def worker(self, module: str = "sparc_stream.cli.main") -> WorkerProcess:
         base = {k: v for k, v in os.environ.items() if not k.startswith("SPARC_")}
         return WorkerProcess(self.workdir, self.flags, self.env, base_env=base, module=module)
 

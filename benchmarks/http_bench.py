@@ -43,9 +43,9 @@ from tqdm import tqdm
 
 from benchmarks.common import write_json
 from benchmarks.harness import free_port
-from cli.allocator import tune_allocator
 from replay.datasets import SequenceDataset, load_s3rec
 from replay.evaluate import EvalSettings, build_sparc
+from sparc_stream.cli.allocator import tune_allocator
 from streams.index import build_index
 from streams.settings import WorkerSettings
 from streams.worker import StreamWorker
@@ -122,7 +122,7 @@ async def serve_and_measure(w: StreamWorker, paths: list[str], warmup: int, port
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data", default="../shared/datasets/amazon_beauty", help="S3-Rec folder (else synthetic)")

@@ -38,7 +38,7 @@ from typing import Any
 
 from benchmarks.common import write_json
 from benchmarks.worker_bench import BEAUTY, beauty_events, settings_for
-from cli.allocator import tune_allocator
+from sparc_stream.cli.allocator import tune_allocator
 
 
 def owner(user, ranks: int) -> int:
@@ -146,7 +146,7 @@ def data_parallel_runs(events: int, batch_size: int, warmup: int, ranks: Sequenc
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON result")
     p.add_argument("--events", type=int, default=12_288, help="feedback events per run (default 12,288)")

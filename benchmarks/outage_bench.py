@@ -45,7 +45,7 @@ from benchmarks.harness import (
     poll_until,
     synthetic,
 )
-from cli.allocator import tune_allocator
+from sparc_stream.cli.allocator import tune_allocator
 
 LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 _LEVEL = re.compile(r"\b(CRITICAL|ERROR|WARNING|WARN|INFO|DEBUG)\b")
@@ -141,7 +141,7 @@ def outage_run(bootstrap: str, stop_broker: Callable[[], None], start_broker: Ca
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--broker", required=True, help="the broker.sh broker's bootstrap address")
     p.add_argument("--rate", type=float, default=400.0, help="feedback events per second (default 400)")

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_json
-from cli.allocator import tune_allocator
-from cli.replay import ALL_VARIANTS  # `sparc replay --variants all`
 from replay.prequential import Prequential, ReplaySettings, ScoreMode, parse_variants, replay, worker_model_config
 from replay.sources import open_source, take_feedback
+from sparc_stream.cli.allocator import tune_allocator
+from sparc_stream.cli.replay import ALL_VARIANTS  # `sparc replay --variants all`
 from trainer.config import EncoderConfig, TrainConfig
 
 BEAUTY = Path("/work/shared/datasets/amazon_beauty")
@@ -89,7 +89,7 @@ def together(source, limit: int, settings: ReplaySettings, share: bool) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.replay_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="write the JSON result here")

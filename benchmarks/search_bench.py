@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.common import write_json  # noqa: E402
-from cli.allocator import tune_allocator  # noqa: E402
+from sparc_stream.cli.allocator import tune_allocator  # noqa: E402
 from trainer.search import (  # noqa: E402
     CodeIndex,
     choose_codes,
@@ -162,7 +162,7 @@ def bench_update(index: CodeIndex, centroids, vectors, item_codes, args, queries
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--items", type=int, default=1_000_000)

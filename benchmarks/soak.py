@@ -5,9 +5,10 @@ by side, and the health of every snapshot it takes (the evidence behind the heal
     python -m benchmarks.soak --events synthetic --variants tuned --out runs/soak_synthetic.json
 
 One child process per variant, all at the same time (the same machine load):
-  tuned  calls cli.allocator.tune_allocator() first, as every sparc entry point does (the heap trimmer);
+  tuned  calls sparc_stream.cli.allocator.tune_allocator() first, as every sparc entry point does (the heap trimmer);
   glibc  does not: glibc's defaults;
-  mmap   glibc with MALLOC_MMAP_THRESHOLD_=65536 in its environment (the alternative cli/allocator.py weighs).
+  mmap   glibc with MALLOC_MMAP_THRESHOLD_=65536 in its environment (the alternative
+         sparc_stream/cli/allocator.py weighs).
 No child inherits the caller's MALLOC_* variables. Each child does what the worker's threads do, without Kafka:
   ingest     streams.history.apply_feedback per event into a dict of JSON table values (the history table),
              micro-batches of --batch-size events with each user's history before its first event in the batch
@@ -39,7 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.common import write_json
-from cli.allocator import tune_allocator
+from sparc_stream.cli.allocator import tune_allocator
 
 VARIANTS = ("tuned", "glibc", "mmap")
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # the "mmap" variant's environment

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from benchmarks.common import write_json
-from cli.allocator import tune_allocator
-from cli.errors import UserError
-from cli.evaluate import parse_sparc_set
 from replay.datasets import DataError, leave_one_out, load_s3rec
 from replay.evaluate import EvalSettings, _metrics_block, fit_sparc, soft_scorer, validation_subset
 from replay.metrics import interests_per_list
+from sparc_stream.cli.allocator import tune_allocator
+from sparc_stream.cli.errors import UserError
+from sparc_stream.cli.evaluate import parse_sparc_set
 
 MIX_GRID = (0.0, 0.5, 0.9, 1.0)
 
@@ -47,7 +47,7 @@ def summary(block: dict, item_codes: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.sparc_ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="S3-Rec dataset folder (e.g. amazon_beauty)")

@@ -35,8 +35,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from benchmarks.common import write_json
-from cli.allocator import tune_allocator
 from codebook_store import CorruptSnapshotError, Snapshot, decode, encode, open_store
+from sparc_stream.cli.allocator import tune_allocator
 
 TARGET_SECONDS = 2.0
 TARGET_DISK_RATIO = 1.5
@@ -203,7 +203,7 @@ def flip_detection(snap: Snapshot, per_blob: dict[str, int], seed: int = 0) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.store_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--items", type=int, default=1_000_000)

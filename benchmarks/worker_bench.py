@@ -64,7 +64,7 @@ import numpy as np
 
 from benchmarks.common import write_json
 from benchmarks.harness import free_port, get
-from cli.allocator import tune_allocator
+from sparc_stream.cli.allocator import tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 BEAUTY = Path("/work/shared/datasets/amazon_beauty")
@@ -258,8 +258,8 @@ def phase_cpu(timeline: Sequence[Mapping[str, float]], total: int, key: str, cpu
 # ---------------------------------------------------------------------------------------------- events
 def beauty_events(data: Path, limit: int) -> tuple[list[dict], list[dict]]:
     """(item events, the first `limit` feedback events) exactly as `sparc produce --data` sends them."""
-    from cli.produce import dataset_events
     from replay.datasets import load_s3rec
+    from sparc_stream.cli.produce import dataset_events
 
     items, feedback = [], []
     for kind, _key, value in dataset_events(load_s3rec(data)):
@@ -395,7 +395,7 @@ def produce(broker: str, topic: str, records: Sequence[tuple[str, dict]], rate: 
     produced_at) per record, produced_at = the clock just before send()."""
     from kafka import KafkaProducer
 
-    from cli.produce import Pacer
+    from sparc_stream.cli.produce import Pacer
 
     producer = KafkaProducer(bootstrap_servers=broker, linger_ms=20, acks=1, batch_size=256 * 1024)
     futures, stamps = [], []
@@ -491,7 +491,7 @@ def start_worker(args, run: str, topics: Mapping[str, str], workdir: Path, overr
         "SPARC_STORE_URL": args.store or f"rocksdb://{workdir}/snapshots",
         "SPARC_DATA_DIR": str(workdir / "faust"), "SPARC_WEB_PORT": str(port),
     })
-    launch = "from cli.main import main; import sys; sys.exit(main(['worker']))"
+    launch = "from sparc_stream.cli.main import main; import sys; sys.exit(main(['worker']))"
     log = workdir / "worker.log"
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-c", launch], env=env, cwd=ROOT, stdout=out,
@@ -717,7 +717,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # as every entry point does (cli/allocator.py)
+    tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="write the JSON result here")

@@ -391,6 +391,12 @@ def _manifest_from_dict(body: dict[str, Any]) -> Manifest:
         tensors[name] = TensorInfo(info["blob"], info["dtype"], tuple(shape))
     if "codebooks" not in tensors or "item_codes" not in tensors:
         raise ValueError("codebooks or item_codes missing from tensors")
+    # format 2 means "has a vocabulary": without one, rows would silently be read as ids (and vice versa)
+    if (body["format_version"] >= 2) != ("item_ids" in tensors):
+        has = "with" if "item_ids" in tensors else "without"
+        raise ValueError(f"format_version {body['format_version']} {has} item_ids")
+    if "item_ids" in tensors and tensors["item_ids"].dtype != "uint8":
+        raise ValueError("item_ids is not uint8")
     return Manifest(
         format_version=body["format_version"],
         model=model,

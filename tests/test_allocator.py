@@ -1,10 +1,11 @@
-"""cli/allocator.py: the heap trimmer every entry point starts (its effect is measured by benchmarks/soak.py)."""
+"""sparc_stream/cli/allocator.py: the heap trimmer every entry point starts (its effect is measured by
+benchmarks/soak.py)."""
 
 from __future__ import annotations
 
 import threading
 
-from cli import allocator
+from sparc_stream.cli import allocator
 
 
 def test_the_trimmer_runs_once_per_process_in_a_daemon_thread():

@@ -1,4 +1,4 @@
-"""`sparc evaluate`, called in-process through cli.main.main: errors as one line, the JSON report's keys."""
+"""`sparc evaluate`, called in-process through `sparc`'s main: errors as one line, the JSON report's keys."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli.main import main
+from sparc_stream.cli.main import main
 
 METRIC_KEYS = {f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)}
 
@@ -120,7 +120,7 @@ def test_help_exits_zero(argv, capsys):
 
 
 def test_set_overrides_sparc_config_fields():
-    from cli.evaluate import parse_sparc_set
+    from sparc_stream.cli.evaluate import parse_sparc_set
 
     got = parse_sparc_set(["tower_attention=false", "interest=head", "codes=16", "global_weight=0.5"])
     assert got == {"tower_attention": False, "interest": "head", "codes": 16, "global_weight": 0.5}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cli.main import main
 from codebook_store import IncompatibleSnapshotError, check_compatible, open_store
+from sparc_stream.cli.main import main
 from trainer.config import SparcConfig
 from trainer.model import SparcModel
 from trainer.online import load_model

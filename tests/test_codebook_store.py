@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -283,6 +284,29 @@ def test_item_ids_round_trip_exactly_in_one_blob_of_format_2() -> None:
                        ((1, 2, 3, 4, ""), "int64"), ((1, 2, 3, 4, 2**63), "int64")):
         with pytest.raises(InvalidSnapshotError, match=match):
             Snapshot(**{**make_snapshot().__dict__, "item_ids": bad})
+
+
+def _resealed(body: dict) -> bytes:
+    """A manifest edited and given a matching manifest_sha256 (what a buggy writer would produce)."""
+    from codebook_store.format import _canonical
+
+    body = {k: v for k, v in body.items() if k != "manifest_sha256"}
+    return json.dumps({**body, "manifest_sha256": hashlib.sha256(_canonical(body)).hexdigest()}).encode()
+
+
+def test_a_format_and_a_vocabulary_that_disagree_are_corrupt() -> None:
+    """Format 2 means "has a vocabulary": a format-2 manifest without item_ids would read rows as ids."""
+    manifest, blobs = encode(Snapshot(**{**make_snapshot().__dict__, "item_ids": ("a", "b", "c", "d", "e")}))
+    body = json.loads(manifest)
+    del body["tensors"]["item_ids"], body["blobs"]["item_ids.safetensors"]
+    with pytest.raises(CorruptSnapshotError, match="format_version 2 without item_ids"):
+        decode(_resealed(body), blobs)
+    manifest, blobs = encode(make_snapshot())
+    body = json.loads(manifest)
+    assert decode(_resealed(body), blobs).same_as(make_snapshot())  # the resealing itself is sound
+    body["tensors"]["item_ids"] = {"blob": "weights.safetensors", "dtype": "uint8", "shape": [2]}
+    with pytest.raises(CorruptSnapshotError, match="format_version 1 with item_ids"):
+        decode(_resealed(body), blobs)
 
 
 def test_manifest_edited_consistently_but_without_its_checksum_is_caught() -> None:

@@ -1,4 +1,4 @@
-"""`sparc snapshots ...` in-process through cli.main.main: exit codes, text and JSON output."""
+"""`sparc snapshots ...` in-process through `sparc`'s main: exit codes, text and JSON output."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from test_codebook_store import flip, make_snapshot, set_blob, two_versions
 
-from cli.main import main
 from codebook_store import open_store
+from sparc_stream.cli.main import main
 
 
 @pytest.fixture(params=["file", "rocksdb"])

@@ -11,10 +11,10 @@ import tomllib
 import faust
 import pytest
 
-from cli.config import MASK
-from cli.errors import UserError
-from cli.main import main as sparc
-from cli.worker import build_settings
+from sparc_stream.cli.config import MASK
+from sparc_stream.cli.errors import UserError
+from sparc_stream.cli.main import main as sparc
+from sparc_stream.cli.worker import build_settings
 from streams.kafka_connection import KafkaConfigError, KafkaConnection, parse_bootstrap
 from streams.settings import SECTIONS, ConfigError, WorkerSettings, read_config_file, section_of
 

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from test_packaging import PYPROJECT, lock_requirers
 from test_streams_agents import make_worker
 
-from cli.main import build_parser
+from sparc_stream.cli.main import build_parser
 from streams.settings import WorkerSettings, read_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +98,7 @@ def test_the_chart_runs_the_cli_with_its_config_ports_probes_and_volumes(helm, r
     pod = sts["spec"]["template"]["spec"]
     [container] = pod["containers"]
     args = parse_command(container["args"])
-    assert args.command == "worker" and args.func.__module__ == "cli.worker"
+    assert args.command == "worker" and args.func.__module__ == "sparc_stream.cli.worker"
     config_mount = mounted_at(container, str(args.config))
     assert config_mount["name"] == "config" and config_mount["subPath"] == "sparc.toml"
     [config_volume] = [v for v in pod["volumes"] if v["name"] == "config"]
@@ -226,12 +229,32 @@ def test_the_dockerfile_is_multi_stage_non_root_cpu_torch_and_runs_sparc(routes,
     assert int(dict(steps)["EXPOSE"]) == settings.web_port and settings.web_host == "0.0.0.0"
     health = dict(steps)["HEALTHCHECK"]
     assert f"127.0.0.1:{settings.web_port}/livez" in health and "/livez" in routes
-    for package in ("cli", "trainer", "streams", "codebook_store", "replay"):
+    for package in ("sparc_stream", "trainer", "streams", "codebook_store", "replay"):
         assert package in copied
     lock = {line.split("==")[0] for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
     assert "torch" in lock  # the image installs the lock's torch version from TORCH_INDEX
     run = " ".join(arg for op, arg in steps if op == "RUN")
     assert "--index-url \"$TORCH_INDEX\"" in run and "requirements.lock" in run
+    assert "--require-hashes" in run and "pip check" in run
+
+
+def test_the_image_leaves_out_exactly_what_only_the_test_extra_and_the_cuda_torch_bring():
+    """The Dockerfile's drop lists against the lock: a package the image leaves out is needed by nothing it keeps,
+    and everything that only the `test` extra brings is left out."""
+    run = " ".join(arg for op, arg in dockerfile_instructions() if op == "RUN")
+    test_only = set(re.search(r"drop='([^']+)'", run).group(1).split("|"))
+    cuda = re.search(r'drop="\$drop\|([^"]+)"', run).group(1)
+    via = lock_requirers()
+    test_extra = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["project"]["optional-dependencies"]["test"]}
+    expected, grew = set(test_extra), True
+    while grew:  # packages whose every requirer is in the test-only set
+        more = {name for name, by in via.items() if by and by <= expected and "." not in by}
+        grew, expected = bool(more - expected), expected | more
+    assert test_only == expected
+    dropped = {name for name in via if re.fullmatch(f"({cuda})", name)}
+    assert "torch" in dropped and any(name.startswith("nvidia-") for name in dropped)
+    for name in dropped - {"torch"}:
+        assert via[name] <= dropped, f"{name} is needed by {via[name] - dropped}, which the CPU image keeps"
 
 
 # ------------------------------------------------------------------------------------------- dashboard

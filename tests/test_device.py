@@ -12,7 +12,7 @@ import torch
 from learner_fixture import drive, small_config, split, stream_events
 from torch.overrides import TorchFunctionMode
 
-from cli.main import main
+from sparc_stream.cli.main import main
 from trainer.baselines import ComiRecSA, SASRec
 from trainer.batches import make_batch
 from trainer.config import EncoderConfig, TrainConfig

@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from kafka import KafkaProducer
 
-from cli.main import main as sparc_main
+from sparc_stream.cli.main import main as sparc_main
 
 pytestmark = pytest.mark.kafka
 

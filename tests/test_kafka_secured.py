@@ -19,9 +19,9 @@ import pytest
 from kafka import KafkaAdminClient
 from worker_harness import ROOT, WorkerProcess, delete_topics_of, get, get_json
 
-from cli.main import main as sparc
 from codebook_store import subscribe
 from replay.sources import open_source
+from sparc_stream.cli.main import main as sparc
 from streams.settings import WorkerSettings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
@@ -73,7 +73,7 @@ def test_a_wrong_password_or_an_unknown_ca_is_one_clear_line(kafka_secured, tmp_
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "certificate verify failed" in line
 
-    worker = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--config", str(config),
+    worker = subprocess.run([sys.executable, "-m", "sparc_stream.cli.main", "worker", "--config", str(config),
                              "--data-dir", str(tmp_path / "faust"), "--store", "memory://"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert worker.returncode == 2
@@ -116,7 +116,7 @@ def test_worker_produce_and_subscriber_over_sasl_ssl(kafka_secured, kafka_bootst
     log = w.log.read_text()
     assert password not in log
     assert '"level": "INFO"' in log and "snapshot v" in log  # JSON lines, and it published
-    config_show = subprocess.run([sys.executable, "-m", "cli.main", "config", "show", "--config", str(config)],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=60)
+    config_show = subprocess.run([sys.executable, "-m", "sparc_stream.cli.main", "config", "show",
+                                  "--config", str(config)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert config_show.returncode == 0 and password not in config_show.stdout
     assert f'sasl_password_file = "{kafka_secured["sasl_password_file"]}"' in config_show.stdout

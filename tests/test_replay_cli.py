@@ -1,4 +1,4 @@
-"""`sparc replay`, called in-process through cli.main.main: the report's files and schema, one-line errors."""
+"""`sparc replay`, called in-process through `sparc`'s main: the report's files and schema, one-line errors."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from cli.main import main
-from cli.replay import ALL_VARIANTS, register, settings_from_args
 from replay.sources import open_source
+from sparc_stream.cli.main import main
+from sparc_stream.cli.replay import ALL_VARIANTS, register, settings_from_args
 
 SMALL = ["--codes", "8", "--dim", "16", "--max-len", "10", "--layers", "1", "--batch-size", "32", "--quiet"]
 SYNTHETIC = "synthetic:2?users=40&events=640&items=60&topics=4"

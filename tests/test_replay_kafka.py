@@ -9,8 +9,8 @@ import pytest
 import torch
 from kafka import KafkaProducer
 
-from cli.main import main
 from replay.sources import KafkaRange, SourceError, is_feedback, open_source, read_kafka
+from sparc_stream.cli.main import main
 
 pytestmark = pytest.mark.kafka
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cli.main import main as sparc
-from cli.produce import Pacer, dataset_events
 from replay.datasets import SequenceDataset
+from sparc_stream.cli.main import main as sparc
+from sparc_stream.cli.produce import Pacer, dataset_events
 
 
 def tiny(timestamps: bool) -> SequenceDataset:

@@ -15,12 +15,12 @@ import pytest
 from test_codebook_messages import feed, make_snapshot
 from test_codebook_update_vocabulary import named
 
-from cli import errors
-from cli.main import main
-from cli.subscribe import describe, text_line
 from codebook_store import Reassembler
 from codebook_store.format import item_ids_json
 from codebook_store.messages import SCHEMA, encode
+from sparc_stream.cli import errors
+from sparc_stream.cli.main import main
+from sparc_stream.cli.subscribe import describe, text_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -31,7 +31,7 @@ def test_the_subscriber_path_imports_no_torch():
     code = (
         "import sys\n"
         "import codebook_store, codebook_store.subscribe, codebook_store.messages, codebook_store.signing\n"
-        "from cli.main import build_parser\n"
+        "from sparc_stream.cli.main import build_parser\n"
         "build_parser().parse_args(['subscribe', '--from', 'earliest'])\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'faust', 'faiss', 'rocksdict', 'trainer',"
         " 'streams', 'pydantic', 'matplotlib'})\n"
@@ -71,9 +71,9 @@ def test_a_slim_install_names_the_extra_a_command_needs(monkeypatch, capsys):
     def needs_torch(args):
         raise ModuleNotFoundError("No module named 'torch'", name="torch")
 
-    import cli.demo
+    import sparc_stream.cli.demo
 
-    monkeypatch.setattr(cli.demo, "run", needs_torch)
+    monkeypatch.setattr(sparc_stream.cli.demo, "run", needs_torch)
     assert main(["demo"]) == 2
     assert capsys.readouterr().err == ("sparc demo: error: this command needs the full install (pip install "
                                        "'sparc-stream[full]'); 'torch' is missing\n")

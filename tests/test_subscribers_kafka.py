@@ -28,9 +28,9 @@ from test_codebook_signing import write_ed25519
 from test_subscribe_cli import schema
 from worker_harness import ROOT, TINY_MODEL, Reader, WorkerProcess, delete_topics_of, log_tail
 
-from cli.main import main as sparc
 from codebook_store import Follower, Reassembler, load_verifier, open_store, subscribe
 from codebook_store.format import load_arrays, parse_manifest
+from sparc_stream.cli.main import main as sparc
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(900)]
 
@@ -152,7 +152,8 @@ def test_every_subscriber_ends_with_the_publishers_state(kafka_bootstrap, publis
     def cli(start: str) -> subprocess.Popen:
         argv = ["subscribe", "--broker", kafka_bootstrap, "--topic", topic, "--from", start, "--jsonl",
                 "--to-store", f"file://{tmp_path}/cli-{start}", "--verify-key", str(public), "--idle-timeout", "3"]
-        code = f"import sys; sys.modules['torch'] = None; from cli.main import main; sys.exit(main({argv!r}))"
+        code = (f"import sys; sys.modules['torch'] = None; from sparc_stream.cli.main import main; "
+                f"sys.exit(main({argv!r}))")
         return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 

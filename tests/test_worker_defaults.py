@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from test_streams_agents import make_worker
 
-from cli.errors import UserError
-from cli.main import main as sparc
-from cli.worker import build_settings
+from sparc_stream.cli.errors import UserError
+from sparc_stream.cli.main import main as sparc
+from sparc_stream.cli.worker import build_settings
 from streams.app import create_app
 from streams.settings import WorkerSettings
 

@@ -30,8 +30,8 @@ from worker_harness import (
     metric,
 )
 
-from cli.main import main as sparc
 from codebook_store import open_store
+from sparc_stream.cli.main import main as sparc
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(900)]
 

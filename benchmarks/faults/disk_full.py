@@ -83,8 +83,8 @@ def free_bytes(path: Path) -> int:
 
 def verify(store_url: str) -> dict:
     """`sparc snapshots verify --json` on the store: versions that verify, of all, and the latest."""
-    done = subprocess.run([sys.executable, "-m", "cli.main", "snapshots", "verify", "--store", store_url, "--json"],
-                          cwd=ROOT, capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, "-m", "sparc_stream.cli.main", "snapshots", "verify", "--store", store_url,
+                           "--json"], cwd=ROOT, capture_output=True, text=True, check=False)
     try:
         out = json.loads(done.stdout)
     except ValueError:

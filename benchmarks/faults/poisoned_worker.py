@@ -2,10 +2,10 @@
 
     python -m benchmarks.faults.poisoned_worker worker --broker ... (the flags of `sparc worker`)
 
-This module is not part of `sparc`: nothing in cli/, streams/ or trainer/ imports it, no setting or environment
-variable turns it on, so a production worker cannot poison itself by accident. Run as a module it wraps two
-methods, then runs `sparc` exactly as cli.main does (the real worker: Kafka, the learner thread, the trainer's
-checks, the health gate, the store, codebook-updates):
+This module is not part of `sparc`: nothing in sparc_stream/, streams/ or trainer/ imports it, no setting or
+environment variable turns it on, so a production worker cannot poison itself by accident. Run as a module it wraps
+two methods, then runs `sparc` exactly as sparc_stream.cli.main does (the real worker: Kafka, the learner thread,
+the trainer's checks, the health gate, the store, codebook-updates):
   - OnlineLearner.learn notes, for the length of the call, whether the micro-batch holds an event whose id
     starts with NAN_GRADIENT or NAN_LOSS;
   - SparcModel.loss then poisons that batch's loss: NAN_GRADIENT leaves its value finite but makes every gradient
@@ -67,6 +67,6 @@ def install() -> None:
 
 if __name__ == "__main__":
     install()
-    from cli.main import main
+    from sparc_stream.cli.main import main
 
     sys.exit(main())

@@ -9,9 +9,9 @@ import re
 import time
 from pathlib import Path
 
-from cli.device import add_device_flag, check_device
-from cli.errors import UserError
-from cli.worker import add_config_argument, build_settings
+from sparc_stream.cli.device import add_device_flag, check_device
+from sparc_stream.cli.errors import UserError
+from sparc_stream.cli.worker import add_config_argument, build_settings
 
 ALL_VARIANTS = (
     "evolving,frozen,periodic,evolving/hard,evolving/soft:t=2,evolving/soft:served=20,evolving/hard:served=20"
@@ -130,8 +130,8 @@ def parse_amount(text: str, what: str) -> tuple[int | None, float | None]:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from cli.evaluate import parse_sparc_set
     from replay.prequential import ReplaySettings, ScoreMode, parse_variants, with_seed, worker_model_config
+    from sparc_stream.cli.evaluate import parse_sparc_set
     from trainer.config import EncoderConfig, TrainConfig
 
     overrides = {"codes": args.codes, **parse_sparc_set(args.sparc_set)}

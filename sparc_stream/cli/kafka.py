@@ -10,9 +10,10 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from cli.errors import UserError
+from sparc_stream.cli.errors import UserError
 
-BROKER_SH = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "broker.sh"
+# deploy/ is part of a source checkout, not of the installed package (README "Install")
+BROKER_SH = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "broker.sh"
 
 _DESCRIPTION = """\
 A real, single-node Apache Kafka 4 broker (KRaft: broker and controller in one JVM) on 127.0.0.1, for tests
@@ -78,5 +79,6 @@ def run_stop(args: argparse.Namespace) -> int:
 def run_broker_sh(*argv: str) -> int:
     """Run deploy/kafka/broker.sh with `argv`, its output passed through; returns its exit code."""
     if not BROKER_SH.is_file():
-        raise UserError(f"{BROKER_SH} not found: `sparc kafka` runs from a source checkout of sparc-stream")
+        raise UserError("needs a source checkout of sparc-stream (it runs deploy/kafka/broker.sh, which the "
+                        "installed package does not ship); run it from a clone with an editable install")
     return subprocess.run(["bash", str(BROKER_SH), *argv], check=False).returncode

@@ -31,11 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cli.errors import UserError
-    from cli.evaluate import parse_models
     from replay.evaluate import EvalSettings, run_evaluation
     from replay.report import results_table
     from replay.synthetic import SyntheticConfig, generate
+    from sparc_stream.cli.errors import UserError
+    from sparc_stream.cli.evaluate import parse_models
 
     models = parse_models(args.models)
     try:

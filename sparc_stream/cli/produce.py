@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cli.errors import UserError
-from cli.worker import add_config_argument, build_settings
+from sparc_stream.cli.errors import UserError
+from sparc_stream.cli.worker import add_config_argument, build_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cli.worker import add_config_argument, build_settings
+from sparc_stream.cli.worker import add_config_argument, build_settings
 
 MASK = "**********"
 

@@ -18,8 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cli.device import add_device_flag, check_device
-from cli.errors import UserError
+from sparc_stream.cli.device import add_device_flag, check_device
+from sparc_stream.cli.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

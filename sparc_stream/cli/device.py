@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.errors import UserError
+from sparc_stream.cli.errors import UserError
 
 HELP = ("where the model trains: cpu, cuda[:N] or auto (cuda when torch sees a GPU, else cpu) (default cpu: "
         "results reproduce bit for bit only on the CPU; snapshots hold CPU tensors either way)")

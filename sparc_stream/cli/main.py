@@ -1,15 +1,15 @@
-"""The one `sparc` command. Each subcommand lives in its own module under cli/ and registers itself here."""
+"""The one `sparc` command. Each subcommand lives in its own module of this package and registers itself here."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from cli import allocator, errors
+from sparc_stream.cli import allocator, errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import config, demo, evaluate, kafka, produce, replay, snapshots, subscribe, train, worker
+    from sparc_stream.cli import config, demo, evaluate, kafka, produce, replay, snapshots, subscribe, train, worker
 
     parser = argparse.ArgumentParser(
         prog="sparc",
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    allocator.tune_allocator()  # before anything allocates much (cli/allocator.py says why)
+    allocator.tune_allocator()  # before anything allocates much (sparc_stream/cli/allocator.py says why)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

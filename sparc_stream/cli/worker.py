@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli.device import add_device_flag, check_device
-from cli.errors import UserError
+from sparc_stream.cli.device import add_device_flag, check_device
+from sparc_stream.cli.errors import UserError
 
 # flag -> WorkerSettings field
 FLAGS = {

@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cli.errors import UserError
 from codebook_store import DEFAULT_MODEL, CodebookStoreError, SnapshotStore, open_store
 from codebook_store.store import VersionInfo
+from sparc_stream.cli.errors import UserError
 
 LATEST = "latest"
 

@@ -7,8 +7,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from cli.device import add_device_flag, check_device
-from cli.errors import UserError
+from sparc_stream.cli.device import add_device_flag, check_device
+from sparc_stream.cli.errors import UserError
 
 DEFAULT_MODELS = "sparc,sparc-hard,sasrec,comirec-sa,popularity"
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli.errors import UserError
+from sparc_stream.cli.errors import UserError
 
 _DESCRIPTION = """\
 Follow a codebook-updates topic as a subscriber service would: reassemble each update, verify its checksums,
