@@ -576,9 +576,10 @@ def test_a_micro_batch_the_step_refuses_is_dead_lettered_event_by_event(tmp_path
 
 
 def test_a_publish_that_cannot_write_the_store_keeps_serving_the_previous_version_and_raises_the_alarm(
-        tmp_path, stream, monkeypatch):
+        tmp_path, stream, monkeypatch, caplog):
     """The store's disk full during a publish (ENOSPC): training goes on, the version served before is still
-    served, sparc_publish_failing is 1 until a publish succeeds again, and the failure is counted."""
+    served, sparc_publish_failing is 1 until a publish succeeds again, and the failures are counted; a run of
+    failures logs one traceback, then a line per try."""
     w = make_worker(tmp_path, store_url=f"file://{tmp_path}/store")
     batches = train_messages(w, list(stream.iter_events()))
     real = w.publisher.publish
@@ -593,6 +594,8 @@ def test_a_publish_that_cannot_write_the_store_keeps_serving_the_previous_versio
         monkeypatch.setattr(w.publisher, "publish", full)
         await handle_train_message(w, *batches[1])
         await publish(w)
+        await handle_train_message(w, *batches[2])
+        await publish(w)
         during = health_payload(w)["served_version"], w.metrics.render().decode(), await retrieve_payload(w, "1", {})
         monkeypatch.setattr(w.publisher, "publish", real)
         await publish(w)
@@ -601,5 +604,8 @@ def test_a_publish_that_cannot_write_the_store_keeps_serving_the_previous_versio
     served, (served_during, text_during, (status, _)), served_after, text_after = run(w, scenario)
     assert served is not None and served_during == served and status == 200
     assert "sparc_publish_failing 1.0" in text_during
-    assert 'sparc_snapshots_total{outcome="failed"} 1.0' in text_during
+    assert 'sparc_snapshots_total{outcome="failed"} 2.0' in text_during
     assert served_after > served and "sparc_publish_failing 0.0" in text_after
+    failures = [r for r in caplog.records if "publishing the snapshot" in r.getMessage()]
+    assert [r.exc_info is not None for r in failures] == [True, False]
+    assert all(f"v{served} stays served" in r.getMessage() for r in failures)
