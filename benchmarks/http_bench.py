@@ -30,7 +30,6 @@ import multiprocessing as mp
 import os
 import platform
 import resource
-import socket
 import tempfile
 import time
 import uuid
@@ -43,6 +42,7 @@ from aiohttp import web
 from tqdm import tqdm
 
 from benchmarks.common import write_json
+from benchmarks.harness import free_port
 from replay.datasets import SequenceDataset, load_s3rec
 from replay.evaluate import EvalSettings, build_sparc
 from sparc_stream.cli.allocator import tune_allocator
@@ -103,12 +103,6 @@ def client(port: int, paths: list[str], warmup: int, out: mp.Queue) -> None:
             sample = body.decode()
     conn.close()
     out.put((lat, statuses, sample))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def serve_and_measure(w: StreamWorker, paths: list[str], warmup: int, port: int) -> tuple:

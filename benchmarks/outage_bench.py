@@ -1,43 +1,52 @@
-"""How much a worker logs while its broker is away: the lines, bytes and levels of a broker outage under load.
+"""How a worker goes through a broker outage under load: the lines, bytes and levels it logs while the broker is
+away, the seconds until it ingests, trains and publishes again, and the events lost.
 
     SPARC_KAFKA_PORT=39392 SPARC_KAFKA_CONTROLLER_PORT=39393 SPARC_KAFKA_DIR=/tmp/kafka-x \\
         python -m benchmarks.outage_bench --broker 127.0.0.1:39392 --out runs/outage_bench.json
 
-The broker is deploy/kafka/broker.sh's, with the SPARC_KAFKA_* environment of this process (it must be running).
-One run = unique topics, consumer group, store and table directory:
-  1. `sparc worker` starts in a subprocess (a small model, --log-format/--log-level given with --worker-flag);
-     a thread of this process produces synthetic feedback at --rate events/s for the whole run;
-  2. after --warmup seconds (the worker ingests, trains and publishes), the broker is stopped with
-     `broker.sh stop --keep-data`; --outage seconds later it is started again;
-  3. --after seconds later the worker's log is cut. Counted: the lines and bytes the worker wrote from the
-     broker's stop to that cut, per level, and the five most frequent lines (digits masked), plus whether the
-     worker took in events again after the broker came back (sparc_events_total grew).
+The broker is deploy/kafka/broker.sh's, with the SPARC_KAFKA_* environment of this process (it must be running);
+the fault suite's outage scenario (benchmarks/faults/outage.py) runs `outage_run` on a broker of its own.
+One run = a harness.Deployment (unique topics, consumer group, store and table directory, a processed log):
+  1. `sparc worker` starts in a subprocess (a small model here, the worker's defaults in the fault suite;
+     --log-format/--log-level given with --worker-flag); a thread of this process produces the synthetic stream's
+     feedback at --rate events/s for the whole run, recording what Kafka acknowledged;
+  2. --warmup seconds after the worker's first training step, the broker is stopped with `broker.sh stop
+     --keep-data`; --outage seconds later it is started again;
+  3. from the moment it answers again: the seconds until the worker ingests (sparc_events_total grows), trains
+     (sparc_train_steps_total grows) and serves a new snapshot (sparc_snapshot_version grows);
+  4. --after seconds after it is back, the worker's log is cut. Counted: the lines and bytes the worker wrote from
+     the broker's stop to that cut, per level, and the five most frequent lines (digits masked);
+  5. the producer stops; lost = acknowledged events that the latest snapshot has not learnt once it has caught up
+     (harness.Deployment.audit, a bounded wait), with the events learnt twice.
 No timing is asserted anywhere: this reports what happened.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from benchmarks.common import write_json
-from benchmarks.worker_bench import free_port, http_get, parse_metrics
+from benchmarks.harness import (
+    TINY_MODEL,
+    Deployment,
+    PacedProducer,
+    broker_sh,
+    feedback_events,
+    json_messages,
+    poll_until,
+    synthetic,
+)
 from sparc_stream.cli.allocator import tune_allocator
 
-ROOT = Path(__file__).resolve().parents[1]
-BROKER_SH = ROOT / "deploy" / "kafka" / "broker.sh"
-SMALL_MODEL = {"SPARC_CODES": "16", "SPARC_DIM": "32", "SPARC_LAYERS": "1", "SPARC_MAX_LEN": "20"}
 LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 _LEVEL = re.compile(r"\b(CRITICAL|ERROR|WARNING|WARN|INFO|DEBUG)\b")
 
@@ -68,57 +77,67 @@ def summarise(text: str) -> dict:
             "top_lines": [{"count": n, "line": s} for s, n in shapes.most_common(5)]}
 
 
-def broker(command: str, *args: str, tries: int = 1) -> int:
-    """Run broker.sh; returns the tries it took. A start is tried again when the port was taken: on loopback, a
-    client reconnecting in a tight loop to the stopped broker's port can connect to itself (TCP simultaneous
-    open from an ephemeral port equal to the port) and hold that port for a moment."""
-    for attempt in range(1, tries + 1):
-        done = subprocess.run(["bash", str(BROKER_SH), command, *args], capture_output=True, text=True,
-                              check=False)
-        if done.returncode == 0:
-            return attempt
-        if attempt == tries or "Address already in use" not in done.stderr + _broker_stdout_log():
-            raise SystemExit(f"broker.sh {command} failed:\n{done.stderr[-2000:]}")
-        time.sleep(1)
-    return tries
-
-
-def _broker_stdout_log() -> str:
-    state = Path(os.environ.get("SPARC_KAFKA_DIR", Path.home() / ".cache/sparc-stream/kafka-run"))
+def outage_run(bootstrap: str, stop_broker: Callable[[], None], start_broker: Callable[[], None], workdir: Path, *,
+               rate: float, warmup: float, outage: float, after: float, settings: dict[str, str],
+               worker_flags: Sequence[str] = (), catch_up_s: float = 300.0,
+               say: Callable[[str], None] = print) -> dict:
+    """One outage under load (module doc) on a deployment of its own under `workdir`: the figures, lost events
+    and the seconds to resume included. `stop_broker` / `start_broker` stop the broker keeping its data and start
+    it again (returning once it answers)."""
+    d = Deployment(bootstrap, workdir, "outage", settings=settings)
+    d.flags += list(worker_flags)
+    d.create_topics()
+    stream = synthetic(0, int(rate * (warmup + outage + after + 120)))
+    producer = PacedProducer(bootstrap, d.topics["feedback"], json_messages(feedback_events(stream)), rate,
+                             max_block_ms=1000, reconnect_backoff_max_ms=1000)
+    w = d.worker()
+    alive = lambda: w.process.poll() is None  # noqa: E731
+    out: dict = {"rate": rate, "outage_s": outage, "after_s": after, "worker_flags": list(worker_flags)}
     try:
-        return (state / "logs" / "server.log").read_text(errors="replace")[-20000:]
-    except OSError:
-        return ""
-
-
-def produce_forever(bootstrap: str, topic: str, rate: float, stop: threading.Event, sent: list[int]) -> None:
-    """Synthetic feedback at `rate` events/s until `stop`; sends that fail during the outage are dropped."""
-    from kafka import KafkaProducer
-
-    from sparc_stream.cli.produce import Pacer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks=1, max_block_ms=1000,
-                             reconnect_backoff_max_ms=1000)
-    pacer, n = Pacer(rate), 0
-    try:
-        while not stop.is_set():
-            n += 1
-            event = {"event_id": f"o-{n}", "user_id": n % 500, "item_id": 1 + n % 800,
-                     "timestamp": int(time.time()), "event_type": "view"}
-            try:
-                producer.send(topic, key=str(n % 500).encode(), value=json.dumps(event).encode())
-                sent[0] += 1
-            except Exception:  # broker away: the buffer is full or metadata is missing
-                pass
-            pacer.wait(n)
+        w.start()
+        out["log"] = str(w.log)
+        producer.start()
+        trained = poll_until(lambda: w.metric("sparc_train_steps_total") >= 1, 240, alive)
+        if trained is None:
+            raise RuntimeError(f"the worker did not train within 240 s; its log: {w.log}")
+        time.sleep(warmup)
+        cut = w.log.stat().st_size
+        out["events_before_outage"] = w.metric("sparc_events_total")
+        say(f"stopping the broker for {outage:.0f} s")
+        stopped = time.time()
+        stop_broker()
+        time.sleep(max(0.0, stopped + outage - time.time()))
+        start_broker()
+        back = time.time()
+        out["broker_away_s"] = round(back - stopped, 1)
+        say(f"the broker answers again after {back - stopped:.0f} s")
+        events, steps, version = (w.metric(m) for m in ("sparc_events_total", "sparc_train_steps_total",
+                                                         "sparc_snapshot_version"))
+        waits = {"ingest": lambda: w.metric("sparc_events_total") > events,
+                 "training": lambda: w.metric("sparc_train_steps_total") > steps,
+                 "publishing": lambda: w.metric("sparc_snapshot_version") > version}
+        for what, probe in waits.items():
+            at = poll_until(probe, max(1.0, back + after - time.time()), alive)
+            out[f"{what}_resumed_after_s"] = None if at is None else round(at - back, 2)
+        time.sleep(max(0.0, back + after - time.time()))
+        out.update(summarise(w.log.read_bytes()[cut:].decode(errors="replace")))
+        out["events_after"] = w.metric("sparc_events_total")
+        out["recovered"] = out["events_after"] > out["events_before_outage"]
+        out["worker_alive"] = alive()
+        producer.finish()
+        wanted = {ident for ident, *_ in producer.acked}
+        out["sent"], out["producer_failed"] = producer.sent, producer.failed
+        caught = d.wait_learnt(wanted, w.port, catch_up_s, alive)
+        out["caught_up"] = caught is not None
+        out.update(d.audit(wanted, w.port))
     finally:
-        with contextlib.suppress(Exception):  # records still buffered when the run ends are dropped
-            producer.close(timeout=2)
-
-
-def events_total(port: int) -> float | None:
-    status, body = http_get(port, "/metrics")
-    return parse_metrics(body.decode()).get("sparc_events_total") if status == 200 else None
+        producer.finish(30)
+        w.stop_quietly()
+        try:
+            d.delete_topics()
+        except Exception as exc:  # cleanup only
+            out["cleanup_error"] = str(exc)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,58 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
 
-    run = uuid.uuid4().hex[:8]
-    topic = f"outage-feedback-{run}"
-    workdir = Path(tempfile.mkdtemp(prefix="outage-bench-"))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARC_") or k.startswith("SPARC_KAFKA_")}
-    env.update(SMALL_MODEL)
-    flags = ["--broker", args.broker, "--store", f"file://{workdir}/store", "--data-dir", str(workdir / "faust"),
-             "--app-id", f"outage-{run}", "--partitions", "2", "--web-port", str(port),
-             "--snapshot-every-seconds", "5", *args.worker_flag]
-    env["SPARC_FEEDBACK_TOPIC"], env["SPARC_ITEM_TOPIC"] = topic, f"outage-items-{run}"
-    env["SPARC_UPDATES_TOPIC"], env["SPARC_DLQ_TOPIC"] = f"outage-updates-{run}", f"outage-dlq-{run}"
-    log = workdir / "worker.log"
-    with log.open("wb") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "sparc_stream.cli.main", "worker", *flags], env=env, cwd=ROOT,
-                                  stdout=out, stderr=subprocess.STDOUT)
-    stop, sent = threading.Event(), [0]
-    producer = threading.Thread(target=produce_forever, args=(args.broker, topic, args.rate, stop, sent),
-                                daemon=True)
-    result: dict = {"rate": args.rate, "outage_s": args.outage, "after_s": args.after,
-                    "worker_flags": args.worker_flag, "log": str(log)}
-    try:
-        deadline = time.monotonic() + 180
-        while events_total(port) is None:
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the worker did not come up; its log: {log}")
-            time.sleep(0.5)
-        producer.start()
-        time.sleep(args.warmup)
-        before = events_total(port)
-        cut = log.stat().st_size
-        broker("stop", "--keep-data")
-        time.sleep(args.outage)
-        result["broker_start_tries"] = broker("start", tries=10)
-        time.sleep(args.after)
-        after = events_total(port)
-        text = log.read_bytes()[cut:].decode(errors="replace")
-        result.update(summarise(text))
-        result["events_before_outage"], result["events_after"] = before, after
-        result["recovered"] = bool(after is not None and before is not None and after > before)
-        result["worker_alive"] = worker.poll() is None
-        result["sent"] = sent[0]
-    finally:
-        stop.set()
-        producer.join(timeout=10) if producer.is_alive() else None
-        if worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+    env = {k: v for k, v in os.environ.items() if k.startswith("SPARC_KAFKA_")}  # the broker.sh broker's
+    result = outage_run(
+        args.broker, lambda: broker_sh("stop", "--keep-data", env={**os.environ, **env}),
+        lambda: broker_sh("start", env={**os.environ, **env}, tries=10), Path(tempfile.mkdtemp(prefix="outage-bench-")),
+        rate=args.rate, warmup=args.warmup, outage=args.outage, after=args.after,
+        settings={**TINY_MODEL, "SPARC_SNAPSHOT_EVERY_SECONDS": "5"}, worker_flags=args.worker_flag)
     print(f"outage of {args.outage:.0f} s: {result.get('lines')} lines, {result.get('bytes')} bytes, "
-          f"levels {result.get('levels')}, recovered={result.get('recovered')}")
+          f"levels {result.get('levels')}, recovered={result.get('recovered')}, lost {result.get('lost')} of "
+          f"{result.get('events')} acknowledged")
     write_json(args.out, result)
     return 0
 

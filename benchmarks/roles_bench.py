@@ -43,12 +43,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from benchmarks.common import write_json
+from benchmarks.harness import get as http_get
 from benchmarks.worker_bench import (
     BEAUTY,
     BEAUTY_ITEMS,
     beauty_events,
     feedback_offsets,
-    http_get,
     percentiles,
     produce,
     start_process,

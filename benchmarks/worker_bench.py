@@ -53,14 +53,11 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -71,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import write_json
+from benchmarks.harness import free_port, get
 from sparc_stream.cli.allocator import tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -396,22 +394,6 @@ def _instrument(acc: Counter) -> Callable[[], None]:
 
 
 # ---------------------------------------------------------------------------------------------- Kafka side
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
-
-
 def produce(broker: str, topic: str, records: Sequence[tuple[str, dict]], rate: float = 0.0,
             stop: threading.Event | None = None) -> list[tuple[int, int, float]]:
     """Send (key, value) records as JSON to `topic` (rate 0: as fast as possible); returns (partition, offset,
@@ -562,7 +544,7 @@ def deploy(args, run: str, topics: Mapping[str, str], workdir: Path, overrides: 
     learner = start_process(args, run, topics, workdir, overrides, "learn", "learn")
     serve = [start_process(args, run, topics, workdir, overrides, "serve", f"serve-{n}") for n in range(args.serve)]
     deadline = time.time() + 120
-    while time.time() < deadline and not all(http_get(p.port, "/livez")[0] == 200 for p in (learner, *serve)):
+    while time.time() < deadline and not all(get(p.port, "/livez")[0] == 200 for p in (learner, *serve)):
         if any(p.process.poll() is not None for p in (learner, *serve)):
             break
         time.sleep(0.2)
@@ -575,20 +557,20 @@ def sample(d: Deployment, topic: str, broker_pid: int | None = None) -> dict[str
     """The learner's and ingest's counters and the processes' CPU now (and the broker's, given its process id).
     CPU: with the worker, its event loop is the main thread and the learner its busiest other thread; with the
     roles, the ingest processes' main threads and the learner process's busiest thread (its loop)."""
-    status, body = http_get(d.learner.port, "/health")
+    status, body = get(d.learner.port, "/health")
     if status not in (200, 503):  # 503: starting (no snapshot served yet), the counters are there all the same
         return None
     health = json.loads(body)
-    metrics = parse_metrics(http_get(d.learner.port, "/metrics")[1].decode(errors="replace"))
+    metrics = parse_metrics(get(d.learner.port, "/metrics")[1].decode(errors="replace"))
     ingested = 0
     for p in d.ingest:
-        text = http_get(p.port, "/metrics")[1].decode(errors="replace")
+        text = get(p.port, "/metrics")[1].decode(errors="replace")
         ingested += int(parse_metrics(text).get("sparc_events_total", 0))
     cpu = {p.name: proc_cpu(p.process.pid) for p in d.processes}
     learner = cpu.get(d.learner.name, {})
     served = [health.get("served_version", health.get("published_version"))]
     for p in d.serve:
-        st, b = http_get(p.port, "/readyz")
+        st, b = get(p.port, "/readyz")
         served.append(json.loads(b).get("served_version") if st else None)
     return {
         "t": time.time() - d.started,
@@ -611,7 +593,7 @@ def sample(d: Deployment, topic: str, broker_pid: int | None = None) -> dict[str
 
 def latest_covers(d: Deployment, topic: str, total: int) -> int | None:
     """The version of the store's latest snapshot if it has trained on `total` events of `topic`, else None."""
-    status, body = http_get(d.learner.port, "/snapshots/latest")
+    status, body = get(d.learner.port, "/snapshots/latest")
     if status != 200:
         return None
     latest = json.loads(body)

@@ -264,9 +264,13 @@ class Learning:
         try:
             with self.metrics.step_seconds.time():
                 metrics = self.learner.learn(inp.events, inp.histories)
-        except FloatingPointError as exc:
+        except FloatingPointError as exc:  # a non-finite loss or gradient: the step changed nothing
             self.metrics.train_errors.inc()
-            log.error("skipped a step of %d events: %s", len(inp.events), exc)
+            log.error("skipped a step of %d events (dead-lettered, reason train_error): %s", len(inp.events), exc)
+            refused = Invalid("train_error", f"the micro-batch it was learnt in was refused: {exc}")
+            for m in messages:
+                for event in m.batch.events:
+                    self._dead_letter(event.model_dump_json().encode(), event.user_id.encode(), refused, m.source)
             return None
         watermark = dict(self.watermark)
         merge_watermarks(watermark, inp.watermark)
@@ -338,10 +342,16 @@ class Learning:
             self.fenced = str(exc)
             self.metrics.snapshots.labels("fenced").inc()
             raise
-        except Exception:  # a store failure must not stop training; the next interval tries again
-            self.metrics.snapshots.labels("failed").inc()
-            log.exception("storing the snapshot of step %d failed", state.steps)
+        except Exception as exc:  # a store failure (e.g. its disk full) must not stop training; the next interval
+            self.metrics.snapshots.labels("failed").inc()  # tries again, and the version served before stays
+            if self.metrics.publish_failed():  # the alarm was up already: one line, the traceback was logged once
+                log.error("storing the snapshot of step %d failed again; v%s stays latest: %s", state.steps,
+                          self.published_version, exc)
+            else:
+                log.exception("storing the snapshot of step %d failed; v%s stays latest", state.steps,
+                              self.published_version)
             return None
+        self.metrics.publish_succeeded()
         self.last_gate = result.reasons
         if not result.accepted:
             self.metrics.snapshots.labels("rejected").inc()
@@ -355,6 +365,7 @@ class Learning:
             self.outputs.announce(result.version, result.messages)
         except Exception:  # stored and latest: readers of the store have it; the next one is announced again
             self.metrics.snapshots.labels("failed").inc()
+            self.metrics.publish_failed()
             log.exception("serving or announcing snapshot v%d failed", result.version)
             return result
         self.published_version = result.version

@@ -104,9 +104,14 @@ class WorkerMetrics:
             "sparc_train_examples", "training examples (events with a history)", registry=r
         )
         self.train_errors = Counter(
-            "sparc_train_errors", "micro-batches skipped (non-finite loss)", registry=r
+            "sparc_train_errors", "micro-batches skipped (a non-finite loss or gradient; their events dead-lettered)",
+            registry=r,
         )
         self.snapshots = Counter("sparc_snapshots", "snapshots stored", ["outcome"], registry=r)
+        self.publish_failing = Gauge(
+            "sparc_publish_failing", "1 while the last publish failed (the store full or unwritable, the index): "
+            "the version served before stays served and ages; 0 once a publish succeeds (alert on it)", registry=r,
+        )
         self.gate_refusals = Counter(
             "sparc_gate_refusals", "health-gate refusals of snapshots, by reason (one snapshot may have several)",
             ["reason"], registry=r,
@@ -130,12 +135,24 @@ class WorkerMetrics:
         self.index_size = Gauge("sparc_index_items", "items in the serving index", registry=r)
         self.version.set(-1)
         self._levels = levels
+        self._publish_failing = False
         self._served_at: float | None = None
         self._events_seen = 0
         self._window = (clock(), 0)
         self.age.set_function(lambda: 0.0 if self._served_at is None else self.clock() - self._served_at)
 
     # --- updates
+    def publish_failed(self) -> bool:
+        """Raise the publish alarm; returns whether it was raised already (a failure in a row)."""
+        again = self._publish_failing
+        self._publish_failing = True
+        self.publish_failing.set(1)
+        return again
+
+    def publish_succeeded(self) -> None:
+        self._publish_failing = False
+        self.publish_failing.set(0)
+
     def event(self, n: int = 1) -> None:
         self.events.inc(n)
         self._events_seen += n

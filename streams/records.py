@@ -1,8 +1,9 @@
 """Message schemas of the worker's topics and the validation that guards them.
 
 feedback-events (key = user id, value = JSON):
-    {"event_id": str, "user_id": int | str, "item_id": ItemId, "timestamp": unix seconds,
-     "event_type": str, "weight": float >= 0 (optional, default 1.0)}      (other keys are ignored)
+    {"event_id": str, "user_id": int in [0, 2**63 - 1] | str (1 to 128 characters), "item_id": ItemId,
+     "timestamp": unix seconds, "event_type": str, "weight": float >= 0 (optional, default 1.0)}
+    (other keys are ignored)
 item-events (key = item id, value = JSON):
     {"item_id": ItemId, "attributes": [int >= 1, ...], "timestamp": unix seconds}
 ItemId: an integer in [1, 2**63 - 1] or a string of 1 to 256 characters (a SKU). It is an external id, never a
@@ -54,6 +55,7 @@ REASONS = (
     "catalogue_full",  # valid, but its new item does not fit the learner's catalogue (CatalogueConfig.on_full)
     "unknown_item",  # valid feedback on an item no item event has named (item_sources "items")
     "wrong_key",  # valid feedback read outside its user's partition, with on_wrong_key "dlq" (streams.routing)
+    "train_error",  # valid, but the training step refused its micro-batch (a non-finite loss or gradient)
 )
 
 Id = Annotated[StrictStr, Field(min_length=1, max_length=128)]
@@ -116,8 +118,8 @@ class Feedback(_ItemEventBase):
     @field_validator("user_id")
     @classmethod
     def _user_as_text(cls, value: str | int) -> str:
-        if isinstance(value, int) and value < 0:
-            raise PydanticCustomError("out_of_range", "user id {value} is negative", {"value": value})
+        if isinstance(value, int) and not 0 <= value <= INT64_MAX:  # a string id has at most 128 characters
+            raise PydanticCustomError("out_of_range", "user id {value} is not in [0, 2**63 - 1]", {"value": value})
         return str(value)
 
 

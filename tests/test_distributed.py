@@ -169,6 +169,32 @@ def test_a_group_of_one_is_the_plain_learner_bit_for_bit(tmp_path, monkeypatch):
         assert torch.equal(value, want[key]), key
 
 
+def test_a_group_step_with_non_finite_gradients_changes_nothing(tmp_path, monkeypatch):
+    """As Trainer.step: a finite loss whose all-reduced gradients are not finite is refused on every rank before
+    the optimiser or the codebook update writes anything (a group of one, in this process)."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    init_group(0, 1, f"file://{tmp_path / 'store'}", backend="gloo", timeout_s=60)
+    try:
+        learner = DataParallelLearner(small_config(**NO_DROPOUT), TrainConfig(seed=0))
+        histories: dict = {}
+        batches = [per_rank[0] for per_rank in rounds(stream_events(), 1)]
+        for items, feedback in batches[:2]:
+            learner.observe_items(items)
+            learner.learn(feedback, histories)
+            advance_histories(histories, feedback, learner.max_len)
+        items, feedback = batches[2]
+        learner.observe_items(items)
+        before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+        hook = learner.model.encoder.parameters().__next__().register_hook(lambda grad: grad * float("nan"))
+        with pytest.raises(FloatingPointError, match="non-finite gradient"):
+            learner.learn(feedback, histories)
+        hook.remove()
+        assert all(torch.equal(v, before[k]) for k, v in learner.model.state_dict().items())
+        assert "loss" in learner.learn(feedback, histories)
+    finally:
+        leave_group()
+
+
 def test_data_parallel_needs_a_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_group"):

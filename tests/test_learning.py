@@ -240,3 +240,68 @@ def test_a_step_takes_the_partitions_in_turn_so_a_backlog_cannot_hold_fresh_mess
     big = Buffer()
     big.add(3, messages(3, 1, 500))
     assert len(big.take(64)) == 1 and big.events == 0  # a message larger than a step is a step of its own
+
+
+def test_a_step_the_trainer_refuses_is_dead_lettered_event_by_event(tmp_path, stream, monkeypatch):
+    """A non-finite loss or gradient (trainer.step refuses the batch, changing nothing): every event of that step
+    goes to the DLQ with reason train_error and its bytes, the error is counted, and the next step trains (found by
+    the fault suite: before, the step's events were dropped without a trace)."""
+    s = settings(tmp_path)
+    _, train = records_of(s, stream)
+    out = RecordingOutputs()
+    learning = Learning(s, out.learn)
+    messages = learning.parse(train[:3])
+    learn, calls = learning.learner.learn, {"n": 0}
+
+    def poisoned(events, histories):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise FloatingPointError("non-finite gradient at step 1 under a finite loss")
+        return learn(events, histories)
+
+    monkeypatch.setattr(learning.learner, "learn", poisoned)
+    results = [learning.learn_step([m]) for m in messages]
+    assert results[0] is not None and results[1] is None and results[2] is not None
+    dead = out.dead
+    assert [json.loads(raw)["event_id"] for raw, *_ in dead] == [e.event_id for e in messages[1].batch.events]
+    assert {invalid.reason for _, _, invalid, _ in dead} == {"train_error"}
+    assert all("non-finite gradient" in invalid.detail for _, _, invalid, _ in dead)
+    assert {source for *_, source in dead} == {messages[1].source}
+    assert "sparc_train_errors_total 1.0" in learning.metrics.render().decode() and learning.learner.steps == 2
+    learning.close()
+
+
+def test_a_publish_that_cannot_write_the_store_keeps_the_previous_latest_and_raises_the_alarm(
+        tmp_path, stream, monkeypatch, caplog):
+    """The store's disk full during a publish (ENOSPC): training goes on, the latest version stays, the failures
+    are counted and sparc_publish_failing is 1 until a publish succeeds again; a run of failures logs one
+    traceback, then a line per try naming the version that stays."""
+    s = settings(tmp_path)
+    _, train = records_of(s, stream)
+    learning = Learning(s, RecordingOutputs().learn)
+    messages = learning.parse(train[:4])
+    learning.learn_step(messages[:1])
+    first = learning.publish(learning.capture()).version
+    real = learning.publisher.publish
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(learning.publisher, "publish", full)
+    for m in messages[1:3]:
+        learning.learn_step([m])
+        assert learning.publish(learning.capture()) is None
+    text_during = learning.metrics.render().decode()
+    with open_store(s.store_url, read_only=True) as store:
+        latest_during = store.latest_version()
+    monkeypatch.setattr(learning.publisher, "publish", real)
+    learning.learn_step(messages[3:])
+    after = learning.publish(learning.capture()).version
+    assert latest_during == first and after > first and learning.learner.steps == 4
+    assert "sparc_publish_failing 1.0" in text_during
+    assert 'sparc_snapshots_total{outcome="failed"} 2.0' in text_during
+    assert "sparc_publish_failing 0.0" in learning.metrics.render().decode()
+    failures = [r for r in caplog.records if "storing the snapshot" in r.getMessage()]
+    assert [r.exc_info is not None for r in failures] == [True, False]
+    assert all(f"v{first} stays latest" in r.getMessage() for r in failures)
+    learning.close()

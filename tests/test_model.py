@@ -278,6 +278,29 @@ def test_trainer_step_rejects_non_finite_loss():
         trainer.step(batch(0))
 
 
+def test_trainer_step_rejects_non_finite_gradients_under_a_finite_loss_and_changes_nothing():
+    """A finite loss whose gradients are not finite (an op with a NaN derivative somewhere, a poisoned batch): the
+    step refuses before the optimiser or the codebook update writes anything, so the model stays as it was and
+    the next batch trains it (found by the fault suite: before, the NaN went into every weight and every later
+    step failed on a NaN loss)."""
+    model = make_model()
+    trainer = warm(model, steps=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in trainer.optimizer.state[model.items.id_embedding].items()}
+    hook = model.items.id_embedding.register_hook(lambda grad: grad * math.nan)
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        trainer.step(batch(2))
+    hook.remove()
+    after = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    for key, value in moments.items():
+        assert torch.equal(trainer.optimizer.state[model.items.id_embedding][key], value), key
+    assert trainer.steps == 2
+    assert trainer.step(batch(3))["step"] == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_grow_items_new_items_come_from_attributes_and_training_continues():
     model = make_model()
     trainer = warm(model, steps=2)

@@ -49,6 +49,9 @@ def test_a_valid_event_is_parsed_and_the_user_id_becomes_text():
         (raw(item_id=""), "out_of_range"),
         (raw(item_id="x" * 257), "out_of_range"),
         (raw(user_id=-1), "out_of_range"),
+        (raw(user_id=2**63), "out_of_range"),  # an integer user id is bounded like an item id ...
+        (raw(user_id=10**300), "out_of_range"),  # ... or it would become a table key of any length
+        (raw(user_id="u" * 129), "out_of_range"),  # as a string id is
         (raw(event_id=""), "out_of_range"),
         (raw(weight=-1), "out_of_range"),
         (raw(timestamp=100), "bad_timestamp"),  # before 1990

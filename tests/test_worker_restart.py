@@ -16,21 +16,20 @@ Every wait is bounded and fails naming what it waited for; nothing is timed.
 
 from __future__ import annotations
 
-import json
-import threading
 import uuid
 from collections import Counter
 
 import numpy as np
 import pytest
-from kafka import KafkaProducer
 from worker_harness import (
     TINY_MODEL,
+    PacedProducer,
     Reader,
     WorkerProcess,
     announced,
     delete_topics_of,
     get_json,
+    json_messages,
     learnt_event_ids,
     log_tail,
     read_processed_log,
@@ -55,33 +54,6 @@ def feedback_events(seed: int = 0) -> list[dict]:
     ]
 
 
-class PacedProducer(threading.Thread):
-    """Sends the events in order at about EVENTS_PER_SECOND (pacing only: nothing depends on the rate)."""
-
-    def __init__(self, bootstrap: str, topic: str, events: list[dict]):
-        super().__init__(daemon=True)
-        self.bootstrap, self.topic, self.events = bootstrap, topic, events
-        self.sent = 0
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        try:
-            producer = KafkaProducer(bootstrap_servers=self.bootstrap)
-            try:
-                for start in range(0, len(self.events), 30):
-                    for e in self.events[start : start + 30]:
-                        producer.send(self.topic, key=str(e["user_id"]).encode(), value=json.dumps(e).encode())
-                    producer.flush()
-                    self.sent = min(start + 30, len(self.events))
-                    if self.stop.wait(30 / EVENTS_PER_SECOND):
-                        return
-            finally:
-                producer.close()
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-
-
 def test_worker_recovers_from_sigterm_and_sigkill(kafka_bootstrap, tmp_path):
     run = uuid.uuid4().hex[:10]
     topics = {name: f"restart-{name.lower()}-{run}" for name in ("FEEDBACK", "ITEM", "UPDATES", "DLQ")}
@@ -93,7 +65,7 @@ def test_worker_recovers_from_sigterm_and_sigkill(kafka_bootstrap, tmp_path):
              f"--snapshot-every-seconds 2 --processed-log {processed}")
     events = feedback_events()
     w = WorkerProcess(tmp_path, flags.split(), env)
-    producer = PacedProducer(kafka_bootstrap, topics["FEEDBACK"], events)
+    producer = PacedProducer(kafka_bootstrap, topics["FEEDBACK"], json_messages(events), EVENTS_PER_SECOND)
     updates = None
     code = "never stopped"
     try:
@@ -141,7 +113,7 @@ def test_worker_recovers_from_sigterm_and_sigkill(kafka_bootstrap, tmp_path):
         skipped = w.metric("sparc_resume_skipped_messages_total")
         messages = announced(updates.poll())
     finally:
-        producer.stop.set()
+        producer.finish()
         if updates is not None:
             updates.close()
         if w.process is not None:

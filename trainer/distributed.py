@@ -42,7 +42,7 @@ from torch import nn
 from trainer.batches import Batch
 from trainer.config import CatalogueConfig, SparcConfig, TrainConfig
 from trainer.online import Observed, OnlineLearner, next_item_batch
-from trainer.step import Trainer
+from trainer.step import Trainer, finite_gradients
 
 
 def init_group(rank: int, world_size: int, init_method: str = "env://", backend: str | None = None,
@@ -152,7 +152,8 @@ class DataParallel:
     def step(self, trainer: Trainer, batch: Batch | None) -> dict:
         """One training step of the group (see the module doc); batch None: no examples on this rank. Returns
         the step's global "loss" and "step_examples", this rank's loss terms (when it had examples), "revived"
-        and "step". Raises FloatingPointError on every rank when the global loss is not finite (nothing changes)."""
+        and "step". Raises FloatingPointError on every rank when the global loss or a summed gradient is not finite
+        (nothing changes)."""
         model = trainer.model
         model.train()
         y = batch.targets[batch.targets > 0] if batch is not None else torch.zeros(0, dtype=torch.long,
@@ -172,6 +173,10 @@ class DataParallel:
         global_loss = self._sum_gradients(list(model.parameters()), loss_part)
         if not math.isfinite(global_loss):
             raise FloatingPointError(f"non-finite loss at step {trainer.steps} (rank {self.rank}: {metrics})")
+        if not finite_gradients(list(model.parameters())):  # all-reduced: every rank refuses together
+            trainer.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite gradient at step {trainer.steps} under a finite loss "
+                                     f"(rank {self.rank}: {metrics})")
         trainer.optimizer.step()
         consumed = self.gather_rows(y.to(self.device), sizes).to(trainer.device)
         metrics.update(model.update_from_items_(consumed, trainer.generator))

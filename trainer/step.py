@@ -15,6 +15,14 @@ if TYPE_CHECKING:
     from trainer.distributed import DataParallel
 
 
+def finite_gradients(params: list[nn.Parameter]) -> bool:
+    """Whether every gradient of `params` is finite (one check for all, one sync on a GPU). A finite loss can have
+    NaN gradients (an op with a NaN derivative somewhere in the graph); the optimiser would write them into every
+    weight, so a step refuses them as it refuses a NaN loss."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
 class Trainer:
     """Owns a model and its optimiser, on `device` (trainer.device: the model moves there, batches follow).
 
@@ -45,6 +53,10 @@ class Trainer:
             raise FloatingPointError(f"non-finite loss at step {self.steps}: {metrics}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not finite_gradients(params):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite gradient at step {self.steps} under a finite loss: {metrics}")
         self.optimizer.step()
         update = getattr(self.model, "update_codebooks_", None)
         if update is not None:
