@@ -382,11 +382,13 @@ class PrivateBroker:
 
 
 class Deployment:
-    """One worker deployment on a broker, unique to a run: its topics, consumer group (app id), codebook store, table
-    directory and processed log, all named after `name` plus a random suffix, files under `workdir`.
+    """One worker deployment on a broker (or one of the scale-out roles: `role`), unique to a run: its topics,
+    consumer group (app id), codebook store, table directory and processed log, all named after `name` plus a random
+    suffix, files under `workdir`.
 
         d = Deployment(bootstrap, tmp, "restart", settings={"SPARC_BATCH_SIZE": "32"})
         w = d.worker().start(); ...; d.audit(acked_ids, w.port); d.delete_topics()
+        learn = d.role("learn").start(); ingest = d.role("ingest", "ingest-0").start(); ...  (audit: learn.port)
 
     settings: SPARC_* variables of the worker (the model's shape, batching, ...); the worker's environment holds
     only these and the deployment's own (no SPARC_* setting of the caller's leaks in)."""

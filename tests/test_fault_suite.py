@@ -3,6 +3,7 @@ ports), every scenario, the JSON, the Markdown table and the figures. Asserts wh
 (nothing lost, no repeated version, every malformed event dead-lettered with its reason and bytes, no non-finite
 version published, the previous latest served while the store's disk is full, ...), never a time or a rate.
 
+The suite's broker takes free ports, or SPARC_FAULTS_BROKER_PORT (and the next one) when set.
 The disk-full scenario mounts a tmpfs, so this test needs root (CAP_SYS_ADMIN), as `make test` has here.
 """
 
@@ -40,6 +41,14 @@ def test_the_fault_suite_runs_every_fault_and_reports_each_as_survived(tmp_path)
     assert kill["repeated_versions"] == kill["versions_out_of_order"] == kill["announced_not_stored"] == 0
     assert kill["seconds_to_training"]["never"] == 0
 
+    roles = f["sigkill_roles"]  # each role's pass rule: benchmarks/faults/sigkill_roles.RULES
+    for role in ("learn", "ingest", "serve"):
+        assert len(roles[role]["kills"]) == 2 and roles[role]["passed"], (role, roles[role])
+    assert roles["learn"]["events"] > 0 and roles["ingest"]["events"] > 0
+    whole = roles["overall"]
+    assert whole["lost"] == 0 and whole["events"] == whole["events_acknowledged"] > 0
+    assert whole["repeated_versions"] == whole["versions_out_of_order"] == whole["announced_not_stored"] == 0
+
     outage = f["outage"]
     assert outage["lost"] == 0 and outage["events"] > 0 and outage["worker_alive"] and outage["caught_up"]
     assert outage["training_resumed_after_s"] is not None and outage["lines"] >= 0
@@ -74,4 +83,5 @@ def test_the_fault_suite_runs_every_fault_and_reports_each_as_survived(tmp_path)
     from benchmarks.faults.report import ROWS
 
     assert all(ROWS[name][0] in table for name in SCENARIOS)
-    assert all(out.with_name(f"faults-{name}.png").exists() for name in ("sigkill", "malformed", "nan", "soak"))
+    assert all(out.with_name(f"faults-{name}.png").exists()
+               for name in ("sigkill", "sigkill_roles", "malformed", "nan", "soak"))

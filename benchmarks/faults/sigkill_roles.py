@@ -10,13 +10,14 @@ a thread for the whole scenario. Each role's kills are benchmarks.faults.sigkill
 process starts, the others once it works, moments from the seeded generator); the process killed is the learner,
 ingest-0, serve-0.
 
-After the learner's and ingest's kills, a settle: the suite waits until the latest snapshot has learnt every event
-acknowledged so far (Deployment.wait_learnt, while load goes on). A role's events are those sent from its first
-kill to its settle (its window); its figures:
+After the last phase the producer stops and the suite waits until the latest snapshot has learnt every event Kafka
+acknowledged (Deployment.wait_learnt, while the learner learns on: a learner behind on a loaded machine is waited
+for, within the scenario's bound). A role's events (its window) are those sent from the start of its phase to its
+end; its figures:
   learn   lost, learnt_twice       the window's events the latest snapshot has not learnt / has learnt more than
                                    once (the learner's processed log: Deployment.audit); lost_examples names them
                                    with their feedback partition and offset
-          repeated_versions        versions announced on codebook-updates in the window that were announced
+          repeated_versions        versions announced on codebook-updates during the phase that were announced
                                    before; versions_out_of_order, announced_not_stored as in the worker's scenario
           seconds_to_training      per kill: SIGKILL -> the first training step of a later learner process
   ingest  the same figures; seconds_to_forwarding per kill: SIGKILL -> a later ingest-0 has forwarded an event
@@ -28,8 +29,8 @@ kill to its settle (its window); its figures:
           snapshot version; other_replica: a client polling GET /retrieve/{user} on serve-1 the whole phase
           (requests, answers that were not 200, their statuses)
   every role: crashes (exits of the killed process nobody asked for), others_exited (another role's process gone)
-After the last phase the producer stops and the whole stream is audited the same way (overall). Each role's
-pass rule (RULES) is recorded beside its figures as `passed`.
+The whole stream is audited the same way (overall). Each role's pass rule (RULES) is recorded beside its figures
+as `passed`.
 """
 
 from __future__ import annotations
@@ -179,31 +180,13 @@ class RolesRun:
         return {p.name: p.process.returncode for p in self.everyone
                 if p is not target and p.process is not None and p.process.poll() is not None}
 
-    def settle(self, started: float, role: str) -> dict:
-        """Wait until the latest snapshot has learnt every event acknowledged so far; the audit of the events
-        sent since `started` and the versions announced since the last settle."""
-        ctx, d = self.ctx, self.d
-        ended = time.time()
-        everything = self.acked(until=ended)
-        window = self.acked(started, ended)
-        ctx.say(f"{role}: waiting for a latest snapshot that has learnt all {len(everything)} events so far")
-        caught = d.wait_learnt({a[0] for a in everything}, self.learn.port, ctx.bound(ctx.left() - 120),
-                               lambda: self.learn.process.poll() is None)
-        audit = d.audit([a[0] for a in window], self.learn.port)
-        missing = d.missing({a[0] for a in window}, self.learn.port) or set()
-        lost_examples = [{"event_id": i, "partition": p, "offset": o} for i, p, o, _ in window if i in missing][:50]
-        versions = [m.version for m in announced(self.updates.drain(ctx.bound(120)))]
-        from codebook_store import open_store
-
-        with open_store(d.store_url, read_only=True) as store:
-            stored = set(store.versions())
-        figures = {**audit, "lost_examples": lost_examples,
-                   "caught_up_after_s": None if caught is None else round(caught - ended, 1),
-                   **version_figures(versions, self.versions_seen, stored)}
-        self.versions_seen = len(versions)
-        return figures
+    def versions(self) -> list[int]:
+        """Every version announced on codebook-updates so far, in order."""
+        return [m.version for m in announced(self.updates.drain(self.ctx.bound(120)))]
 
     def phase(self, role: str, rng: random.Random) -> dict:
+        """Kill the role's process --kills times; what needs the learner to have caught up (the audit) waits for
+        `audit`, after the last phase."""
         ctx, o = self.ctx, self.ctx.options
         record = lambda **f: ctx.record(**{role: {**ctx.figures.get(role, {}), **f}})  # noqa: E731
         if role == "learn":
@@ -220,7 +203,7 @@ class RolesRun:
             watch = Sampler(lambda: partitions_of(other.metrics_text(), self.d.topics["feedback"]), 0.5)
         elif role == "serve":
             watch = Sampler(lambda: retrieve_version(other.port), 0.2)
-        started = time.time()
+        started, announced_before = time.time(), len(self.versions())
         if watch is not None:
             watch.start()
         try:
@@ -229,6 +212,8 @@ class RolesRun:
             samples = watch.finish() if watch is not None else []
         out[target.again] = summary(out["kills"], target.again)
         out["others_exited"] = self.others_exited(target.process)
+        out["window"] = {"from": round(started, 3), "to": round(time.time(), 3),
+                         "versions": [announced_before, len(self.versions())]}
         if role == "ingest":
             held = [len(s) for _, s in samples]
             out["takeover"] = {"samples": len(held), "other_replica_partitions_max": max(held, default=None),
@@ -238,27 +223,44 @@ class RolesRun:
             out["other_replica"] = {"requests": len(samples), "errors": sum(n for s, n in statuses.items() if s != 200),
                                     "statuses": {str(s): n for s, n in statuses.items()},
                                     "versions": sorted({v for _, (_, v) in samples if v is not None})[-1:]}
-        else:
-            out.update(self.settle(started, role))
-        record(**check(role, out))
+            out = check(role, out)
+        record(**out)
         return ctx.figures[role]
 
-    def overall(self) -> dict:
+    def audit(self) -> dict:
+        """Stop the load, wait until the latest snapshot has learnt every acknowledged event (while the learner
+        learns on), then audit the whole stream and each phase's window (its events, its versions)."""
         ctx, d = self.ctx, self.d
         self.producer.finish()
-        wanted = {a[0] for a in self.acked()}
+        acked = self.acked()
+        wanted = {a[0] for a in acked}
         ctx.say(f"producer stopped: {len(wanted)} events acknowledged, {self.producer.failed} failed; waiting for "
                 "a latest snapshot that has learnt them all")
         started = time.time()
         caught = d.wait_learnt(wanted, self.learn.port, ctx.bound(ctx.left() - 60),
                                lambda: self.learn.process.poll() is None)
-        versions = [m.version for m in announced(self.updates.drain(ctx.bound(120)))]
+        versions = self.versions()
         from codebook_store import open_store
 
         with open_store(d.store_url, read_only=True) as store:
             stored = set(store.versions())
+        missing = d.missing(wanted, self.learn.port) or set()
+        for role in ("learn", "ingest"):
+            f = ctx.figures.get(role)
+            if not f or "window" not in f:
+                continue
+            w = f["window"]
+            window = [a for a in acked if w["from"] <= a[3] < w["to"]]
+            first, last = w["versions"]
+            f.update(d.audit([a[0] for a in window], self.learn.port),
+                     lost_examples=[{"event_id": i, "partition": p, "offset": o}
+                                    for i, p, o, _ in window if i in missing][:50],
+                     **version_figures(versions[:last], first, stored))
+            ctx.record(**{role: check(role, f)})
         return {"events_acknowledged": len(wanted), "producer_failed": self.producer.failed,
                 **d.audit(wanted, self.learn.port), **version_figures(versions, 0, stored),
+                "lost_examples": [{"event_id": i, "partition": p, "offset": o}
+                                  for i, p, o, _ in acked if i in missing][:50],
                 "caught_up_after_s": None if caught is None else round(caught - started, 1)}
 
     def close(self) -> dict:
@@ -285,7 +287,7 @@ def run(ctx: Context) -> dict:
         for role in ROLES:
             ctx.say(f"== {role}: {o.kills} kills")
             r.phase(role, rng)
-        ctx.record(overall=r.overall())
+        ctx.record(overall=r.audit())
     finally:
         exits = r.close()
         ctx.record(final_exit=exits, log_tails={p.name: log_tail(p.log, 8) for p in r.everyone
