@@ -49,14 +49,14 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from benchmarks.common import write_json
-from benchmarks.faults.context import QUICK, Context, Options
+from benchmarks.faults.context import QUICK, ROLES, Context, Options
 from benchmarks.harness import ROOT, PrivateBroker
 from sparc_stream.cli.allocator import tune_allocator
 
 # name -> (module, its time bound in minutes for the given options)
 SCENARIOS = {
     "sigkill": ("benchmarks.faults.sigkill", lambda o: 10 + 1.0 * o.kills),
-    "sigkill_roles": ("benchmarks.faults.sigkill_roles", lambda o: 15 + 3.0 * o.kills),
+    "sigkill_roles": ("benchmarks.faults.sigkill_roles", lambda o: 20 + 1.0 * o.kills * len(o.roles.split(","))),
     "outage": ("benchmarks.faults.outage", lambda o: 8 + 2 * o.outage_s / 60),
     "malformed": ("benchmarks.faults.malformed", lambda o: 15 + o.heavy_user_events / 10_000),
     "nan": ("benchmarks.faults.poison", lambda o: 10),
@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kill-window-seconds", dest="kill_window_s", type=float, default=Options.kill_window_s,
                    help="a kill lands U(0.5, this) s after the process works, U(0.5, 2/3 of it) after its start "
                    f"(default {Options.kill_window_s:g})")
+    p.add_argument("--roles", default=Options.roles,
+                   help=f"the roles sigkill_roles kills, in order (default {Options.roles})")
     p.add_argument("--outage-seconds", dest="outage_s", type=float, default=Options.outage_s,
                    help=f"how long the broker is away (default {Options.outage_s:g})")
     p.add_argument("--outage-watch-seconds", dest="outage_watch_s", type=float, default=Options.outage_watch_s,
@@ -114,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown or not args.scenarios:
         p.error(f"--only takes {', '.join(SCENARIOS)} (got {args.only!r})")
+    if not args.roles or set(args.roles.split(",")) - set(ROLES):
+        p.error(f"--roles takes {','.join(ROLES)} (got {args.roles!r})")
     if not args.child and args.out is None:
         p.error("--out is required")
     return args

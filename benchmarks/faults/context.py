@@ -17,6 +17,8 @@ from typing import Any
 
 from benchmarks.harness import PrivateBroker
 
+ROLES = ("learn", "ingest", "serve")  # the scale-out roles' commands (`sparc learn`, ...)
+
 # Every scenario's worker: the worker's defaults (model, batch size), but snapshots every 2 s (as worker_bench's
 # freshness runs) so that versions come often enough to count, and INFO logs.
 WORKER_SETTINGS = {"SPARC_SNAPSHOT_EVERY_SECONDS": "2", "SPARC_LOG_LEVEL": "INFO"}
@@ -30,6 +32,7 @@ class Options:
     rate: float = 200.0  # feedback events/s of the load under which faults are injected
     kills: int = 20
     kill_window_s: float = 12.0  # a kill lands U(0.5, this) s after the process works (2/3 of it after a start)
+    roles: str = ",".join(ROLES)  # the roles sigkill_roles kills, in this order
     outage_s: float = 20.0
     outage_watch_s: float = 60.0  # watching the worker after the broker is back
     malformed: int = 10_000
