@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+from benchmarks.fault_suite import NOT_QUICK, SCENARIOS, option_flags, options_of, parse_args
 from benchmarks.faults.report import table
 from benchmarks.faults.sigkill import kill_phases
 from benchmarks.faults.sigkill_roles import RULES, check, summary, version_figures
@@ -59,3 +62,17 @@ def test_summary_and_the_report_rows():
     assert "| the learner: events lost (of those sent in its phase) / learnt twice | 2 of 900 / 0 |" in md
     assert "| serve-0: seconds until answering /retrieve with a version: median / max (never) | 6.50 / 6.50 (1) |" in md
     assert md.count("passed its rule (sigkill_roles.RULES) | 0 / 0; no |") == 2  # 2 lost; one kill never served
+
+
+def test_quick_leaves_the_role_kills_out_unless_named_and_roles_are_checked():
+
+
+    assert "sigkill_roles" in NOT_QUICK and "sigkill_roles" not in parse_args(["--quick", "--out", "x"]).scenarios
+    assert parse_args(["--out", "x"]).scenarios == list(SCENARIOS)
+    named = parse_args(["--quick", "--only", "sigkill_roles", "--roles", "serve", "--out", "x"])
+    assert named.scenarios == ["sigkill_roles"] and options_of(named).kills == 2
+    assert options_of(named).roles == "serve" and options_of(named).kill_window_s == 3.0
+    again = parse_args(["--child", "sigkill_roles", *option_flags(options_of(named))])
+    assert options_of(again) == options_of(named)  # what a scenario's process is given
+    with pytest.raises(SystemExit):
+        parse_args(["--roles", "learn,worker", "--out", "x"])

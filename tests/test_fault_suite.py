@@ -1,5 +1,6 @@
 """The fault suite end to end at small counts (`--quick`): its own broker (deploy/kafka/broker.sh on free loopback
-ports), every scenario, the JSON, the Markdown table and the figures. Asserts what the report says was survived
+ports), every scenario but the per-role kills (fault_suite.NOT_QUICK: too long for every run; tests/test_fault_roles.py
+checks their parts), the JSON, the Markdown table and the figures. Asserts what the report says was survived
 (nothing lost, no repeated version, every malformed event dead-lettered with its reason and bytes, no non-finite
 version published, the previous latest served while the store's disk is full, ...), never a time or a rate.
 
@@ -16,7 +17,7 @@ import sys
 import pytest
 from worker_harness import ROOT
 
-from benchmarks.fault_suite import SCENARIOS
+from benchmarks.fault_suite import NOT_QUICK, SCENARIOS
 from streams.settings import WorkerSettings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -28,7 +29,7 @@ def test_the_fault_suite_runs_every_fault_and_reports_each_as_survived(tmp_path)
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=45 * 60)
     assert out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["skipped"] == {} and set(result["scenarios"]) == set(SCENARIOS)
+    assert result["skipped"] == {} and set(result["scenarios"]) == set(SCENARIOS) - set(NOT_QUICK)
     failed = {name: s["figures"].get("error", s["status"]) for name, s in result["scenarios"].items()
               if s["status"] != "ok"}
     assert not failed, failed
@@ -40,14 +41,6 @@ def test_the_fault_suite_runs_every_fault_and_reports_each_as_survived(tmp_path)
     assert kill["lost"] == 0 and kill["events"] == kill["events_acknowledged"] > 0
     assert kill["repeated_versions"] == kill["versions_out_of_order"] == kill["announced_not_stored"] == 0
     assert kill["seconds_to_training"]["never"] == 0
-
-    roles = f["sigkill_roles"]  # each role's pass rule: benchmarks/faults/sigkill_roles.RULES
-    for role in ("learn", "ingest", "serve"):
-        assert len(roles[role]["kills"]) == 2 and roles[role]["passed"], (role, roles[role])
-    assert roles["learn"]["events"] > 0 and roles["ingest"]["events"] > 0
-    whole = roles["overall"]
-    assert whole["lost"] == 0 and whole["events"] == whole["events_acknowledged"] > 0
-    assert whole["repeated_versions"] == whole["versions_out_of_order"] == whole["announced_not_stored"] == 0
 
     outage = f["outage"]
     assert outage["lost"] == 0 and outage["events"] > 0 and outage["worker_alive"] and outage["caught_up"]
@@ -82,6 +75,5 @@ def test_the_fault_suite_runs_every_fault_and_reports_each_as_survived(tmp_path)
     table = out.with_suffix(".md").read_text()
     from benchmarks.faults.report import ROWS
 
-    assert all(ROWS[name][0] in table for name in SCENARIOS)
-    assert all(out.with_name(f"faults-{name}.png").exists()
-               for name in ("sigkill", "sigkill_roles", "malformed", "nan", "soak"))
+    assert all(ROWS[name][0] in table for name in result["scenarios"])
+    assert all(out.with_name(f"faults-{name}.png").exists() for name in ("sigkill", "malformed", "nan", "soak"))
