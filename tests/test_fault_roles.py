@@ -1,6 +1,6 @@
 """The pure parts of the fault suite's per-role SIGKILL scenario (benchmarks/faults/sigkill_roles.py), without a
-broker: the kill phases, the version counts, the pass rules and the report's rows. tests/test_fault_suite.py runs
-the scenario itself against a broker (--quick)."""
+broker: the kill phases, the version counts, the pass rules, the report's rows and the options. The scenario itself
+runs with `python -m benchmarks.fault_suite --quick --only sigkill_roles` (not in `make test`: NOT_QUICK)."""
 
 from __future__ import annotations
 
