@@ -66,8 +66,8 @@ SCENARIOS = {
 }
 GRACE_S = 60  # past its bound, a scenario's process group is killed
 # Left out of --quick unless named with --only: five processes started, 2 x 3 kills and restarts, and a learner to
-# wait for take ~2.5 min on a quiet machine and 13 on a loaded one, too much for every `make test`
-# (tests/test_fault_roles.py checks its parts there)
+# wait for took 152 s on a quiet machine and 758 s on a loaded one (88 s once with one torch thread per role), too
+# much for every `make test` (tests/test_fault_roles.py checks its parts there)
 NOT_QUICK = ("sigkill_roles",)
 
 
