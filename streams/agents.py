@@ -1,7 +1,8 @@
 """The ingest agent: a thin adapter between the feedback topics and plain functions (no math here).
 
 ingest    feedback-events and the repartition topic (one stream; co-partitioned with the history table) ->
-          micro-batches of up to batch_size messages (stream.take_events, batch_seconds) ->
+          micro-batches of up to batch_size messages (stream.take_events, batch_seconds) -> only the messages
+          that continue their partitions (streams.continuity: Faust can skip offsets at a rebalance) ->
           invalid: DLQ (original bytes, reason in headers); outside its user's home partition (streams.routing):
           re-keyed to the repartition topic (or DLQ, reason wrong_key); valid: de-duplicate by event id -> one
           train-topic message per train partition the micro-batch touches (streams.batching.TrainBatch: the
@@ -117,6 +118,18 @@ async def off_home(w: StreamWorker, raw: bytes, key: bytes | None, user: str, ho
                                                         f"{user!r} belongs in partition {home}"), source)
 
 
+async def admit(w: StreamWorker, events: Sequence[Any]) -> list[Any]:
+    """The events of a micro-batch that continue their partitions (streams.continuity), after seeking back the
+    partitions where offsets were not delivered."""
+    admitted = w.continuity.admit(events, w.app.consumer_generation_id)
+    for why in ("stale", "reread", "held"):
+        if n := getattr(admitted, why):
+            w.recovery.not_handled.labels(why).inc(n)
+    for tp, offset in admitted.seeks.items():
+        await w.seek(tp, offset)
+    return admitted.events
+
+
 def register(w: StreamWorker) -> Any:
     """The ingest agent and the events/s ticker on w's Faust app; returns the agent."""
     app, s = w.app, w.settings
@@ -124,7 +137,10 @@ def register(w: StreamWorker) -> Any:
     @app.agent(w.topics.feedback, name="ingest", concurrency=1)
     async def ingest(stream):
         async for events in stream.take_events(s.batch_size, within=s.batch_seconds):
-            await handle_feedback(w, events)
+            if w.continuity is not None:
+                events = await admit(w, events)
+            if events:
+                await handle_feedback(w, events)
 
     @app.timer(interval=1.0, name="events-per-second")
     async def tick():

@@ -223,6 +223,17 @@ class RecoveryMetrics:
             "sparc_learnt_events", "events handed to the learner (re-learnt ones after a restart count again)",
             registry=registry,
         )
+        self.not_handled = Counter(
+            "sparc_ingest_not_handled_events",
+            "feedback messages the ingest agent did not handle (streams.continuity): stale (an older consumer "
+            "generation), reread (handled already) or held (above a gap; they come again after a seek)",
+            ["why"],
+            registry=registry,
+        )
+        self.gap_seeks = Counter(
+            "sparc_ingest_gap_seeks", "seeks back to an offset that was not delivered (streams.continuity)",
+            registry=registry,
+        )
         self.warm_version = Gauge(
             "sparc_warm_start_version", "snapshot version the learner started from (-1: a fresh model)",
             registry=registry,

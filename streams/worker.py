@@ -40,6 +40,7 @@ from faust.streams import _current_event  # the "current event" Faust's tables r
 
 from streams import agents, views
 from streams.app import create_app, declare_topics
+from streams.continuity import TP, Continuity
 from streams.history import decode_state, encode_state, history_of
 from streams.learn_loop import LearnLoop
 from streams.learning import Learning, RoleFailed
@@ -105,6 +106,8 @@ class StreamWorker:
         self.metrics = WorkerMetrics(settings.levels, clock)
         self.metrics.lag_source(self.consumer_lag)
         self.recovery = RecoveryMetrics(self.metrics.registry)
+        # Faust's testing app has no consumer to seek and numbers its events across partitions: no check there
+        self.continuity = None if testing else Continuity(self.committed_offset, time.monotonic)
         self.outputs = outputs or KafkaOutputs(self.topics.dlq, self.topics.train, self.topics.repartition)
         self.serving = Serving(settings, self.metrics) if serve else None
         self.learning: Learning | None = None
@@ -136,6 +139,22 @@ class StreamWorker:
                 log.info("%s", self.learning.start.message)
                 for warning in self.learning.start.warnings:
                     log.warning("%s", warning)
+
+    def committed_offset(self, tp: TP) -> int | None:
+        """The offset Faust sought feedback partition `tp` to in this consumer generation (its committed offset;
+        None: nothing committed yet, or Faust does not say)."""
+        offsets = getattr(self.app.consumer, "_committed_offset", None)  # Faust keeps no public copy
+        return None if offsets is None else offsets.get(faust.types.TP(*tp))
+
+    async def seek(self, tp: TP, offset: int) -> None:
+        """Read feedback partition `tp` again from `offset` (streams.continuity). A partition this process no
+        longer holds is left alone: its next owner reads it from the committed offset."""
+        try:
+            await self.app.consumer.seek_wait({faust.types.TP(*tp): offset})
+        except Exception as exc:  # e.g. the partition was revoked meanwhile
+            log.warning("could not seek feedback %s:%d to %d: %s", tp[0], tp[1], offset, exc)
+            return
+        self.recovery.gap_seeks.inc()
 
     def get_history(self, user: str, event: Any) -> dict | None:
         """A user's history-table value (None: unknown user), read for feedback `event` (a Faust event).

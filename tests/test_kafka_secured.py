@@ -10,6 +10,7 @@ produce and for the worker. No timing is asserted.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -81,7 +82,7 @@ def test_a_wrong_password_or_an_unknown_ca_is_one_clear_line(kafka_secured, tmp_
     assert line.startswith("sparc worker: error: cannot connect to Kafka at") and "invalid credentials" in line
 
 
-def test_worker_produce_and_subscriber_over_sasl_ssl(kafka_secured, kafka_bootstrap, tmp_path):
+def test_worker_produce_and_subscriber_over_sasl_ssl(kafka_secured, kafka_bootstrap, tmp_path, capsys):
     run = uuid.uuid4().hex[:10]
     topics = {name: f"sec-{name}-{run}" for name in ("feedback", "item", "updates", "dlq")}
     config = tmp_path / "sparc.toml"
@@ -105,6 +106,12 @@ def test_worker_produce_and_subscriber_over_sasl_ssl(kafka_secured, kafka_bootst
         with subscribe(servers, topics["updates"], start=0, timeout=120, kafka_config=client) as updates:
             first = next(iter(updates))
         assert first.version >= 0 and first.item_codes is not None
+        capsys.readouterr()
+        follow = ["subscribe", "--config", str(config), "--topic", topics["updates"], "--from", str(first.version),
+                  "--idle-timeout", "10", "--jsonl"]  # `sparc subscribe` connects as the workers do, from --config
+        assert sparc(follow) == 0
+        printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert printed and printed[0]["version"] == first.version and printed[0]["item_codes_known"]
         replayed = open_source(f"kafka://{servers[0]}/{topics['feedback']}", client)  # sparc replay's source
         assert replayed.feedback == 1500 and replayed.info["invalid"] == 0
         status, ready = w.wait_for("/readyz 200", lambda: (s := get_json(w.port, "/readyz"))[0] == 200 and s, 120)

@@ -67,6 +67,44 @@ def test_kafka_config_must_be_an_object_and_leave_our_settings_alone(tmp_path, c
     assert "kafka_config may not set group_id" in capsys.readouterr().err
 
 
+def test_config_connects_the_subscriber_as_the_workers_connect(tmp_path, monkeypatch):
+    """--config: the [kafka] settings of the workers' TOML file (secrets from their files), --broker over the
+    file's servers, --kafka-config over the rest; without --config, --broker and --kafka-config alone."""
+    from sparc_stream.cli.main import build_parser
+    from sparc_stream.cli.subscribe import connection
+
+    monkeypatch.delenv("SPARC_BROKER", raising=False)
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    config = tmp_path / "sparc.toml"
+    config.write_text('[kafka]\nbroker = "kafka://a.example:9093,b.example:9093"\n'
+                      'security_protocol = "SASL_PLAINTEXT"\n'
+                      f'sasl_mechanism = "SCRAM-SHA-512"\nsasl_username = "svc"\nsasl_password_file = "{password}"\n')
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"sasl_mechanism": "SCRAM-SHA-256", "fetch_max_bytes": 1024}))
+
+    def parsed(*argv):
+        return connection(build_parser().parse_args(["subscribe", *argv]))
+
+    servers, settings = parsed("--config", str(config))
+    assert servers == ["a.example:9093", "b.example:9093"]
+    assert (settings["security_protocol"], settings["sasl_mechanism"], settings["sasl_plain_username"],
+            settings["sasl_plain_password"]) == ("SASL_PLAINTEXT", "SCRAM-SHA-512", "svc", "s3cret")
+    servers, settings = parsed("--config", str(config), "--broker", "c.example:9092", "--kafka-config", str(extra))
+    assert servers == ["c.example:9092"] and settings["sasl_mechanism"] == "SCRAM-SHA-256"
+    assert settings["fetch_max_bytes"] == 1024 and settings["sasl_plain_username"] == "svc"
+    assert parsed() == ("127.0.0.1:39092", {})
+    assert parsed("--broker", "d:1", "--kafka-config", str(extra))[0] == "d:1"
+
+
+def test_a_bad_config_file_is_one_line(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text('[kafka]\nbroker = "no port here"\n')
+    assert main(["subscribe", "--config", str(config)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("sparc subscribe: error: ") and "no port here" in line
+
+
 def test_a_slim_install_names_the_extra_a_command_needs(monkeypatch, capsys):
     def needs_torch(args):
         raise ModuleNotFoundError("No module named 'torch'", name="torch")

@@ -15,6 +15,8 @@ from typing import Any
 
 from sparc_stream.cli.errors import UserError
 
+DEFAULT_BROKER = "127.0.0.1:39092"
+
 _DESCRIPTION = """\
 Follow a codebook-updates topic as a subscriber service would: reassemble each update, verify its checksums,
 its signature (with --verify-key), finiteness and version, rebuild the item codes from remaps, and print one
@@ -36,8 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--broker", default="127.0.0.1:39092",
-                   help="Kafka bootstrap servers host:port[,host:port] (default 127.0.0.1:39092)")
+    p.add_argument("--broker", default=None,
+                   help="Kafka bootstrap servers host:port[,host:port] (default: the --config file's or SPARC_BROKER "
+                   "with --config, else 127.0.0.1:39092)")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="the workers' TOML settings file: its [kafka] settings (servers, security protocol, SASL, "
+                   "TLS; secrets from their files or SPARC_* variables) connect this subscriber as they connect the "
+                   "workers. Needs the full install; the subscriber install takes --kafka-config")
     p.add_argument("--topic", default="codebook-updates", help="the updates topic (default codebook-updates)")
     p.add_argument("--model", default="sparc", help="the model whose updates to follow (default sparc)")
     p.add_argument("--from", dest="start", default="latest", metavar="earliest|latest|VERSION",
@@ -51,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-version-jump", type=int, default=None, metavar="N",
                    help="refuse an update more than N versions above the highest one accepted (default 10000)")
     p.add_argument("--kafka-config", type=Path, metavar="FILE",
-                   help="a JSON object of extra kafka-python consumer settings (security_protocol, sasl_*, ssl_*)")
+                   help="a JSON object of extra kafka-python consumer settings (security_protocol, sasl_*, ssl_*); "
+                   "with --config, these override its settings")
     p.add_argument("--group-id", help="commit read positions under this consumer group (for lag monitoring)")
     p.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
                    help="stop after this long without a record (default: follow until interrupted)")
@@ -79,6 +87,24 @@ def read_kafka_config(path: Path | None) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise UserError(f"--kafka-config {path} must hold a JSON object of kafka-python settings")
     return config
+
+
+def connection(args: argparse.Namespace) -> tuple[str | list[str], dict[str, Any]]:
+    """The bootstrap servers and kafka-python settings: --broker and --kafka-config alone, or, with --config, the
+    workers' own connection settings (flags, then SPARC_* variables, then the file: streams.settings) under
+    --kafka-config's."""
+    extra = read_kafka_config(args.kafka_config)
+    if args.config is None:
+        return args.broker or DEFAULT_BROKER, extra
+    from sparc_stream.cli.worker import build_settings  # the full install's (pydantic): only with --config
+    from streams.kafka_connection import KafkaConfigError
+
+    settings = build_settings(args.config, broker=args.broker)
+    try:
+        config = settings.kafka_connection().kafka_python()
+    except KafkaConfigError as exc:
+        raise UserError(str(exc)) from None
+    return config.pop("bootstrap_servers"), {**config, **extra}
 
 
 def describe(update: Any, stored: bool | None) -> dict[str, Any]:
@@ -155,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="sparc subscribe: %(levelname)s %(message)s", stream=sys.stderr)
     start = parse_start(args.start)
-    kafka_config = read_kafka_config(args.kafka_config)
+    bootstrap, kafka_config = connection(args)
     jump = DEFAULT_MAX_VERSION_JUMP if args.max_version_jump is None else args.max_version_jump
     if jump < 1:
         raise UserError("--max-version-jump must be >= 1")
@@ -163,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--idle-timeout must be > 0")
     try:
         verifier = load_verifier(args.verify_key) if args.verify_key else None
-        subscription = subscribe(args.broker, args.topic, args.model, start, store_url=args.to_store,
+        subscription = subscribe(bootstrap, args.topic, args.model, start, store_url=args.to_store,
                                  group_id=args.group_id, timeout=args.idle_timeout, verifier=verifier,
                                  max_version_jump=jump, kafka_config=kafka_config)
     except (CodebookStoreError, ValueError) as exc:
