@@ -14,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from streams.learn_loop import LearnLoop
 from streams.learning import Learning, RoleFailed
@@ -29,6 +32,15 @@ from streams.views import aiohttp_app
 log = logging.getLogger(__name__)
 
 Work = Callable[[threading.Event], None]
+
+
+def apply_process_settings(settings: WorkerSettings) -> None:
+    """The settings that hold for the whole process, so set only by a process that runs a worker or a role:
+    torch's intra-op threads and the GIL switch interval (WorkerSettings.switch_interval says why). Without it
+    torch takes a thread per core, and on a small machine the learner's second one (OpenMP, spinning between
+    ops) takes the core that ingest and the broker need."""
+    torch.set_num_threads(settings.torch_threads)
+    sys.setswitchinterval(settings.switch_interval)
 
 
 def learn_outputs(settings: WorkerSettings) -> KafkaLearnOutputs:
@@ -51,6 +63,7 @@ class LearnNode:
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
+        apply_process_settings(settings)  # one torch thread by default: a second spins on the core ingest needs
         self.metrics = WorkerMetrics(settings.levels)
         self.recovery = RecoveryMetrics(self.metrics.registry)
         if settings.world_size > 1:
@@ -115,6 +128,7 @@ class ServeNode:
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
+        apply_process_settings(settings)
         self.metrics = WorkerMetrics(settings.levels)
         self.serving = Serving(settings, self.metrics)
         self.follower = StoreFollower(settings, self.serving)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import weakref
@@ -35,7 +34,6 @@ from collections.abc import Callable
 from typing import Any
 
 import faust
-import torch
 from faust.streams import _current_event  # the "current event" Faust's tables read (see set_history)
 
 from streams import agents, views
@@ -47,18 +45,12 @@ from streams.learning import Learning, RoleFailed
 from streams.logs import setup_logging
 from streams.metrics import RecoveryMetrics, WorkerMetrics
 from streams.outputs import KafkaOutputs, LearnOutputs, Outputs
+from streams.roles import apply_process_settings
 from streams.serving import Serving
 from streams.settings import HISTORY_TABLE, WorkerSettings
 from streams.topics import changelog_configs
 
 log = logging.getLogger(__name__)
-
-
-def apply_process_settings(settings: WorkerSettings) -> None:
-    """The settings that hold for the whole process, so set only by a process that runs a worker: torch's
-    intra-op threads and the GIL switch interval (WorkerSettings.switch_interval says why)."""
-    torch.set_num_threads(settings.torch_threads)
-    sys.setswitchinterval(settings.switch_interval)
 
 
 class _Processing:

@@ -101,3 +101,18 @@ def test_partitions_and_topics_are_followed_apart_and_a_rebalance_starts_them_ag
 def test_events_without_a_generation_are_not_stale():
     """Faust's test context and older messages carry no generation id."""
     assert offsets(make().admit([ev(0, generation=None), ev(1, generation=None)], generation=0)) == [0, 1]
+
+
+def test_the_pinned_faust_consumer_has_what_the_worker_reads():
+    """StreamWorker.committed_offset reads Faust's private `_committed_offset` (there is no public copy) and seeks
+    with `seek_wait`; an upgrade that drops either must fail here, not disable the check silently."""
+    import faust
+
+    from streams.app import create_app
+    from streams.settings import WorkerSettings
+
+    app = create_app(WorkerSettings(app_id="continuity-api", store_url="memory://"), testing=False)
+    consumer = app.consumer
+    offsets = consumer._committed_offset
+    assert isinstance(offsets, dict) and offsets.get(faust.types.TP("t", 0)) is None
+    assert callable(consumer.seek_wait) and isinstance(app.consumer_generation_id, int)

@@ -305,3 +305,27 @@ def test_a_publish_that_cannot_write_the_store_keeps_the_previous_latest_and_rai
     assert [r.exc_info is not None for r in failures] == [True, False]
     assert all(f"v{first} stays latest" in r.getMessage() for r in failures)
     learning.close()
+
+
+def test_the_learn_and_serve_processes_take_the_process_settings(tmp_path, monkeypatch):
+    """`sparc learn` and `sparc serve` set torch's intra-op threads (torch_threads) as `sparc worker` does; before,
+    they left torch a thread per core, and on a 2-core machine the learner's second one took ~4 s of CPU from
+    ingest and the broker per 30,000 events drained (benchmarks.worker_bench --roles)."""
+    import sys
+
+    import torch
+
+    from streams import roles
+
+    monkeypatch.setattr(roles, "learn_outputs", lambda s: RecordingOutputs().learn)
+    before = torch.get_num_threads(), sys.getswitchinterval()
+    try:
+        for node in (roles.LearnNode, roles.ServeNode):
+            torch.set_num_threads(2)
+            built = node(settings(tmp_path, torch_threads=1, switch_interval=0.0002, data_dir=tmp_path / "data"))
+            assert torch.get_num_threads() == 1 and sys.getswitchinterval() == pytest.approx(0.0002)
+            if isinstance(built, roles.LearnNode):
+                built.learning.close()
+    finally:
+        torch.set_num_threads(before[0])
+        sys.setswitchinterval(before[1])

@@ -27,9 +27,10 @@ from replay.synthetic import SyntheticConfig, generate
 from streams.batching import encode_train_batches, read_train_batch
 from streams.history import apply_feedback, decode_state, encode_state
 from streams.records import Invalid, Source, TrainExample
+from streams.roles import apply_process_settings
 from streams.settings import WorkerSettings
 from streams.views import health_payload, latest_payload, retrieve_payload
-from streams.worker import StreamWorker, apply_process_settings
+from streams.worker import StreamWorker
 
 
 class RecordingOutputs:
