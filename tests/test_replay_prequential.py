@@ -501,15 +501,13 @@ def test_the_replayed_model_defaults_are_the_workers(monkeypatch):
     online, offline = worker_model_config(), SparcConfig(num_items=0, num_attributes=1024)
     assert (online.attribute_dropout, online.conditioned_detach) == (0.0, False)
     assert (offline.attribute_dropout, offline.conditioned_detach) == (0.3, True)
-    # stable interests online (README, "Stable interests"): a slower codebook EMA and level-1 hysteresis; the
-    # earlier behaviour is one setting away, in replay (--set) and in the worker (SPARC_EMA_DECAY, ...)
-    assert (online.ema_decay, online.code_hysteresis) == (0.99, 3.0)
-    assert (offline.ema_decay, offline.code_hysteresis) == (0.95, 0.0)
-    earlier = {"ema_decay": 0.95, "code_hysteresis": 0.0}
-    assert worker_model_config(**earlier) == WorkerSettings(**earlier).sparc_config()
-    monkeypatch.setenv("SPARC_EMA_DECAY", "0.95")
-    monkeypatch.setenv("SPARC_CODE_HYSTERESIS", "0")
-    assert WorkerSettings().sparc_config() == worker_model_config(**earlier)
+    # stable interests (README, "Stable interests") are opt-in, in replay (--set) and in the worker alike
+    assert (online.ema_decay, online.code_hysteresis) == (offline.ema_decay, offline.code_hysteresis) == (0.95, 0.0)
+    stable = {"ema_decay": 0.99, "code_hysteresis": 3.0}
+    assert worker_model_config(**stable) == WorkerSettings(**stable).sparc_config()
+    monkeypatch.setenv("SPARC_EMA_DECAY", "0.99")
+    monkeypatch.setenv("SPARC_CODE_HYSTERESIS", "3")
+    assert WorkerSettings().sparc_config() == worker_model_config(**stable)
 
 
 # ------------------------------------------------------------------ churn of interests

@@ -307,10 +307,7 @@ def test_train_publish_serve(tmp_path, stream):
     assert max(sizes) == w.settings.batch_size and len(sizes) >= -(-stream.num_events // w.settings.batch_size)
     steps = w.learning.learner.steps
     assert len(sizes) - 2 <= steps <= len(sizes)  # a batch of first events only takes no step
-    # every 5 steps; with the stable-interest defaults (codebook EMA 0.99, level-1 hysteresis 3) the health gate
-    # holds back this tiny model's first two snapshots (collision rate 0.973 > 0.97), none after them
-    versions = [m.version for m in out.announced]
-    assert versions[0] <= 2 and versions == list(range(versions[0], steps // 5))
+    assert [m.version for m in out.announced] == list(range(steps // 5))  # every 5 steps
     last = out.announced[-1]
     assert last.parent == last.version - 1 and last.remap_from == last.version - 1
     assert last.health["gate"] == {"passed": True, "reasons": [], "refused": []}

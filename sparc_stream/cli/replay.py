@@ -37,9 +37,7 @@ Score modes: soft (SPARC's soft search over the top-k codes), hard (the argmax c
 exploration knob soft:k=TOP_CODES:t=TEMPERATURE (more codes / a flatter code distribution). A mode ranks the
 whole catalogue by the model's probabilities; MODE:served=N ranks only the N items serving returns (soft: per-code
 quotas over the top codes' lists; hard: the argmax code's list), i.e. what /retrieve?k=N gives a user (soft: with
-the worker's exploration slots, :x=off without). The replayed models learn with the worker's online defaults
-(stable interests: codebook EMA 0.99, level-1 hysteresis 3; --set ema_decay=0.95 --set code_hysteresis=0: as
-before 2026-12-07). For a
+the worker's exploration slots, :x=off without). For a
 soft/hard comparison (ranked and served) and an exploration knob on the evolving model only:
   --variants evolving,frozen,periodic,evolving/hard,evolving/soft:t=2,evolving/soft:served=20,evolving/hard:served=20
 (--variants all is this set). Every variant reports new-item reach: new_share@20 (top-20 slots given to new

@@ -91,9 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "/snapshots/latest, /health, /livez, /readyz and /metrics over HTTP: the three roles (`sparc ingest`, "
         "`sparc learn`, `sparc serve`) in one process. Other settings, Kafka security included: a TOML file "
         "(--config) or SPARC_<FIELD> environment variables (streams/settings.py; `sparc config show` lists them). "
-        "Discovery defaults (README 'Discovery and stable interests'): stable interests online (codebook EMA 0.99, "
-        "level-1 hysteresis 3; SPARC_EMA_DECAY=0.95 SPARC_CODE_HYSTERESIS=0 as before) and /retrieve's exploration "
-        "slots (--no-exploration as before).",
+        "Discovery (README 'Discovery and stable interests'): /retrieve has exploration slots by default "
+        "(--no-exploration: plain lists, as before); stable interests are opt-in (SPARC_EMA_DECAY=0.99 "
+        "SPARC_CODE_HYSTERESIS=3).",
     )
     add_role_flags(p, "worker")
     p.set_defaults(func=run)
