@@ -182,6 +182,7 @@ class WorkerProcess:
         self.command, self.name, self.module = command, name or command, module
         self.port = free_port()
         self.starts = 0
+        self.launched_at = 0.0  # unix time of the last launch
         self.process: subprocess.Popen | None = None
         self.log = tmp_path / f"{self.name}-0.log"
 
@@ -190,6 +191,7 @@ class WorkerProcess:
         self.starts += 1
         self.log = self.tmp_path / f"{self.name}-{self.starts}.log"
         command = [sys.executable, "-m", self.module, self.command, *self.flags, "--web-port", str(self.port)]
+        self.launched_at = time.time()
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         return self
@@ -380,11 +382,13 @@ class PrivateBroker:
 
 
 class Deployment:
-    """One worker deployment on a broker, unique to a run: its topics, consumer group (app id), codebook store, table
-    directory and processed log, all named after `name` plus a random suffix, files under `workdir`.
+    """One worker deployment on a broker (or one of the scale-out roles: `role`), unique to a run: its topics,
+    consumer group (app id), codebook store, table directory and processed log, all named after `name` plus a random
+    suffix, files under `workdir`.
 
         d = Deployment(bootstrap, tmp, "restart", settings={"SPARC_BATCH_SIZE": "32"})
         w = d.worker().start(); ...; d.audit(acked_ids, w.port); d.delete_topics()
+        learn = d.role("learn").start(); ingest = d.role("ingest", "ingest-0").start(); ...  (audit: learn.port)
 
     settings: SPARC_* variables of the worker (the model's shape, batching, ...); the worker's environment holds
     only these and the deployment's own (no SPARC_* setting of the caller's leaks in)."""
@@ -412,6 +416,17 @@ class Deployment:
     def worker(self, module: str = "sparc_stream.cli.main") -> WorkerProcess:
         base = {k: v for k, v in os.environ.items() if not k.startswith("SPARC_")}
         return WorkerProcess(self.workdir, self.flags, self.env, base_env=base, module=module)
+
+    def role(self, command: str, name: str | None = None, **settings: str) -> WorkerProcess:
+        """A process of a scale-out role of this deployment (`sparc ingest|learn|serve`, README "Running at
+        scale"): the deployment's topics, app id, partitions, store and processed log (the learner writes it), a
+        state directory of its own (`name`, default the command) and `settings` (SPARC_* variables) on top."""
+        name = name or command
+        flags = ["--broker", self.bootstrap] + (["--data-dir", str(self.workdir / name)] if command != "learn" else [])
+        env = {**self.env, "SPARC_APP_ID": self.app_id, "SPARC_PARTITIONS": str(self.partitions),
+               "SPARC_STORE_URL": self.store_url, "SPARC_PROCESSED_LOG": str(self.processed), **settings}
+        base = {k: v for k, v in os.environ.items() if not k.startswith("SPARC_")}
+        return WorkerProcess(self.workdir, flags, env, command=command, name=name, base_env=base)
 
     def latest_train_position(self, port: int) -> dict[str, int] | None:
         """The train-topic positions ({"topic:partition": offset}) the worker's latest snapshot has learnt up to

@@ -17,6 +17,8 @@ from typing import Any
 
 from benchmarks.harness import PrivateBroker
 
+ROLES = ("learn", "ingest", "serve")  # the scale-out roles' commands (`sparc learn`, ...)
+
 # Every scenario's worker: the worker's defaults (model, batch size), but snapshots every 2 s (as worker_bench's
 # freshness runs) so that versions come often enough to count, and INFO logs.
 WORKER_SETTINGS = {"SPARC_SNAPSHOT_EVERY_SECONDS": "2", "SPARC_LOG_LEVEL": "INFO"}
@@ -29,6 +31,8 @@ class Options:
     seed: int = 0
     rate: float = 200.0  # feedback events/s of the load under which faults are injected
     kills: int = 20
+    kill_window_s: float = 12.0  # a kill lands U(0.5, this) s after the process works (2/3 of it after a start)
+    roles: str = ",".join(ROLES)  # the roles sigkill_roles kills, in this order
     outage_s: float = 20.0
     outage_watch_s: float = 60.0  # watching the worker after the broker is back
     malformed: int = 10_000
@@ -40,7 +44,7 @@ class Options:
 
 # --quick: every scenario at a small count, for the suite's own end-to-end test (tests/test_fault_suite.py); its
 # figures say that each fault is survived, not how well (no time or rate is meaningful at these counts)
-QUICK = {"rate": 100.0, "kills": 2, "outage_s": 4.0, "outage_watch_s": 15.0, "malformed": 360,
+QUICK = {"rate": 100.0, "kills": 2, "kill_window_s": 3.0, "outage_s": 4.0, "outage_watch_s": 15.0, "malformed": 360,
          "heavy_user_events": 640, "phase_events": 640, "soak_minutes": 1.0, "soak_rate": 50.0}
 
 

@@ -126,7 +126,37 @@ def _soak(f: dict) -> Figure | None:
     return fig
 
 
-PLOTS: dict[str, Callable[[dict], Figure | None]] = {"sigkill": _sigkill, "outage": _outage,
+ROLE_NAMES = {"learn": "the learner", "ingest": "ingest-0", "serve": "serve-0"}
+AGAIN = {"learn": ("seconds_to_training", "training again"), "ingest": ("seconds_to_forwarding", "forwarding again"),
+         "serve": ("seconds_to_serving", "answering /retrieve with a version")}
+
+
+def _sigkill_roles(f: dict) -> Figure | None:
+    roles = [r for r in ROLE_NAMES if (f.get(r) or {}).get("kills")]
+    if not roles:
+        return None
+    fig, axes = _figure(len(roles), f"SIGKILL of each role x {f.get('kills_planned', '-')} under "
+                        f"{f.get('rate', 0):g} events/s", width=4.5)
+    for ax, role in zip(axes, roles, strict=True):
+        r = f[role]
+        key, what = AGAIN[role]
+        kills = r["kills"]
+        ys = [k.get(key) for k in kills]
+        ax.bar([k["kill"] for k in kills], [y if y is not None else 0 for y in ys],
+               color=["tab:orange" if k["phase"] == "starting" else "tab:blue" for k in kills])
+        for k, y in zip(kills, ys, strict=True):
+            if y is None:
+                ax.annotate("never", (k["kill"], 0), ha="center", fontsize=7, color="tab:red")
+        verdict = "passed" if r.get("passed") else "FAILED" if "passed" in r else ""
+        lost = "" if role == "serve" else f", lost {r.get('lost', '-')}"
+        ax.set_title(f"{ROLE_NAMES[role]}: {verdict}{lost}", fontsize=10)
+        ax.set_xlabel("kill (orange: while starting)")
+        ax.set_ylabel(f"seconds from the SIGKILL to {what}", fontsize=8)
+    return fig
+
+
+PLOTS: dict[str, Callable[[dict], Figure | None]] = {"sigkill": _sigkill, "sigkill_roles": _sigkill_roles,
+                                                     "outage": _outage,
                                                      "malformed": _malformed, "nan": _nan, "soak": _soak}
 
 
@@ -168,6 +198,46 @@ def _rows_sigkill(f: dict) -> list[tuple[str, Any]]:
          f"{_fmt(s.get('median'))} / {_fmt(s.get('max'))} ({_fmt(s.get('never'))})"),
         ("crashes (exits nobody asked for)", len(f.get("crashes", []))),
     ]
+
+
+def _rows_sigkill_roles(f: dict) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for role, who in ROLE_NAMES.items():
+        r = f.get(role) or {}
+        if not r:
+            continue
+        kills = r.get("kills", [])
+        key, what = AGAIN[role]
+        s = r.get(key) or {}
+        rows.append((f"{who}: kills (while starting / working)",
+                     f"{len(kills)} ({sum(k['phase'] == 'starting' for k in kills)} / "
+                     f"{sum(k['phase'] != 'starting' for k in kills)})"))
+        if role != "serve":
+            rows += [
+                (f"{who}: events lost (of those sent in its phase) / learnt twice",
+                 f"{_fmt(r.get('lost'))} of {_fmt(r.get('events'))} / {_fmt(r.get('learnt_twice'))}"),
+                (f"{who}: repeated versions / out of order / announced not stored",
+                 f"{_fmt(r.get('repeated_versions'))} / {_fmt(r.get('versions_out_of_order'))} / "
+                 f"{_fmt(r.get('announced_not_stored'))} (of {_fmt(r.get('versions_announced'))} announced)"),
+            ]
+        rows.append((f"{who}: seconds until {what}: median / max (never)",
+                     f"{_fmt(s.get('median'))} / {_fmt(s.get('max'))} ({_fmt(s.get('never'))})"))
+        if role == "ingest":
+            t = r.get("takeover") or {}
+            rows.append((f"{who}: ingest-1 took its partitions over (samples holding > 2 of 4, of all)",
+                         f"{_fmt(t.get('samples_holding_more_than_its_share'))} of {_fmt(t.get('samples'))}"))
+        if role == "serve":
+            o = r.get("other_replica") or {}
+            rows.append((f"{who}: a client polling serve-1 meanwhile: requests / not 200",
+                         f"{_fmt(o.get('requests'))} / {_fmt(o.get('errors'))}"))
+        rows.append((f"{who}: crashes / other roles exited; passed its rule (sigkill_roles.RULES)",
+                     f"{len(r.get('crashes', []))} / {len(r.get('others_exited') or {})}; {_fmt(r.get('passed'))}"))
+    o = f.get("overall") or {}
+    if o:
+        rows.append(("whole stream: events lost (of acknowledged) / learnt twice / repeated versions",
+                     f"{_fmt(o.get('lost'))} of {_fmt(o.get('events_acknowledged'))} / {_fmt(o.get('learnt_twice'))} "
+                     f"/ {_fmt(o.get('repeated_versions'))} (of {_fmt(o.get('versions_announced'))})"))
+    return rows
 
 
 def _rows_outage(f: dict) -> list[tuple[str, Any]]:
@@ -289,6 +359,7 @@ def _rows_soak(f: dict) -> list[tuple[str, Any]]:
 
 ROWS: dict[str, tuple[str, Callable[[dict], list[tuple[str, Any]]]]] = {
     "sigkill": ("SIGKILL of the worker under load", _rows_sigkill),
+    "sigkill_roles": ("SIGKILL of each role under load", _rows_sigkill_roles),
     "outage": ("broker stopped mid-stream", _rows_outage),
     "malformed": ("malformed and adversarial events", _rows_malformed),
     "nan": ("NaN in the learner (poisoned batches)", _rows_nan),
