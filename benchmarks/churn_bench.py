@@ -4,8 +4,9 @@ One model configuration per run (`--set FIELD=VALUE`, as `sparc replay --set`, o
 defaults), replayed twice through the prequential engine (test-then-train, the worker's learning step):
 
   Beauty   `--data` (an S3-Rec folder with timestamps) in time order, the evolving model, scored as served soft
-           search with 20 slots (what /retrieve returns; with --exploit E --lift L its exploration slots: the
-           first E by probability, the rest by p(i|u) / q(i)^lift) and ranked over the whole catalogue, 16 events per
+           search with 20 slots (what /retrieve returns: the worker's exploration slots, the first E by
+           probability, the rest by p(i|u) / q(i)^lift; --exploit E --lift L others, --no-exploration none) and
+           ranked over the whole catalogue (no slots), 16 events per
            micro-batch, windows of 20,000 events (the README's replay): level-1 churn per window (items whose
            level-1 code changed since the previous window), users' top-interest churn, Recall@20, new items that
            reached 10 retrievals, codebook health at the end;
@@ -44,12 +45,16 @@ from sparc_stream.cli.errors import UserError
 from sparc_stream.cli.evaluate import parse_sparc_set
 from trainer.config import SparcConfig, TrainConfig
 
-SERVED, RANKED = ScoreMode(served=20), ScoreMode()
+SERVED, RANKED = ScoreMode.parse("soft:served=20"), ScoreMode()  # served: with the worker's exploration slots
 
 
-def served_mode(exploit: int | None = None, lift: float = 1.0) -> ScoreMode:
-    """What the Beauty replay scores as served: 20 slots of soft search, with exploration slots when `exploit`."""
-    return SERVED if exploit is None else ScoreMode(served=SERVED.served, exploit=exploit, lift=lift)
+def served_mode(exploit: int | None = None, lift: float | None = None, exploration: bool = True) -> ScoreMode:
+    """What the Beauty replay scores as served: 20 slots of soft search as /retrieve serves them (the worker's
+    exploration slots; `exploit`/`lift`: others; exploration=False: none)."""
+    if not exploration:
+        return ScoreMode(served=SERVED.served)
+    return ScoreMode(served=SERVED.served, exploit=SERVED.exploit if exploit is None else exploit,
+                     lift=SERVED.lift if lift is None else lift)
 
 
 def beauty(data: str, overrides: dict, limit: int | None, window: int, per_batch: int,
@@ -146,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=2000, help="shift stream: events per window (recovery, churn)")
     p.add_argument("--step", type=int, default=500, help="shift stream: events between recovery windows")
     p.add_argument("--exploit", type=int, default=None, metavar="E",
-                   help="served lists with exploration slots: the first E by probability (default: none)")
-    p.add_argument("--lift", type=float, default=1.0, help="with --exploit: the rest by p(i|u) / q(i)^lift (1)")
+                   help=f"served lists' exploration slots: the first E by probability (default: the worker's, "
+                        f"{SERVED.exploit})")
+    p.add_argument("--lift", type=float, default=None,
+                   help=f"the other served slots by p(i|u) / q(i)^lift (default: the worker's, {SERVED.lift:g})")
+    p.add_argument("--no-exploration", dest="exploration", action="store_false",
+                   help="served lists without exploration slots (plain soft search, the worker's before 2026-12-07)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="draw the trade-off from the JSON files given")
     p.add_argument("results", nargs="*", type=Path, help="with --plot: JSON results of earlier runs")
     args = p.parse_args(argv)
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_sparc_set(args.sparc_set)
         worker_model_config(**overrides)
-        served = served_mode(args.exploit, args.lift)
+        served = served_mode(args.exploit, args.lift, args.exploration)
         stream_overrides = parse_overrides(args.stream)
     except (UserError, ValueError, TypeError) as exc:
         p.exit(2, f"churn_bench: {exc}\n")

@@ -23,6 +23,12 @@ an earlier result on the same saved model):
     python -m benchmarks.sparc_ablation --data ../shared/datasets/amazon_beauty --threads 1 --sasrec \
         --models-dir runs/ablation/beauty_s0 --exploit-grid 10,15 --lift-grid 0.5,1,1.5 --out runs/ablation/s0.json
 
+The seeds' means, and the exploration setting the same rule picks on their validation means (how the default
+exploration slots, trainer.config.ExplorationConfig, were chosen):
+
+    python -m benchmarks.sparc_ablation --means runs/ablation/beauty_s0.json runs/ablation/beauty_s1.json \
+        runs/ablation/beauty_s2.json --out runs/ablation/beauty_means.json
+
 Training is `sparc evaluate`'s: early stopping on validation NDCG@10 of 8,000 users (soft search, global mix 0),
 no time budget (the result never depends on the machine's load). Two variants can run side by side with
 --threads 1 each; say so when quoting their times.
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -88,6 +95,20 @@ def choose_exploration(results: dict, names: list[str], baseline: dict) -> str |
     return min(ok, key=lambda n: (results[n]["lift"], -results[n]["exploit"])) if ok else None
 
 
+def seed_means(results: list[dict]) -> dict:
+    """The scorings that every result (one seed each, with --sasrec) has, each metric averaged over them, and the
+    exploration setting `choose_exploration` picks on those VALIDATION means: the rule that chose the default
+    exploration slots (trainer.config.ExplorationConfig)."""
+    names = [n for n in results[0]["scorings"] if all(n in r["scorings"] for r in results)]
+    if "sasrec" not in names:
+        raise UserError("every result needs the SASRec scoring (--sasrec)")
+    means = {n: {k: float(np.mean([r["scorings"][n][k] for r in results])) for k in results[0]["scorings"][n]}
+             for n in names}
+    explored = [n for n in names if "lift" in means[n]]
+    return {"seeds": [r["seed"] for r in results], "scorings": means,
+            "chosen_explore": choose_exploration(means, explored, means["sasrec"])}
+
+
 def trained_model(path: Path | None, meta: dict, build, train) -> tuple[torch.nn.Module, dict]:
     """The model saved at `path` when it is there (`build()` a fresh one, the weights loaded; its JSON must name
     the same `meta`: model, seed, set), else `train()` -> (model, FitResult), saved there (when `path`).
@@ -116,6 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # as every entry point does (sparc_stream/cli/allocator.py)
     p = argparse.ArgumentParser(prog="python -m benchmarks.sparc_ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--means"]:  # --means JSON... --out JSON: the seeds' means and the setting chosen on them
+        p.add_argument("--means", type=Path, nargs="+", required=True, metavar="JSON",
+                       help="results of several seeds (with --sasrec): their means, the exploration chosen on them")
+        p.add_argument("--out", type=Path, required=True)
+        args = p.parse_args(argv)
+        try:
+            result = seed_means([json.loads(path.read_text()) for path in args.means])
+        except (OSError, ValueError, KeyError, UserError) as exc:
+            p.exit(2, f"sparc_ablation: --means: {exc}\n")
+        print(f"seeds {result['seeds']}: chosen on the validation means: {result['chosen_explore']}")
+        write_json(args.out, result)
+        return 0
     p.add_argument("--data", type=Path, required=True, help="S3-Rec dataset folder (e.g. amazon_beauty)")
     p.add_argument("--set", dest="sparc_set", action="append", default=[], metavar="FIELD=VALUE",
                    help="SparcConfig override, as `sparc evaluate --set` (repeatable)")

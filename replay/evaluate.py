@@ -18,7 +18,7 @@ from replay.datasets import LeaveOneOut, SequenceDataset, leave_one_out
 from replay.metrics import coverage_and_tail, evaluate_ranking, interests_per_list, ranking_metrics
 from trainer.baselines import ComiRecSA, Popularity, SASRec
 from trainer.batches import pad_histories
-from trainer.config import EncoderConfig, SparcConfig, TrainConfig
+from trainer.config import EXPLORATION, EncoderConfig, SparcConfig, TrainConfig
 from trainer.device import model_device
 from trainer.fit import FitResult, fit
 from trainer.model import SparcModel
@@ -42,10 +42,11 @@ class EvalSettings:
     # > 0: also score sparc and sparc-hard by the lists serving returns with this many slots (SparcModel.score's
     # `served`: soft_search's quotas over the top codes, hard_search's one list), reported under "served"
     served: int = 0
-    # exploration slots of soft search (trainer.search, step 5): the first `exploit` slots by probability, the
-    # rest by p(i | u) / q(i)^lift (None: off). Validation NDCG@10 does not see them when exploit >= 10
-    exploit: int | None = None
-    lift: float = 0.0
+    # exploration slots of the sparc row (trainer.search, step 5; trainer.config.ExplorationConfig, on by default):
+    # the first `exploit` slots by probability, the rest by p(i | u) / q(i)^lift (None: off). Training and the
+    # global-mix choice on validation NDCG@10 do not see them when exploit >= 10
+    exploit: int | None = EXPLORATION.exploit
+    lift: float = EXPLORATION.lift
     progress: bool = True
     device: str = "cpu"  # where the torch models train and score (trainer.device: auto, cpu, cuda)
 
@@ -141,7 +142,7 @@ def fit_sparc(ds: SequenceDataset, split: LeaveOneOut, settings: EvalSettings, v
     the grid's first global mix. The model is returned in eval mode."""
     torch.manual_seed(settings.seed)
     model = build_sparc(ds, settings, num_attributes)
-    score = soft_scorer(model, settings.top_codes, settings.global_mix_grid[0], settings.exploit, settings.lift)
+    score = soft_scorer(model, settings.top_codes, settings.global_mix_grid[0])  # the model's lists, no slots
     max_len = settings.encoder.max_len
     result = fit(model, split.train, max_len, replace(settings.train, seed=settings.seed),
                  validate=lambda: valid_ndcg10(score, split, valid_idx, max_len), desc="sparc",

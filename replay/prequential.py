@@ -93,7 +93,7 @@ from replay.metrics import ranking_metrics, target_ranks
 from replay.sources import is_feedback
 from streams.history import apply_feedback, history_of
 from trainer.batches import bucketed_batches, pad_histories
-from trainer.config import ONLINE_TRAINING, CatalogueConfig, SparcConfig, TrainConfig
+from trainer.config import EXPLORATION, ONLINE_TRAINING, CatalogueConfig, SparcConfig, TrainConfig
 from trainer.device import model_device
 from trainer.online import OnlineLearner
 from trainer.rq import code_health
@@ -157,7 +157,10 @@ class ScoreMode:
     @classmethod
     def parse(cls, text: str) -> ScoreMode:
         """"soft", "hard", "soft:k=8:t=2:mix=0.25", "hard:served=50", "soft:served=20:x=10:lift=1" (k = top_codes,
-        t = temperature, mix = global_mix, served = served list length, x = exploit slots, lift = their lift)."""
+        t = temperature, mix = global_mix, served = served list length, x = exploit slots or "off", lift = their
+        lift). Served soft lists are what /retrieve serves: with the worker's exploration slots
+        (trainer.config.EXPLORATION) unless x= says otherwise ("soft:served=20:x=off": plain); ranked modes have
+        none unless x= is given."""
         head, *opts = text.strip().split(":")
         keys = {"k": ("top_codes", int), "t": ("temperature", float), "mix": ("global_mix", float),
                 "served": ("served", int), "x": ("exploit", int), "lift": ("lift", float)}
@@ -170,9 +173,13 @@ class ScoreMode:
                 raise ValueError(f"{text!r}: unknown option {key!r}; expected k=, t=, mix=, served=, x= or lift=")
             name, kind = keys[key]
             try:
-                kwargs[name] = kind(value)
+                kwargs[name] = None if opt == "x=off" else kind(value)
             except ValueError:
                 raise ValueError(f"{text!r}: {key}={value!r} is not a number") from None
+        if head == "soft" and kwargs.get("served") and "exploit" not in kwargs:  # as /retrieve serves by default
+            first = max(EXPLORATION.exploit, kwargs.get("top_codes", cls.top_codes))  # a slot per code searched
+            kwargs.update(exploit=first if kwargs["served"] > first else None,
+                          lift=kwargs.get("lift", EXPLORATION.lift))
         return cls(**kwargs)
 
 

@@ -22,4 +22,8 @@ def results_table(report: dict) -> str:
             + (f"{r['interests@20']:>8.2f}" if "interests@20" in r else f"{'-':>8}")
             + f"{r['train_seconds']:>9.0f}{r['epochs']:>8}"
         )
+    sparc = report["results"].get("sparc", {})
+    if sparc.get("exploit") is not None:
+        lines.append(f"sparc: exploration slots after the first {sparc['exploit']} (lift {sparc['lift']:g}); "
+                     "--no-exploration ranks without them")
     return "\n".join(lines)

@@ -30,7 +30,15 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from streams.gate import GateThresholds
 from streams.kafka_connection import KafkaConfigError, KafkaConnection, SaslMechanism, SecurityProtocol, parse_bootstrap
-from trainer.config import ONLINE_TRAINING, CatalogueConfig, EncoderConfig, SparcConfig, TrainConfig
+from trainer.config import (
+    EXPLORATION,
+    ONLINE_TRAINING,
+    CatalogueConfig,
+    EncoderConfig,
+    ExplorationConfig,
+    SparcConfig,
+    TrainConfig,
+)
 
 DAY_MS = 24 * 3600 * 1000
 HISTORY_TABLE = "user-history"  # the worker's Faust table; Faust names its changelog topic after it
@@ -52,12 +60,13 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "ingest": ("max_event_bytes", "dedup_window", "batch_size", "batch_seconds", "train_message_bytes",
                "on_wrong_key", "table_standby_replicas"),
     "learn": ("world_size", "rank", "dist_url", "round_seconds"),
-    "serve": ("follow_seconds",),
+    "serve": ("follow_seconds", "exploration", "exploit", "lift"),
     "catalogue": ("max_items", "on_catalogue_full", "item_sources", "initial_items"),
     "publish": ("snapshot_every_steps", "snapshot_every_seconds", "min_utilisation", "min_deep_utilisation",
                 "min_perplexity", "max_collision_rate"),
     "model": ("num_attributes", "dim", "max_len", "layers", "heads", "dropout", "levels", "codes",
-              "top_codes", "retrieval_loss", "attribute_dropout", "conditioned_detach", "lr", "seed"),
+              "top_codes", "retrieval_loss", "attribute_dropout", "conditioned_detach", "ema_decay",
+              "code_hysteresis", "lr", "seed"),
 }
 DEFAULT_SECTION = "worker"
 SECRETS = ("sasl_password", "ssl_key_password")  # each may come from <name>_file instead
@@ -304,6 +313,20 @@ class WorkerSettings(BaseSettings):
     follow_seconds: float = Field(
         0.5, gt=0, description="how often a serve process checks the store for a new latest snapshot",
     )
+    # /retrieve's exploration slots (trainer.config.ExplorationConfig: the defaults and how they were chosen)
+    exploration: bool = Field(
+        True, description="/retrieve lists longer than `exploit` fill their slots after the first `exploit` by "
+        "p(i | u) / q(i)^lift (what a user takes unusually often for its popularity: discovery, README "
+        "'Discovery'); False: plain soft search, as before (a request's exploit= and lift= override either way)",
+    )
+    exploit: int = Field(
+        EXPLORATION.exploit, ge=1, description="with exploration: the first slots, plain soft search's (a list of "
+        "k <= exploit is unchanged); at least top_codes",
+    )
+    lift: float = Field(
+        EXPLORATION.lift, ge=0, allow_inf_nan=False,
+        description="with exploration: the popularity exponent of the other slots",
+    )
 
     # --- recovery (streams.worker's module doc)
     warm_start: bool = Field(
@@ -362,6 +385,16 @@ class WorkerSettings(BaseSettings):
     conditioned_detach: bool = Field(
         ONLINE_TRAINING["conditioned_detach"],
         description="the code-conditioned loss trains only the tower's own weights, not h and z",
+    )
+    # stable interests (README, "Stable interests": 0.99 and 3 keep level-1 churn at 5.5% per window on the Beauty
+    # replay; opt-in: EMA 0.99 holds a fresh model's first snapshots under the health gate for longer)
+    ema_decay: float = Field(
+        0.95, gt=0, lt=1, description="the codebooks' EMA decay: higher moves codewords more slowly",
+    )
+    code_hysteresis: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="level-1 hysteresis: an item keeps its interest until another codeword is closer by this "
+        "relative margin in squared distance (0: always the nearest)",
     )
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
@@ -433,6 +466,13 @@ class WorkerSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _slot_per_code(self) -> WorkerSettings:
+        if self.exploration and self.exploit < self.top_codes:
+            raise ValueError(f"exploit {self.exploit} is below top_codes {self.top_codes}: the first slots hold one "
+                             "item per code searched")
+        return self
+
+    @model_validator(mode="after")
     def _rank_in_world(self) -> WorkerSettings:
         if self.rank >= self.world_size:
             raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
@@ -480,7 +520,13 @@ class WorkerSettings(BaseSettings):
             retrieval_loss=self.retrieval_loss,
             attribute_dropout=self.attribute_dropout,
             conditioned_detach=self.conditioned_detach,
+            ema_decay=self.ema_decay,
+            code_hysteresis=self.code_hysteresis,
         )
+
+    def exploration_config(self) -> ExplorationConfig | None:
+        """/retrieve's default exploration slots (None: off)."""
+        return ExplorationConfig(self.exploit, self.lift) if self.exploration else None
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(batch_size=self.batch_size, lr=self.lr, seed=self.seed)

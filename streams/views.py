@@ -9,6 +9,9 @@ GET  /retrieve/{user_id}?k=50&explore=0.0  soft search for the user's current hi
          "version": the snapshot that served it, "snapshot_created_at"}     503 until a snapshot is served
 POST /retrieve?k=50&explore=0.0            the same for the recent items in the body, oldest first (no history
         lookup: the stateless contract of a retrieval service): {"items": [id, ...], "user_id": optional}
+        Both take exploit=E&lift=L (exploration slots: the first E items are plain soft search's, the others by
+        p(i | u) / q(i)^L; "explored" counts them). Without exploit= the settings' apply (exploration, exploit=15,
+        lift=0.5 by default: a list of k <= 15 is plain); exploit=k asks for a plain list.
 every process:
 GET /snapshots/latest                      the store's latest manifest (config, health, watermark) + "served"
 GET /health                                {"status": "starting" | "ok" | "degraded" | "fenced", ...}: 503 while
@@ -37,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from streams.index import MAX_POPULAR as MAX_K
 from streams.metrics import CONTENT_TYPE, WorkerMetrics
+from trainer.config import EXPLORATION, ExplorationConfig
 from trainer.vocab import MAX_ID_CHARS, canonical_id
 
 MAX_BODY_BYTES = 65_536  # POST /retrieve
@@ -77,14 +81,16 @@ class RetrieveBody(BaseModel):
     user_id: StrictStr | StrictInt | None = None
 
 
-def _parse(query: Mapping[str, str]) -> tuple[int, float, int | None, float]:
+def _parse(query: Mapping[str, str], slots: ExplorationConfig | None) -> tuple[int, float, int | None, float]:
     """k, explore (sampled codes), exploit and lift (exploration slots: the first `exploit` by probability, the
-    rest by p(i | u) / q(i)^lift; no exploit: none)."""
+    rest by p(i | u) / q(i)^lift). Without exploit= the settings' `slots` apply (exploration, exploit, lift:
+    plain lists when off or k <= their exploit); exploit=k asks for a plain list."""
+    default = slots or EXPLORATION
     try:
         k = int(query.get("k", "50"))
         explore = float(query.get("explore", "0.0"))
-        exploit = int(query["exploit"]) if "exploit" in query else None
-        lift = float(query.get("lift", "1.0"))
+        exploit = int(query["exploit"]) if "exploit" in query else (slots.slots(k) if slots else None)
+        lift = float(query.get("lift", default.lift))
     except ValueError:
         raise BadRequest("k and exploit must be integers, explore and lift numbers") from None
     if not 1 <= k <= MAX_K:
@@ -136,7 +142,7 @@ async def _answer(node: Node, user_id: str | None, history: list, k: int, explor
 
 async def retrieve_payload(node: Node, user_id: str, query: Mapping[str, str]) -> tuple[int, dict]:
     try:
-        k, explore, exploit, lift = _parse(query)
+        k, explore, exploit, lift = _parse(query, node.settings.exploration_config())
     except BadRequest as exc:
         return 400, {"error": str(exc)}
     if node.serving.index.current is None:
@@ -147,7 +153,7 @@ async def retrieve_payload(node: Node, user_id: str, query: Mapping[str, str]) -
 async def retrieve_post_payload(node: Node, body: bytes, query: Mapping[str, str]) -> tuple[int, dict]:
     """POST /retrieve: the recent items come in the body (their last max_len are used)."""
     try:
-        k, explore, exploit, lift = _parse(query)
+        k, explore, exploit, lift = _parse(query, node.settings.exploration_config())
         parsed = parse_body(body)
     except BadRequest as exc:
         return 400, {"error": str(exc)}

@@ -144,21 +144,25 @@ def test_served_needs_twenty_slots_and_one_per_code(tmp_path, capsys):
 
 def test_exploration_slots_leave_the_top_ten_alone(tmp_path, capsys):
     """--exploit 10: the 10 most probable items keep their ranks (Recall/NDCG@10 and validation are the plain
-    model's), the slots after them rank by lift, and the report says so."""
+    model's), the slots after them rank by lift, and the report says so. Exploration slots are the default
+    (exploit 15, lift 0.5: README 'Discovery'); --no-exploration gives the plain ranking."""
     data = write_dataset(tmp_path / "tiny", users=40, items=60)
     reports = []
-    for extra in ([], ["--exploit", "10", "--lift", "2"]):
+    for extra in (["--no-exploration"], ["--exploit", "10", "--lift", "2"], []):
         out = tmp_path / f"{len(reports)}.json"
         args = ["evaluate", "--data", str(data), "--models", "sparc", "--max-epochs", "2", "--quiet", "--out",
                 str(out), "--served", "20", *extra]
         assert main(args) == 0, capsys.readouterr().err
         reports.append(json.loads(out.read_text())["results"]["sparc"])
-    plain, explored = reports
+    plain, explored, default = reports
     assert (explored["exploit"], explored["lift"]) == (10, 2.0) and plain["exploit"] is None
+    assert (default["exploit"], default["lift"]) == (15, 0.5)
     for key in ("recall@10", "ndcg@10", "recall@5", "ndcg@5"):
-        assert explored["test"][key] == plain["test"][key] and explored["valid"][key] == plain["valid"][key]
-    assert explored["test"]["recall@20"] != plain["test"]["recall@20"] or explored["coverage@20"] != \
-        plain["coverage@20"]  # the slots after the tenth moved
+        for other in (explored, default):
+            assert other["test"][key] == plain["test"][key] and other["valid"][key] == plain["valid"][key]
+    for other in (explored, default):
+        assert other["test"]["recall@20"] != plain["test"]["recall@20"] or other["coverage@20"] != \
+            plain["coverage@20"]  # the slots after the tenth (the fifteenth) moved
     assert explored["tail_share@20"] >= plain["tail_share@20"]
     capsys.readouterr()
     assert main(["evaluate", "--data", str(data), "--models", "sparc", "--exploit", "3", "--quiet"]) == 2

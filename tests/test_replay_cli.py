@@ -134,7 +134,7 @@ def test_all_variants_preset(tmp_path):
     args = parser.parse_args(["replay", "--events", SYNTHETIC, "--report", str(tmp_path), "--variants", "all"])
     names = [n for n, _, _ in settings_from_args(args).variant_names()]
     assert names == ["evolving/soft", "frozen/soft", "periodic/soft", "evolving/hard", "evolving/soft:t=2",
-                     "evolving/soft:served=20", "evolving/hard:served=20"]
+                     "evolving/soft:served=20:x=15:lift=0.5", "evolving/hard:served=20"]  # served as the worker
     assert ALL_VARIANTS.count(",") == len(names) - 1
 
 

@@ -28,7 +28,7 @@ from replay.prequential import (
     worker_model_config,
 )
 from replay.sources import is_feedback, synthetic_source
-from trainer.config import EncoderConfig, SparcConfig
+from trainer.config import EXPLORATION, EncoderConfig, SparcConfig
 from trainer.search import BruteForce, retrieve
 
 T0 = 1_700_000_000
@@ -82,8 +82,23 @@ def test_score_modes_parse_and_name():
     for bad in ("hard:x=10", "soft:x=2", "soft:x=ten"):
         with pytest.raises(ValueError):
             ScoreMode.parse(bad)
-    for text in ("soft:k=8:served=50", "hard:served=20"):
-        assert ScoreMode.parse(text).name == text and ScoreMode.parse(text).served == int(text.rpartition("=")[2])
+    for text in ("soft:k=8:served=50:x=off", "hard:served=20"):
+        plain = text.removesuffix(":x=off")
+        assert ScoreMode.parse(text).name == plain and ScoreMode.parse(plain).served == int(plain.rpartition("=")[2])
+
+
+def test_served_soft_modes_explore_as_the_worker_serves_by_default():
+    """A served soft mode is what /retrieve serves: the worker's exploration slots (trainer.config.EXPLORATION,
+    exploit 15, lift 0.5) unless x= says otherwise; x=off is the plain list (the default before 2026-12-07); lists
+    no longer than the exploited slots and ranked modes have none."""
+    assert (EXPLORATION.exploit, EXPLORATION.lift) == (15, 0.5)
+    served = ScoreMode.parse("soft:served=20")
+    assert (served.exploit, served.lift) == (15, 0.5) and served.name == "soft:served=20:x=15:lift=0.5"
+    assert ScoreMode.parse("soft:served=20:lift=1") == ScoreMode(served=20, exploit=15, lift=1.0)
+    assert ScoreMode.parse("soft:served=20:x=off") == ScoreMode(served=20) and ScoreMode(served=20).exploit is None
+    assert ScoreMode.parse("soft:served=15").exploit is None and ScoreMode.parse("soft").exploit is None
+    assert ScoreMode.parse("soft:k=16:served=20").exploit == 16  # at least a slot per code searched
+    assert ScoreMode.parse("hard:served=20").exploit is None
 
 
 def test_served_modes_rank_only_what_serving_returns():
@@ -486,6 +501,13 @@ def test_the_replayed_model_defaults_are_the_workers(monkeypatch):
     online, offline = worker_model_config(), SparcConfig(num_items=0, num_attributes=1024)
     assert (online.attribute_dropout, online.conditioned_detach) == (0.0, False)
     assert (offline.attribute_dropout, offline.conditioned_detach) == (0.3, True)
+    # stable interests (README, "Stable interests") are opt-in, in replay (--set) and in the worker alike
+    assert (online.ema_decay, online.code_hysteresis) == (offline.ema_decay, offline.code_hysteresis) == (0.95, 0.0)
+    stable = {"ema_decay": 0.99, "code_hysteresis": 3.0}
+    assert worker_model_config(**stable) == WorkerSettings(**stable).sparc_config()
+    monkeypatch.setenv("SPARC_EMA_DECAY", "0.99")
+    monkeypatch.setenv("SPARC_CODE_HYSTERESIS", "3")
+    assert WorkerSettings().sparc_config() == worker_model_config(**stable)
 
 
 # ------------------------------------------------------------------ churn of interests
@@ -566,8 +588,10 @@ def test_churn_benchmark_end_to_end(tmp_path):
     again = churn_bench.reported(rep / "report.json", {"codes": 8, "ema_decay": 0.999})
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in d.items() if k != "seconds"}
     # served with exploration slots (--exploit 10 --lift 1): the same model and churn, its own served lists
-    explored = churn_bench.reported(rep / "report.json", {"codes": 8, "ema_decay": 0.999}, churn_bench.served_mode(10))
-    assert churn_bench.served_mode(10).name == "soft:served=20:x=10:lift=1"
+    x10 = churn_bench.served_mode(10, 1.0)
+    explored = churn_bench.reported(rep / "report.json", {"codes": 8, "ema_decay": 0.999}, x10)
+    assert x10.name == "soft:served=20:x=10:lift=1" and r["served"] == "soft:served=20:x=15:lift=0.5"  # the worker's
+    assert churn_bench.served_mode(exploration=False) == ScoreMode(served=20)  # --no-exploration
     assert (explored["ranked_recall@20"], explored["level1_churn"]) == (d["ranked_recall@20"], d["level1_churn"])
     assert 0 <= explored["served_recall@20"] <= 1 and explored["served_coverage@20"] > 0
     with pytest.raises(ValueError, match="differs from this configuration in ema_decay"):

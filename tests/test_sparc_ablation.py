@@ -81,3 +81,29 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0]
+
+
+def test_means_over_seeds_choose_the_exploration_on_validation_means(tmp_path):
+    """--means: every metric averaged over the seeds' results, and choose_exploration applied to the validation
+    means (here a setting that qualifies in one seed only is not chosen; the one that qualifies on the means is)."""
+    def scoring(cov, tail, **extra):
+        return {"valid_coverage@20": cov, "valid_tail_share@20": tail, "valid_recall@10": 0.1,
+                "valid_ndcg@10": 0.05, "coverage@20": cov, **extra}
+
+    seeds = [{"seed": s, "scorings": {"sasrec": scoring(0.9, 0.3),
+                                      "soft/x=10:lift=0.5": scoring(c05, 0.35, exploit=10, lift=0.5),
+                                      "soft/x=10:lift=1": scoring(0.9, 0.5, exploit=10, lift=1.0)}}
+             for s, c05 in ((0, 0.9), (1, 0.7))]
+    paths = []
+    for r in seeds:
+        paths.append(tmp_path / f"s{r['seed']}.json")
+        paths[-1].write_text(json.dumps(r))
+    out = tmp_path / "means.json"
+    assert main(["--means", *map(str, paths), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["seeds"] == [0, 1] and result["scorings"]["soft/x=10:lift=0.5"]["valid_coverage@20"] == 0.8
+    assert result["chosen_explore"] == "soft/x=10:lift=1"  # lift 0.5 reaches 0.95 x 0.9 in seed 0, not on the mean
+    paths[1].write_text(json.dumps({"seed": 1, "scorings": {"soft/x=10:lift=1": {}}}))
+    with pytest.raises(SystemExit) as exc:
+        main(["--means", *map(str, paths), "--out", str(out)])
+    assert exc.value.code == 2

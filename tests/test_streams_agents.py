@@ -288,10 +288,19 @@ def test_train_publish_serve(tmp_path, stream):
             await latest_payload(w),
             health_payload(w),
             [await retrieve_payload(w, "1", q) for q in ({"k": "10"}, {"k": "20", "exploit": "10", "lift": "1"},
-                                                         {"k": "20", "exploit": "1"}, {"k": "20", "lift": "-1"})],
+                                                         {"k": "20", "exploit": "1"}, {"k": "20", "lift": "-1"},
+                                                         {"k": "15"}, {"k": "20", "exploit": "20"})],
+            await plain_payload(),
         )
 
-    (status, body), (x_status, x_body), (bad, _), (l_status, latest), health, slots = run(w, scenario)
+    async def plain_payload():  # the same worker with --no-exploration (the settings /retrieve reads)
+        w.settings, settings = w.settings.model_copy(update={"exploration": False}), w.settings
+        try:
+            return await retrieve_payload(w, "1", {"k": "20"})
+        finally:
+            w.settings = settings
+
+    (status, body), (x_status, x_body), (bad, _), (l_status, latest), health, slots, (_, plain) = run(w, scenario)
     assert len(out.forwarded()) == stream.num_events  # first events too: the learner skips them (no history)
     sizes = [len(read_train_batch(m).events) for m in out.messages]  # one message per micro-batch (1 partition)
     assert set(out.partitions) == {0}
@@ -306,12 +315,18 @@ def test_train_publish_serve(tmp_path, stream):
     assert sorted(watermark) == [f"{w.settings.feedback_topic}:0", f"{w.settings.item_topic}:0", "train:0"]
     assert 0 < watermark["train:0"] <= len(out.messages)
     assert status == 200 and body["version"] == last.version and len(body["items"]) == 20
-    assert body["history_length"] == 5 and body["scores"] == sorted(body["scores"], reverse=True)
+    head = body["scores"][:20 - body["explored"]]  # the plain slots, by probability (the explored ones follow)
+    assert body["history_length"] == 5 and head == sorted(head, reverse=True)
     assert x_status == 200 and len(x_body["items"]) == 20
     # exploration slots: the first 10 are what k=10 serves, the other 10 explore; too few slots or a bad lift: 400
-    (_, top10), (e_status, explored), (few, few_body), (neg, _) = slots
+    (_, top10), (e_status, explored), (few, few_body), (neg, _), (_, top15), (_, asked_plain) = slots
     assert e_status == 200 and explored["items"][:10] == top10["items"] and explored["explored"] == 10
-    assert len(set(explored["items"])) == 20 and body["explored"] == 0
+    assert len(set(explored["items"])) == 20
+    # by default (trainer.config.EXPLORATION: exploit 15, lift 0.5) a list of 20 explores its last 5 slots and one
+    # of 15 is plain; exploit=k and --no-exploration (exploration=False) serve the plain list
+    assert body["explored"] == 5 and body["items"][:15] == top15["items"] and top15["explored"] == 0
+    assert plain["explored"] == 0 and asked_plain["explored"] == 0 and plain["items"] == asked_plain["items"]
+    assert plain["items"] != body["items"]
     assert (few, neg) == (400, 400) and "exploit must be in" in few_body["error"]
     assert bad == 400
     assert l_status == 200 and latest["version"] == last.version and latest["served"] == last.version

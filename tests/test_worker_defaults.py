@@ -78,3 +78,44 @@ def test_the_history_changelog_gets_the_workers_replication_and_min_insync(tmp_p
         assert changelog.compacting and changelog.config == {"min.insync.replicas": "2"}
     finally:
         w.close()
+
+
+def test_discovery_is_on_by_default_and_the_earlier_behaviour_one_flag_away(monkeypatch, capsys):
+    """Issue 16: the worker serves with exploration slots (exploit 15, lift 0.5, chosen on validation);
+    --no-exploration restores what it served before; --help says so. Stable interests are opt-in."""
+    import argparse
+
+    from sparc_stream.cli.worker import FLAGS, ROLE_FLAGS, add_role_flags, role_settings
+
+    for key in ("SPARC_EXPLORATION", "SPARC_EXPLOIT", "SPARC_LIFT", "SPARC_EMA_DECAY", "SPARC_CODE_HYSTERESIS",
+                "SPARC_TOP_CODES"):
+        monkeypatch.delenv(key, raising=False)
+    s = WorkerSettings()
+    assert s.exploration_config() is not None and (s.exploit, s.lift) == (15, 0.5)
+    assert s.exploration_config().slots(20) == 15 and s.exploration_config().slots(15) is None
+    model = s.sparc_config()
+    assert (model.ema_decay, model.code_hysteresis) == (0.95, 0.0)
+    for role in ("worker", "serve"):
+        assert "exploration" in ROLE_FLAGS[role]
+        p = argparse.ArgumentParser()
+        add_role_flags(p, role)
+        assert role_settings(p.parse_args([]), role).exploration_config() is not None
+        assert role_settings(p.parse_args(["--no-exploration"]), role).exploration_config() is None
+    assert FLAGS["exploration"][0] == "exploration"
+    monkeypatch.setenv("SPARC_EMA_DECAY", "0.99")
+    monkeypatch.setenv("SPARC_CODE_HYSTERESIS", "3")
+    model = WorkerSettings().sparc_config()
+    assert (model.ema_decay, model.code_hysteresis) == (0.99, 3.0)
+    with pytest.raises(UserError, match="exploit 3 is below top_codes 4"):
+        build_settings(exploit=3)
+    assert build_settings(exploit=3, exploration=False).exploration_config() is None  # off: no constraint
+    from trainer.config import EXPLORATION
+
+    # the help texts name the defaults (they are written out: the command line imports no trainer module)
+    slots = (f"first {EXPLORATION.exploit}", f"q(i)^{EXPLORATION.lift:g}")
+    for command, says in (("worker", (*slots, "SPARC_EMA_DECAY=0.99")), ("serve", slots), ("demo", slots),
+                          ("evaluate", (f"default {EXPLORATION.exploit}", f"default {EXPLORATION.lift:g}"))):
+        with pytest.raises(SystemExit):
+            sparc([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--no-exploration" in text and all(s in text for s in says), command

@@ -99,7 +99,37 @@ TRAINING_ONLY_FIELDS = (
 
 # The online defaults of those (the worker, and replay reproducing it): one pass over a stream learns best without
 # the offline defaults' attribute dropout and conditioned stop-gradient (README, Replay: "Training options online").
+# Stable interests (ema_decay 0.99, code_hysteresis 3: README, "Stable interests") are opt-in: EMA 0.99 holds a fresh
+# worker's snapshots under the health gate for longer (step 75 instead of 20 on the fault suite's stream).
 ONLINE_TRAINING = MappingProxyType({"attribute_dropout": 0.0, "conditioned_detach": False})
+
+
+@dataclass(frozen=True)
+class ExplorationConfig:
+    """Soft search's exploration slots (trainer.search, step 5), what lists are served with by default.
+
+    exploit : the first `exploit` slots of a list are plain soft search's (a list of k <= exploit is unchanged)
+    lift    : the other slots go to the searched items by p(i | u) / q(i)^lift, q(i) the item's popularity
+
+    The defaults were chosen on VALIDATION lists (README, "Discovery"): the rule `chosen_explore` of
+    benchmarks/sparc_ablation (the smallest lift, then the largest E, whose validation coverage@20 is at least 0.95x
+    SASRec's and tail share at least SASRec's with validation R@10 and N@10 at least SASRec's) applied to the means of
+    Beauty seeds 0, 1 and 2 over E in {10, 15} x lift in {0.5, 0.75, 1, 1.5}.
+    """
+
+    exploit: int = 15
+    lift: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.exploit < 1 or not (math.isfinite(self.lift) and self.lift >= 0):
+            raise ValueError(f"exploration slots need exploit >= 1 and a lift >= 0, got {self.exploit}, {self.lift}")
+
+    def slots(self, k: int) -> int | None:
+        """The `exploit` argument of soft search for a list of k items: None (plain) when k <= exploit."""
+        return self.exploit if k > self.exploit else None
+
+
+EXPLORATION = ExplorationConfig()
 
 
 @dataclass(frozen=True)

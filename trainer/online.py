@@ -387,9 +387,13 @@ def _build_model(config: Mapping, weights: Mapping[str, torch.Tensor]) -> SparcM
 @torch.no_grad()
 def model_health(model: SparcModel, cat: Catalogue | None = None) -> dict:
     """trainer.rq.code_health over the catalogue's codes, plus "finite" (codebooks and item vectors) and
-    "initialised" (every level has had its k-means initialisation). `cat`: model.catalogue(), if at hand."""
+    "initialised" (every level has had its k-means initialisation). `cat`: model.catalogue(), if at hand.
+    With code_hysteresis the codes are the nearest codewords' (as without it, where the health gate's thresholds
+    come from), not the held ones: an item keeps its held code when every codeword is as near, so held codes would
+    hide a codebook collapsed onto one codeword."""
     cat = model.catalogue() if cat is None else cat
-    out = code_health(cat.codes[1:], model.cfg.codes)
+    codes = cat.codes if model.cfg.code_hysteresis <= 0 else model.rq.encode(cat.z.detach())[0]
+    out = code_health(codes[1:], model.cfg.codes)
     out["finite"] = bool(torch.isfinite(cat.z).all() and torch.isfinite(model.rq.codebooks).all())
     out["initialised"] = all(bool(q.initialised) for q in model.rq.levels)
     return out

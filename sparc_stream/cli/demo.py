@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"epochs per model at most (default {DEMO_EPOCHS}; early stopping on validation may stop "
                         "sooner). No time budget: the table does not depend on the machine's load")
     p.add_argument("--models", default="sparc,sparc-hard,sasrec,popularity", help="models to compare")
+    p.add_argument("--no-exploration", dest="exploration", action="store_false",
+                   help="SPARC's plain soft-search ranking; by default its lists have exploration slots (the first "
+                        "15 by probability, the rest by p(i|u) / q(i)^0.5: trainer.config.EXPLORATION, README "
+                        "'Discovery'), as `sparc evaluate`")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
           f"({cfg.n_new_items} appear mid-stream), {ds.num_interactions} events, "
           f"{len(stream.drift_points)} interest shifts")
     settings = EvalSettings(seed=args.seed, progress=not args.quiet)
-    settings = replace(settings, train=replace(settings.train, max_epochs=args.max_epochs), sparc={"codes": 16})
+    settings = replace(settings, train=replace(settings.train, max_epochs=args.max_epochs), sparc={"codes": 16},
+                       exploit=settings.exploit if args.exploration else None)
     report = run_evaluation(ds, models, settings)
     print(results_table(report))
     print(f"{report['seconds']:.0f} s in all (times depend on the machine; the metrics do not)")

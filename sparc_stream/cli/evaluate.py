@@ -43,10 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "misses), reported under \"served\" in each model's results (default 0: off; 20 matches "
                         "the top-20 metrics)")
     p.add_argument("--exploit", type=int, default=None, metavar="E",
-                   help="exploration slots of soft search: the first E slots by the model's probability, the rest "
-                        "by p(i|u) / q(i)^LIFT, q the item's popularity (default: off)")
-    p.add_argument("--lift", type=float, default=1.0,
-                   help="with --exploit: the popularity exponent of the exploration slots (default 1.0)")
+                   help="exploration slots of SPARC's soft search (on by default): the first E slots by the model's "
+                        "probability, the rest by p(i|u) / q(i)^LIFT, q the item's popularity; chosen on validation "
+                        "(README 'Discovery'; default 15: trainer.config.EXPLORATION)")
+    p.add_argument("--lift", type=float, default=None,
+                   help="the popularity exponent of the exploration slots (default 0.5)")
+    p.add_argument("--no-exploration", dest="exploration", action="store_false",
+                   help="SPARC's plain soft-search ranking, without exploration slots (the default before "
+                        "2026-12-07)")
     p.add_argument("--set", dest="sparc_set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a SparcConfig field for sparc/sparc-hard, VALUE as JSON or a bare word "
                         "(repeatable), e.g. --set tower_attention=false --set interest=head")
@@ -99,10 +103,12 @@ def settings_from_args(args: argparse.Namespace):
     if args.served and args.served < max(top_codes, 20):
         raise UserError(f"--served {args.served}: needs at least 20 slots (the top-20 metrics) and one per code "
                         f"searched ({top_codes})")
-    if args.exploit is not None and (args.exploit < top_codes or not args.lift >= 0):
-        raise UserError(f"--exploit {args.exploit} --lift {args.lift}: needs at least one slot per code searched "
+    exploit = s.exploit if args.exploit is None else args.exploit
+    lift = s.lift if args.lift is None else args.lift
+    if args.exploration and (exploit < top_codes or not lift >= 0):
+        raise UserError(f"--exploit {exploit} --lift {lift}: needs at least one slot per code searched "
                         f"({top_codes}) and a lift >= 0")
-    explore = {} if args.exploit is None else {"exploit": args.exploit, "lift": args.lift}
+    explore = {"exploit": exploit, "lift": lift} if args.exploration else {"exploit": None}
     return replace(s, train=train, sparc=sparc, top_codes=top_codes, served=args.served,
                    device=str(check_device(args.device)), **explore)
 

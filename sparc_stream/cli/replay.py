@@ -36,7 +36,8 @@ REGIME/MODE entry in --variants adds that one variant (names become REGIME/MODE 
 Score modes: soft (SPARC's soft search over the top-k codes), hard (the argmax code, SPARC-Hard), and the
 exploration knob soft:k=TOP_CODES:t=TEMPERATURE (more codes / a flatter code distribution). A mode ranks the
 whole catalogue by the model's probabilities; MODE:served=N ranks only the N items serving returns (soft: per-code
-quotas over the top codes' lists; hard: the argmax code's list), i.e. what /retrieve?k=N gives a user. For a
+quotas over the top codes' lists; hard: the argmax code's list), i.e. what /retrieve?k=N gives a user (soft: with
+the worker's exploration slots, :x=off without). For a
 soft/hard comparison (ranked and served) and an exploration knob on the evolving model only:
   --variants evolving,frozen,periodic,evolving/hard,evolving/soft:t=2,evolving/soft:served=20,evolving/hard:served=20
 (--variants all is this set). Every variant reports new-item reach: new_share@20 (top-20 slots given to new
@@ -79,7 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated score modes: soft[:k=TOP_CODES][:t=TEMPERATURE][:mix=GLOBAL_MIX]"
                         "[:served=N] or hard[:served=N], e.g. soft,hard,soft:t=2,soft:t=5 for an exploration "
                         "sweep (default: soft = soft:k=4:t=1:mix=0). A mode ranks the whole catalogue; served=N "
-                        "ranks only the N items serving returns (per-code quotas), the rest are misses")
+                        "ranks only the N items serving returns (per-code quotas), the rest are misses; a served "
+                        "soft list has the worker's exploration slots (x=15:lift=0.5) unless :x=E:lift=L or :x=off "
+                        "(plain, as before 2026-12-07) says otherwise")
     p.add_argument("--batch-size", type=int, default=64,
                    help="micro-batch B: events tested together and then learnt in one step (default 64, the "
                         "worker's)")

@@ -64,15 +64,21 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "rank": ("rank", {"type": int, "help": "this learner's rank in [0, world-size) (default 0); rank 0 publishes"}),
     "dist_url": ("dist_url", {"help": "where the ranks meet: tcp://HOST:PORT of rank 0, or env:// (MASTER_ADDR, "
                               "MASTER_PORT; default env://)"}),
+    "exploration": ("exploration", {
+        "action": argparse.BooleanOptionalAction, "default": None,
+        "help": "/retrieve's exploration slots (default on): in a list of more than 15 items the slots after the "
+        "first 15 go to what the user takes unusually often for its popularity, p(i|u) / q(i)^0.5 (discovery at "
+        "no cost to the first 15; settings exploit and lift, README 'Discovery'); --no-exploration: plain soft "
+        "search, as before"}),
 }
 COMMON = ("broker", "web_host", "web_port", "log_format", "log_level", "app_id", "partitions")
 LEARNER = ("store", "train_partitions", "batch_size", "snapshot_every_steps", "snapshot_every_seconds",
            "warm_start", "on_corrupt", "processed_log", "device", "signing_key")
 ROLE_FLAGS = {
-    "worker": (*COMMON, *LEARNER, "data_dir", "group_instance_id"),
+    "worker": (*COMMON, *LEARNER, "data_dir", "group_instance_id", "exploration"),
     "ingest": (*COMMON, "train_partitions", "data_dir", "batch_size", "group_instance_id"),
     "learn": (*COMMON, *LEARNER, "world_size", "rank", "dist_url"),
-    "serve": (*COMMON, "store", "data_dir"),
+    "serve": (*COMMON, "store", "data_dir", "exploration"),
 }
 
 
@@ -84,7 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "health-gated snapshots to the codebook store and codebook-updates, and serve /retrieve, "
         "/snapshots/latest, /health, /livez, /readyz and /metrics over HTTP: the three roles (`sparc ingest`, "
         "`sparc learn`, `sparc serve`) in one process. Other settings, Kafka security included: a TOML file "
-        "(--config) or SPARC_<FIELD> environment variables (streams/settings.py; `sparc config show` lists them).",
+        "(--config) or SPARC_<FIELD> environment variables (streams/settings.py; `sparc config show` lists them). "
+        "Discovery (README 'Discovery and stable interests'): /retrieve has exploration slots by default "
+        "(--no-exploration: plain lists, as before); stable interests are opt-in (SPARC_EMA_DECAY=0.99 "
+        "SPARC_CODE_HYSTERESIS=3).",
     )
     add_role_flags(p, "worker")
     p.set_defaults(func=run)
