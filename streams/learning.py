@@ -159,7 +159,8 @@ class Learning:
         """The store, as rank 0 writes it (creating it if need be) or another rank reads it (read-only)."""
         s = self.settings
         return Publisher(s.store_url, s.model_name, s.gate_thresholds(), full_codes_every=s.full_codes_every,
-                         announce_weights=s.announce_weights, signing_key=s.signing_key, read_only=self.rank > 0)
+                         announce_weights=s.announce_weights, signing_key=s.signing_key, read_only=self.rank > 0,
+                         keep_versions=s.keep_versions)
 
     def _warm_start(self, enabled: bool) -> None:
         """Continue from the store's latest snapshot, if any (see the module doc); serve it at once. Ranks agree on

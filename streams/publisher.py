@@ -15,6 +15,10 @@ manifest, a latest pointer that names nothing), on_corrupt="fallback" takes the 
 gate passed and that verifies, rolls latest back to it (so readers of the store stop meeting the bad one) and
 names every version it passed over; on_corrupt="refuse" raises, naming the bad version and the one to roll back to.
 
+Retention: with keep_versions N (streams.settings), each put is followed by a prune that keeps the N highest
+versions and latest (codebook_store's prune), so the store holds at most N + 1 versions of the model however long
+the learner runs; the highest version always stays, so a restarted learner never reuses a number.
+
 Fencing: a learner claims the model in the store before it writes (`claim`: streams.learning), and every put
 and latest move then carries its epoch; once another learner has claimed the model, a put raises
 codebook_store.FencedError and stores nothing (codebook_store.store's module doc).
@@ -89,10 +93,16 @@ class Publisher:
         announce_weights: bool = False,
         signing_key: Path | None = None,
         read_only: bool = False,
+        keep_versions: int = 0,
     ):
-        """read_only: only warm starts read the store (a data-parallel rank other than 0; nothing is published)."""
+        """read_only: only warm starts read the store (a data-parallel rank other than 0; nothing is published).
+        keep_versions: after each put, delete the model's versions beyond the `keep_versions` highest (latest and
+        the highest always stay, so versions never repeat); 0 keeps every version."""
         if full_codes_every < 1:
             raise ValueError(f"full_codes_every must be >= 1, got {full_codes_every}")
+        if keep_versions < 0:
+            raise ValueError(f"keep_versions must be >= 0, got {keep_versions}")
+        self.keep_versions = keep_versions
         self.store_url, self.model, self.thresholds = store_url, model, thresholds
         self.max_message_bytes, self.full_codes_every = max_message_bytes, full_codes_every
         self.announce_weights = announce_weights
@@ -119,6 +129,7 @@ class Publisher:
                 **code_drift(codes, state.item_codes, books, state.codebooks, ids, state.item_ids),
             }
         snapshot = self._put(state, health, watermark, created_at, accepted=not refusals)
+        self._prune()
         self.parent = snapshot.version
         self._previous = (state.item_codes, state.codebooks, state.item_ids)
         messages = []
@@ -235,6 +246,20 @@ class Publisher:
             self.next_version += 1
             return snapshot
         raise VersionExistsError(f"{self.model}: no free version after 3 tries in {self.store_url}")
+
+    def _prune(self) -> None:
+        """Retention (keep_versions): the store stays bounded however long the learner runs. A failure is logged
+        and retried after the next put; it never stops publishing."""
+        if not self.keep_versions:
+            return
+        try:
+            deleted = self.store.prune(keep_last=self.keep_versions, model=self.model)
+        except Exception as exc:  # e.g. a full disk or a reader's lock; the next put tries again
+            log.warning("could not prune %s in %s: %s", self.model, self.store_url, exc)
+            return
+        if deleted:
+            log.debug("pruned %s versions %d..%d (keep_versions=%d)", self.model, deleted[0], deleted[-1],
+                      self.keep_versions)
 
     def _messages(self, snapshot: Snapshot) -> list[Record]:
         full = self._announcements % self.full_codes_every == 0

@@ -62,8 +62,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "learn": ("world_size", "rank", "dist_url", "round_seconds"),
     "serve": ("follow_seconds", "exploration", "exploit", "lift"),
     "catalogue": ("max_items", "on_catalogue_full", "item_sources", "initial_items"),
-    "publish": ("snapshot_every_steps", "snapshot_every_seconds", "min_utilisation", "min_deep_utilisation",
-                "min_perplexity", "max_collision_rate"),
+    "publish": ("snapshot_every_steps", "snapshot_every_seconds", "keep_versions", "min_utilisation",
+                "min_deep_utilisation", "min_perplexity", "max_collision_rate"),
     "model": ("num_attributes", "dim", "max_len", "layers", "heads", "dropout", "levels", "codes",
               "top_codes", "retrieval_loss", "attribute_dropout", "conditioned_detach", "ema_decay",
               "code_hysteresis", "lr", "seed"),
@@ -246,6 +246,11 @@ class WorkerSettings(BaseSettings):
     snapshot_every_steps: int = Field(200, ge=1)
     snapshot_every_seconds: float = Field(
         60.0, gt=0, description="publish after this long if steps were taken"
+    )
+    keep_versions: int = Field(
+        200, ge=0, description="versions of the model the store keeps: after each publication the oldest beyond "
+        "this many are deleted (latest and the highest always stay, so versions never repeat); 0 keeps every "
+        "version (unbounded: for an audit or an archive). At the default interval, 200 versions is over 3 hours",
     )
     full_codes_every: int = Field(
         10, ge=1, description="every N-th codebook update carries the whole item -> code table (the others a remap "

@@ -134,6 +134,33 @@ def test_a_corrupt_latest_falls_back_to_the_newest_version_that_verifies(tmp_pat
         Publisher(url, "sparc", GATE).warm_start(cfg)
 
 
+def test_keep_versions_bounds_the_store_and_versions_never_repeat(tmp_path, learner):
+    """Retention: after each put only the keep_versions highest versions and latest stay, so a learner that runs
+    for days keeps a bounded store; a held-back version above latest does not push latest out, and a restarted
+    publisher numbers on from the highest (never reusing a pruned number). keep_versions=0 keeps everything."""
+    url = f"file://{tmp_path}/store"
+    state, health = learner.snapshot_state(), learner.health()
+    pub = Publisher(url, "sparc", GATE, keep_versions=2)
+    for i in range(5):
+        pub.publish(state, health, {"fb:0": i}, 1_700_000_000.0 + i)
+        assert pub.store.versions() == list(range(max(0, i - 1), i + 1))
+    pub.publish(state, {**health, "finite": False}, {}, 1_700_000_005.0)  # v5 held back; latest stays v4
+    pub.publish(state, {**health, "finite": False}, {}, 1_700_000_006.0)  # v6 held back too
+    assert pub.store.versions() == [4, 5, 6] and pub.store.latest_version() == 4
+    pub.close()
+    again = Publisher(url, "sparc", GATE, keep_versions=2)
+    assert again.publish(state, health, {}, 1_700_000_007.0).version == 7
+    assert again.store.versions() == [6, 7] and again.store.latest_version() == 7
+    again.close()
+    everything = Publisher(f"file://{tmp_path}/all", "sparc", GATE)  # the default of the class: keep all
+    for i in range(4):
+        everything.publish(state, health, {}, 1_700_000_000.0 + i)
+    assert everything.store.versions() == [0, 1, 2, 3]
+    everything.close()
+    with pytest.raises(ValueError, match="keep_versions"):
+        Publisher("memory://", "sparc", GATE, keep_versions=-1)
+
+
 def test_versions_lineage_gate_and_messages(tmp_path, learner):
     url = f"file://{tmp_path}/store"
     state, health = learner.snapshot_state(), learner.health()

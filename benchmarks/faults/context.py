@@ -20,8 +20,9 @@ from benchmarks.harness import PrivateBroker
 ROLES = ("learn", "ingest", "serve")  # the scale-out roles' commands (`sparc learn`, ...)
 
 # Every scenario's worker: the worker's defaults (model, batch size), but snapshots every 2 s (as worker_bench's
-# freshness runs) so that versions come often enough to count, and INFO logs.
-WORKER_SETTINGS = {"SPARC_SNAPSHOT_EVERY_SECONDS": "2", "SPARC_LOG_LEVEL": "INFO"}
+# freshness runs) so that versions come often enough to count, and INFO logs. Every version is kept (no
+# retention): the audits check that each announced version is in the store.
+WORKER_SETTINGS = {"SPARC_SNAPSHOT_EVERY_SECONDS": "2", "SPARC_LOG_LEVEL": "INFO", "SPARC_KEEP_VERSIONS": "0"}
 
 
 @dataclass
