@@ -42,12 +42,12 @@ TP = tuple[str, int]
 
 @dataclass
 class _Waiting:
-    """A partition sought back to `offset` after a gap, until that offset arrives."""
+    """A partition sought back to its expected offset after a gap, until that offset arrives (the expected offset
+    is the one sought: every change of it after a gap also replaces or clears this)."""
 
-    offset: int
     since: float  # when the last seek was made
-    seeks: int  # seeks made for this offset
-    lowest_above: int  # the lowest offset seen above `offset`
+    seeks: int  # seeks made to the expected offset
+    lowest_above: int  # the lowest offset seen above the expected one
 
 
 @dataclass
@@ -112,10 +112,10 @@ class Continuity:
         """The offset to seek `tp` to after seeing `offset` above the expected one (None: no new seek)."""
         now, expected = self.clock(), self.expected[tp]
         waiting = self.waiting.get(tp)
-        if waiting is None or waiting.offset != expected:
+        if waiting is None:
             log.warning("feedback %s:%d: offset %d arrived while %d was expected (%d not delivered); seeking back "
                         "to %d", tp[0], tp[1], offset, expected, offset - expected, expected)
-            self.waiting[tp] = _Waiting(expected, now, 1, offset)
+            self.waiting[tp] = _Waiting(now, 1, offset)
             return expected
         waiting.lowest_above = min(waiting.lowest_above, offset)
         if now - waiting.since < self.retry_s:
@@ -128,5 +128,5 @@ class Continuity:
                     waiting.lowest_above - 1, waiting.seeks, waiting.lowest_above)
         self.gaps_accepted += 1
         self.expected[tp] = waiting.lowest_above
-        self.waiting[tp] = _Waiting(waiting.lowest_above, now, 1, waiting.lowest_above)
+        self.waiting[tp] = _Waiting(now, 1, waiting.lowest_above)
         return waiting.lowest_above
